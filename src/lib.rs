@@ -1,3 +1,14 @@
 //! scim-token-operator: issues and rotates SCIM bearer tokens for `ScimDirectory` resources.
+//!
+//! `policy` decides, `controller` performs the I/O, `secret` maps tokens to Secrets, `token` and
+//! `duration` are the pure building blocks.
+pub mod api;
+pub mod cli;
+pub mod controller;
 pub mod duration;
+pub mod metrics;
+pub mod policy;
+pub mod secret;
+pub mod server;
+pub mod telemetry;
 pub mod token;

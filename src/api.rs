@@ -1,0 +1,161 @@
+//! The `ScimDirectory` API (`scim.tokenops.dev/v1alpha1`).
+//!
+//! Admission-time validation lives in the schema (patterns, bounds, CEL rules) so that a bad manifest
+//! is rejected by `kubectl apply` with a message naming the field, before the operator sees it. The
+//! few checks CEL cannot express (duration bounds with day units, `renewBefore < tokenExpiresIn`) are
+//! made by the operator and reported as `Ready=False, reason=InvalidSpec`.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::duration::DURATION_PATTERN;
+
+/// API group of every resource and the prefix of every annotation the operator owns.
+pub const GROUP: &str = "scim.tokenops.dev";
+
+/// Annotation on a `ScimDirectory` that requests one imperative rotation. Any new value rotates once;
+/// the handled value is recorded in `status.lastRotationRequest`, so re-applying a manifest (with or
+/// without the annotation) neither repeats nor undoes the rotation.
+pub const ROTATE_ANNOTATION: &str = "scim.tokenops.dev/rotate";
+
+/// Desired state of a SCIM directory's bearer token.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "scim.tokenops.dev",
+    version = "v1alpha1",
+    kind = "ScimDirectory",
+    plural = "scimdirectories",
+    shortname = "scimdir",
+    namespaced,
+    status = "ScimDirectoryStatus",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Secret","type":"string","jsonPath":".status.secretName"}"#,
+    printcolumn = r#"{"name":"Expires","type":"date","jsonPath":".status.tokenExpiresAt"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "has(self.secretName) == has(oldSelf.secretName) && (!has(self.secretName) || self.secretName == oldSelf.secretName)",
+        "message": "secretName is immutable: create a new ScimDirectory to move the token to another Secret",
+    },
+    {
+        "rule": "!has(self.renewBefore) || has(self.tokenExpiresIn)",
+        "message": "renewBefore requires tokenExpiresIn: a token that never expires is never renewed",
+    },
+]))]
+pub struct ScimDirectorySpec {
+    /// Increase to rotate the token. The token is issued when the directory is created; every increase
+    /// issues a new one and invalidates the previous one at once. Decreases are rejected.
+    #[serde(default)]
+    #[schemars(range(min = 0), extend("x-kubernetes-validations" = [{
+        "rule": "self >= oldSelf",
+        // A static message: string(int) in a messageExpression exceeds the CRD's CEL cost budget.
+        "message": "rotationGeneration may only increase",
+    }]))]
+    pub rotation_generation: i64,
+
+    /// How long an issued token is valid, e.g. "15552000s", "4320h", "1h30m" or "180d" (between 1h and
+    /// 3650d). Absent means the token never expires. Adding, removing or changing it rotates the token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(min = 2, max = 32))]
+    pub token_expires_in: Option<String>,
+
+    /// Rotate automatically this long before the token expires (same format as tokenExpiresIn; must be
+    /// shorter than it). Off by default, because the identity provider must then be updated by hand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(min = 2, max = 32))]
+    pub renew_before: Option<String>,
+
+    /// Name of the Secret that receives the token (key `token`). Defaults to `<metadata.name>-scim-token`.
+    /// Immutable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"),
+        length(min = 1, max = 253)
+    )]
+    pub secret_name: Option<String>,
+
+    /// Labels and annotations to put on the Secret. They cannot override the operator's own keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_template: Option<SecretTemplate>,
+}
+
+/// Extra metadata for the managed Secret.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct SecretTemplate {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend(
+        "maxProperties" = 64,
+        "x-kubernetes-validations" = [{
+            "rule": "self.all(k, !k.startsWith('scim.tokenops.dev/') && k != 'app.kubernetes.io/managed-by')",
+            "message": "labels may not use the operator's keys (scim.tokenops.dev/*, app.kubernetes.io/managed-by)",
+        }]
+    ))]
+    pub labels: BTreeMap<String, String>,
+
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend(
+        "maxProperties" = 64,
+        "x-kubernetes-validations" = [{
+            "rule": "self.all(k, !k.startsWith('scim.tokenops.dev/'))",
+            "message": "annotations may not use the operator's keys (scim.tokenops.dev/*)",
+        }]
+    ))]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// Observed state. Everything here is derived from the managed Secret, never the other way round,
+/// so a crash between the Secret write and the status write is repaired by adopting the Secret.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScimDirectoryStatus {
+    /// "sha256:" + lowercase hex SHA-256 of the current token (`printf %s "$TOKEN" | sha256sum`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_hash: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_issued_at: Option<Time>,
+    /// Absent when the token never expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_expires_at: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_rotation_generation: Option<i64>,
+    /// The last value of the `scim.tokenops.dev/rotate` annotation that was acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rotation_request: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+}
+
+impl ScimDirectory {
+    /// The Secret this directory writes its token to.
+    pub fn secret_name(&self) -> String {
+        match &self.spec.secret_name {
+            Some(name) => name.clone(),
+            None => format!("{}-scim-token", self.metadata.name.as_deref().unwrap_or_default()),
+        }
+    }
+
+    /// The pending imperative rotation request, if any.
+    pub fn rotation_request(&self) -> Option<&str> {
+        self.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ROTATE_ANNOTATION))
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+    }
+
+    pub fn ready_condition(&self) -> Option<&Condition> {
+        self.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+    }
+}

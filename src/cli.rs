@@ -1,0 +1,192 @@
+//! Command line: `run` (the default) and `crd`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use clap::{Args, Parser, Subcommand};
+use kube::CustomResourceExt;
+use kube::client::ClientBuilder;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::api::ScimDirectory;
+use crate::controller::{self, FAILPOINT_ENV, Settings};
+use crate::metrics::Metrics;
+use crate::server::{self, Health};
+use crate::telemetry::{self, LogFormat};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "scim-token-operator",
+    version,
+    about = "Issues and rotates SCIM bearer tokens for ScimDirectory resources"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the operator (the default).
+    Run(RunArgs),
+    /// Print the ScimDirectory CustomResourceDefinition as YAML.
+    Crd,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Only watch this namespace (default: all namespaces).
+    #[arg(long, env = "WATCH_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Address of the /metrics, /healthz and /readyz endpoints.
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    pub metrics_addr: SocketAddr,
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Directories reconciled at once.
+    #[arg(long, env = "RECONCILE_CONCURRENCY", default_value_t = 16)]
+    pub concurrency: u16,
+    /// Upper bound on requests in flight to the API server (protects it during mass issuance).
+    #[arg(long, env = "MAX_INFLIGHT_REQUESTS", default_value_t = 32)]
+    pub max_inflight_requests: usize,
+    /// Elect a leader through a coordination.k8s.io Lease so that only one replica writes.
+    #[arg(long, env = "LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_election: bool,
+    #[arg(long, env = "LEADER_ELECTION_LEASE", default_value = "scim-token-operator")]
+    pub lease_name: String,
+    /// Namespace of the Lease (default: the pod's namespace, else "default").
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub lease_namespace: String,
+    /// This replica's identity in the Lease and in Events (default: the pod name, else host name + pid).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+}
+
+pub fn crd_yaml() -> String {
+    serde_yaml::to_string(&ScimDirectory::crd()).expect("the CRD serializes")
+}
+
+pub async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Crd) => {
+            print!("{}", crd_yaml());
+            Ok(())
+        }
+        Some(Command::Run(args)) => run(args).await,
+        None => run(cli.run).await,
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    telemetry::init(args.log_format);
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    let config = kube::Config::infer().await?;
+    let client = ClientBuilder::try_from(config)?
+        .with_layer(&tower::limit::ConcurrencyLimitLayer::new(args.max_inflight_requests.max(1)))
+        .build();
+
+    let metrics = Arc::new(Metrics::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    let health = Health { metrics: metrics.clone(), ready: ready.clone() };
+    let server = tokio::spawn(server::serve(args.metrics_addr, health));
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        info!("shutdown requested; finishing in-flight reconciliations");
+        let _ = stop_tx.send(true);
+    });
+
+    let mut lease_channel = None;
+    let mut lease_task = None;
+    if args.leader_election {
+        let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &args.lease_name)
+            .with_namespace(&args.lease_namespace)
+            .with_identity(&identity)
+            .with_duration(15)
+            .with_grace(5)
+            .build()
+            .await?;
+        let (mut leader, task) = manager.watch().await;
+        info!(lease = %args.lease_name, namespace = %args.lease_namespace, %identity, "waiting for leadership");
+        // A standby replica is healthy and ready: it serves nothing but must not be restarted.
+        ready.store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut stop = stop_rx.clone();
+        loop {
+            if *leader.borrow_and_update() {
+                break;
+            }
+            tokio::select! {
+                changed = leader.changed() => changed?,
+                _ = stop.wait_for(|s| *s) => return Ok(()),
+            }
+        }
+        ready.store(false, std::sync::atomic::Ordering::SeqCst);
+        info!(%identity, "acquired leadership");
+        lease_channel = Some(leader);
+        lease_task = Some(task);
+    }
+
+    let settings = Settings {
+        namespace: args.namespace.clone(),
+        concurrency: args.concurrency,
+        failpoint: std::env::var(FAILPOINT_ENV).ok().filter(|v| !v.is_empty()),
+        instance: identity,
+    };
+    let mut stop = stop_rx.clone();
+    let mut leader = lease_channel.clone();
+    let lost_leadership = Arc::new(AtomicBool::new(false));
+    let lost = lost_leadership.clone();
+    let shutdown = async move {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => {}
+            _ = async {
+                match leader.as_mut() {
+                    Some(l) => { let _ = l.wait_for(|is_leader| !*is_leader).await; }
+                    None => std::future::pending::<()>().await,
+                }
+            } => {
+                lost.store(true, std::sync::atomic::Ordering::SeqCst);
+                error!("lost leadership; stopping so that two replicas never write at once");
+            }
+        }
+    };
+    metrics.leader.set(1);
+    info!(namespace = ?args.namespace, concurrency = args.concurrency, "starting controller");
+    controller::run(client, settings, metrics, ready, shutdown).await;
+    server.abort();
+    // Closing the channel makes the lease manager release the Lease, so a standby takes over at once.
+    drop(lease_channel);
+    if let Some(task) = lease_task {
+        match task.await {
+            Ok(Ok(manager)) => {
+                if let Err(e) = manager.release().await {
+                    warn!(error = %e, "could not release the lease");
+                }
+            }
+            Ok(Err(e)) => warn!(error = %e, "lease manager failed"),
+            Err(e) => warn!(error = %e, "lease manager task panicked"),
+        }
+    }
+    if lost_leadership.load(std::sync::atomic::Ordering::SeqCst) {
+        anyhow::bail!("lost leadership");
+    }
+    info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

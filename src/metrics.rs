@@ -1,0 +1,74 @@
+//! Prometheus metrics, served on `/metrics`.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectoryLabels {
+    pub namespace: String,
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub error: String,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    /// Unix time at which each directory's token expires (absent for perpetual tokens).
+    pub token_expiry: Family<DirectoryLabels, Gauge>,
+    pub tokens_issued: Family<ReasonLabels, Counter>,
+    pub reconcile_errors: Family<ErrorLabels, Counter>,
+    pub reconcile_duration: Histogram,
+    /// 1 while this replica holds the leader Lease (or runs without leader election).
+    pub leader: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("scim_token_operator");
+        let token_expiry = Family::<DirectoryLabels, Gauge>::default();
+        let tokens_issued = Family::<ReasonLabels, Counter>::default();
+        let reconcile_errors = Family::<ErrorLabels, Counter>::default();
+        let reconcile_duration = Histogram::new(exponential_buckets(0.001, 2.0, 14));
+        registry.register(
+            "token_expiry_timestamp_seconds",
+            "Unix time at which the directory's current token expires",
+            token_expiry.clone(),
+        );
+        registry.register(
+            "tokens_issued",
+            "Tokens issued, by reason (Initial, RotationGenerationChanged, ...)",
+            tokens_issued.clone(),
+        );
+        registry.register("reconcile_errors", "Failed reconciliations, by error kind", reconcile_errors.clone());
+        registry.register("reconcile_duration_seconds", "Duration of one reconciliation", reconcile_duration.clone());
+        let leader = Gauge::default();
+        registry.register("leader", "1 while this replica leads and reconciles", leader.clone());
+        Metrics { registry, token_expiry, tokens_issued, reconcile_errors, reconcile_duration, leader }
+    }
+}
+
+impl Metrics {
+    pub fn observe_reconcile(&self, took: Duration) {
+        self.reconcile_duration.observe(took.as_secs_f64());
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}

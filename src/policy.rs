@@ -1,0 +1,553 @@
+//! The decision "does this directory need a new token, and why?".
+//!
+//! A pure function over what the cluster says (the directory's spec and status, the managed Secret's
+//! record of what its token was issued for) and the current time. Like cert-manager's trigger policies
+//! it returns a named reason, so Events, metrics and tests all speak the same words.
+//!
+//! The Secret is the source of truth: it records, in annotations written atomically with the token,
+//! the rotation generation, rotation request and expiry setting the token was issued for. Comparing
+//! that record with the spec (never the status) is what makes a crash between the Secret write and the
+//! status write harmless: on restart the Secret already matches the spec, so nothing is re-issued and
+//! the status is adopted from it.
+
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+
+use crate::duration::{TokenLifetime, check_token_lifetime};
+use crate::token::TokenHash;
+
+/// What a token was issued for, as recorded on its Secret.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IssueRecord {
+    pub token_hash: TokenHash,
+    pub rotation_generation: i64,
+    /// Canonical `tokenExpiresIn` the token was issued with; `None` for a perpetual token.
+    pub expires_in: Option<String>,
+    /// The imperative rotation request (annotation value) that was current when the token was issued.
+    pub rotation_request: Option<String>,
+    pub issued_at: Timestamp,
+    pub expires_at: Option<Timestamp>,
+    pub reason: IssueReason,
+}
+
+/// The spec as the policy needs it, already validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Desired {
+    pub rotation_generation: i64,
+    pub expires_in: Option<TokenLifetime>,
+    pub renew_before: Option<TokenLifetime>,
+    pub rotation_request: Option<String>,
+}
+
+impl Desired {
+    /// Validates the parts of the spec the CRD schema cannot (duration bounds, renewBefore < tokenExpiresIn).
+    pub fn parse(
+        rotation_generation: i64,
+        token_expires_in: Option<&str>,
+        renew_before: Option<&str>,
+        rotation_request: Option<&str>,
+    ) -> Result<Desired, String> {
+        let field = |name: &str, value: Option<&str>| -> Result<Option<TokenLifetime>, String> {
+            value
+                .map(|v| {
+                    let lifetime: TokenLifetime = v.parse().map_err(|e| format!("spec.{name}: {e}"))?;
+                    check_token_lifetime(&lifetime).map_err(|e| format!("spec.{name}: {e}"))?;
+                    Ok(lifetime)
+                })
+                .transpose()
+        };
+        if rotation_generation < 0 {
+            return Err(format!("spec.rotationGeneration must be >= 0, got {rotation_generation}"));
+        }
+        let expires_in = field("tokenExpiresIn", token_expires_in)?;
+        let renew_before = field("renewBefore", renew_before)?;
+        match (&expires_in, &renew_before) {
+            (None, Some(_)) => return Err("spec.renewBefore requires spec.tokenExpiresIn".into()),
+            (Some(e), Some(r)) if r.as_time_delta() >= e.as_time_delta() => {
+                return Err(format!(
+                    "spec.renewBefore ({}) must be shorter than spec.tokenExpiresIn ({})",
+                    renew_before_str(renew_before.as_ref()),
+                    e.canonical()
+                ));
+            }
+            _ => {}
+        }
+        Ok(Desired {
+            rotation_generation,
+            expires_in,
+            renew_before,
+            rotation_request: rotation_request.map(str::to_owned),
+        })
+    }
+
+    fn expires_in_canonical(&self) -> Option<String> {
+        self.expires_in.as_ref().map(TokenLifetime::canonical)
+    }
+}
+
+fn renew_before_str(r: Option<&TokenLifetime>) -> String {
+    r.map(TokenLifetime::canonical).unwrap_or_default()
+}
+
+/// The managed Secret as observed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SecretState {
+    /// No Secret of that name.
+    Missing,
+    /// A Secret of that name that this directory does not control (no controller ownerReference to its UID).
+    Foreign { controller: Option<String> },
+    /// A Secret controlled by this directory.
+    Owned {
+        /// Hash of `data.token`; `None` when the key is absent or empty.
+        token_hash: Option<TokenHash>,
+        /// The issue record from its annotations; `None` when they were stripped or are unreadable.
+        record: Option<IssueRecord>,
+    },
+}
+
+/// What the status last said about the token, used only to tell a deleted Secret from a new directory
+/// and to restore stripped annotations of a token whose hash the status already vouches for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StatusView {
+    pub token_hash: Option<TokenHash>,
+    pub record: Option<IssueRecord>,
+}
+
+/// Why a new token is issued. The names appear in Events, condition reasons and metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum IssueReason {
+    /// First token of a new directory.
+    Initial,
+    RotationGenerationChanged,
+    ExpirySettingChanged,
+    RotationRequested,
+    RenewalDue,
+    /// The Secret was deleted after a token had been issued.
+    SecretDeleted,
+    /// The Secret lost its `token` key.
+    TokenMissing,
+    /// The Secret's token no longer matches the hash recorded when it was issued.
+    TokenChanged,
+}
+
+impl IssueReason {
+    pub const ALL: [IssueReason; 8] = [
+        IssueReason::Initial,
+        IssueReason::RotationGenerationChanged,
+        IssueReason::ExpirySettingChanged,
+        IssueReason::RotationRequested,
+        IssueReason::RenewalDue,
+        IssueReason::SecretDeleted,
+        IssueReason::TokenMissing,
+        IssueReason::TokenChanged,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IssueReason::Initial => "Initial",
+            IssueReason::RotationGenerationChanged => "RotationGenerationChanged",
+            IssueReason::ExpirySettingChanged => "ExpirySettingChanged",
+            IssueReason::RotationRequested => "RotationRequested",
+            IssueReason::RenewalDue => "RenewalDue",
+            IssueReason::SecretDeleted => "SecretDeleted",
+            IssueReason::TokenMissing => "TokenMissing",
+            IssueReason::TokenChanged => "TokenChanged",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<IssueReason> {
+        IssueReason::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+
+    /// Re-issues that happen because something outside the spec broke the token: the old plaintext is
+    /// gone for good and the identity provider must be updated, so they are Warnings.
+    pub fn is_repair(self) -> bool {
+        matches!(self, IssueReason::SecretDeleted | IssueReason::TokenMissing | IssueReason::TokenChanged)
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            IssueReason::Initial => "issued the first token",
+            IssueReason::RotationGenerationChanged => "rotated the token: spec.rotationGeneration changed",
+            IssueReason::ExpirySettingChanged => "rotated the token: spec.tokenExpiresIn changed",
+            IssueReason::RotationRequested => {
+                "rotated the token: requested with the scim.tokenops.dev/rotate annotation"
+            }
+            IssueReason::RenewalDue => "rotated the token: it was due for renewal (spec.renewBefore)",
+            IssueReason::SecretDeleted => "re-issued the token: its Secret was deleted; the old token is unrecoverable",
+            IssueReason::TokenMissing => {
+                "re-issued the token: its Secret had no token key; the old token is unrecoverable"
+            }
+            IssueReason::TokenChanged => "re-issued the token: the Secret's token was changed outside the operator",
+        }
+    }
+}
+
+/// The outcome of the policy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// The spec cannot be acted on; nothing is written but the status.
+    InvalidSpec(String),
+    /// The Secret belongs to someone else: never touch it.
+    Conflict { controller: Option<String> },
+    /// Issue a new token and write it, with its record, to the Secret.
+    Issue(IssueReason),
+    /// The Secret's token stands. `restore_record` is set when its annotations were stripped and are
+    /// rebuilt from the status, which vouches for the same token hash.
+    Keep { record: IssueRecord, restore_record: bool, expired: bool },
+}
+
+/// Decides what to do with a directory's token.
+pub fn decide(desired: Result<&Desired, &str>, status: &StatusView, secret: &SecretState, now: Timestamp) -> Decision {
+    let desired = match desired {
+        Ok(d) => d,
+        Err(message) => return Decision::InvalidSpec(message.to_owned()),
+    };
+    let (token_hash, record) = match secret {
+        SecretState::Foreign { controller } => {
+            return Decision::Conflict { controller: controller.clone() };
+        }
+        SecretState::Missing if status.token_hash.is_some() => {
+            return Decision::Issue(IssueReason::SecretDeleted);
+        }
+        SecretState::Missing => return Decision::Issue(IssueReason::Initial),
+        SecretState::Owned { token_hash: None, .. } => {
+            return Decision::Issue(IssueReason::TokenMissing);
+        }
+        SecretState::Owned { token_hash: Some(hash), record } => (hash, record),
+    };
+
+    let (record, restore_record) = match record {
+        Some(record) if &record.token_hash == token_hash => (record.clone(), false),
+        Some(_) => return Decision::Issue(IssueReason::TokenChanged),
+        // Annotations stripped: the token is still ours if the status vouches for exactly this hash.
+        None => match &status.record {
+            Some(from_status) if &from_status.token_hash == token_hash => (from_status.clone(), true),
+            _ => return Decision::Issue(IssueReason::TokenChanged),
+        },
+    };
+
+    if record.rotation_generation != desired.rotation_generation {
+        return Decision::Issue(IssueReason::RotationGenerationChanged);
+    }
+    if record.expires_in != desired.expires_in_canonical() {
+        return Decision::Issue(IssueReason::ExpirySettingChanged);
+    }
+    if desired.rotation_request.is_some() && desired.rotation_request != record.rotation_request {
+        return Decision::Issue(IssueReason::RotationRequested);
+    }
+    if let Some(renew_at) = renewal_time(desired, &record)
+        && now >= renew_at
+    {
+        return Decision::Issue(IssueReason::RenewalDue);
+    }
+    let expired = record.expires_at.is_some_and(|at| now >= at);
+    Decision::Keep { record, restore_record, expired }
+}
+
+/// When a token must be renewed, if `renewBefore` is set and the token expires.
+pub fn renewal_time(desired: &Desired, record: &IssueRecord) -> Option<Timestamp> {
+    let renew_before = SignedDuration::try_from(desired.renew_before.as_ref()?.as_std()).ok()?;
+    record.expires_at?.checked_sub(renew_before).ok()
+}
+
+/// The next instant at which the decision can change by itself (renewal or expiry), so the controller
+/// requeues exactly then instead of polling.
+pub fn next_wakeup(desired: &Desired, record: &IssueRecord, now: Timestamp) -> Option<Timestamp> {
+    [renewal_time(desired, record), record.expires_at].into_iter().flatten().filter(|t| *t > now).min()
+}
+
+/// The record of a token issued now for `desired`.
+pub fn new_record(desired: &Desired, token_hash: TokenHash, reason: IssueReason, now: Timestamp) -> IssueRecord {
+    // Whole seconds: RFC 3339 timestamps in status and annotations carry no fractions, and the record
+    // must read back exactly as written.
+    let issued_at = Timestamp::from_second(now.as_second()).expect("a valid timestamp truncated stays valid");
+    let expires_at = desired.expires_in.as_ref().map(|lifetime| {
+        let d = SignedDuration::try_from(lifetime.as_std()).unwrap_or(SignedDuration::MAX);
+        issued_at.saturating_add(d).expect("a SignedDuration never fails saturating_add")
+    });
+    IssueRecord {
+        token_hash,
+        rotation_generation: desired.rotation_generation,
+        expires_in: desired.expires_in_canonical(),
+        rotation_request: desired.rotation_request.clone(),
+        issued_at,
+        expires_at,
+        reason,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ts(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+    fn hash(c: char) -> TokenHash {
+        TokenHash::parse(&format!("sha256:{}", c.to_string().repeat(64))).unwrap()
+    }
+    fn desired(generation: i64, expires_in: Option<&str>, renew: Option<&str>, request: Option<&str>) -> Desired {
+        Desired::parse(generation, expires_in, renew, request).unwrap()
+    }
+    fn record(d: &Desired, h: TokenHash, issued: &str) -> IssueRecord {
+        new_record(d, h, IssueReason::Initial, ts(issued))
+    }
+    fn owned(h: Option<TokenHash>, record: Option<IssueRecord>) -> SecretState {
+        SecretState::Owned { token_hash: h, record }
+    }
+    const T0: &str = "2026-01-01T00:00:00Z";
+
+    #[test]
+    fn decision_table() {
+        let base = desired(0, None, None, None);
+        let with_expiry = desired(0, Some("90d"), None, None);
+        let renewing = desired(0, Some("90d"), Some("7d"), None);
+        let rec = record(&base, hash('a'), T0);
+        let rec_exp = record(&with_expiry, hash('a'), T0);
+        let rec_renew = record(&renewing, hash('a'), T0);
+        let status_with =
+            |r: &IssueRecord| StatusView { token_hash: Some(r.token_hash.clone()), record: Some(r.clone()) };
+        let keep = |r: &IssueRecord, restore: bool, expired: bool| Decision::Keep {
+            record: r.clone(),
+            restore_record: restore,
+            expired,
+        };
+
+        type Case<'a> = (&'a str, Result<Desired, String>, StatusView, SecretState, &'a str, Decision);
+        let cases: Vec<Case> = vec![
+            (
+                "new directory",
+                Ok(base.clone()),
+                StatusView::default(),
+                SecretState::Missing,
+                T0,
+                Decision::Issue(IssueReason::Initial),
+            ),
+            (
+                "secret deleted after issue",
+                Ok(base.clone()),
+                status_with(&rec),
+                SecretState::Missing,
+                T0,
+                Decision::Issue(IssueReason::SecretDeleted),
+            ),
+            (
+                "foreign secret",
+                Ok(base.clone()),
+                StatusView::default(),
+                SecretState::Foreign { controller: Some("ScimDirectory/other".into()) },
+                T0,
+                Decision::Conflict { controller: Some("ScimDirectory/other".into()) },
+            ),
+            (
+                "invalid spec wins over everything",
+                Err("spec.tokenExpiresIn: bad".into()),
+                StatusView::default(),
+                SecretState::Missing,
+                T0,
+                Decision::InvalidSpec("spec.tokenExpiresIn: bad".into()),
+            ),
+            (
+                "token key missing",
+                Ok(base.clone()),
+                status_with(&rec),
+                owned(None, Some(rec.clone())),
+                T0,
+                Decision::Issue(IssueReason::TokenMissing),
+            ),
+            (
+                "token edited by hand",
+                Ok(base.clone()),
+                status_with(&rec),
+                owned(Some(hash('b')), Some(rec.clone())),
+                T0,
+                Decision::Issue(IssueReason::TokenChanged),
+            ),
+            (
+                "steady state",
+                Ok(base.clone()),
+                status_with(&rec),
+                owned(Some(hash('a')), Some(rec.clone())),
+                T0,
+                keep(&rec, false, false),
+            ),
+            (
+                "crash after Secret write: status empty, Secret adopted",
+                Ok(base.clone()),
+                StatusView::default(),
+                owned(Some(hash('a')), Some(rec.clone())),
+                T0,
+                keep(&rec, false, false),
+            ),
+            (
+                "crash after rotation: stale status, Secret adopted",
+                Ok(desired(1, None, None, None)),
+                status_with(&rec),
+                owned(Some(hash('b')), Some(record(&desired(1, None, None, None), hash('b'), T0))),
+                T0,
+                keep(&record(&desired(1, None, None, None), hash('b'), T0), false, false),
+            ),
+            (
+                "annotations stripped, status vouches",
+                Ok(base.clone()),
+                status_with(&rec),
+                owned(Some(hash('a')), None),
+                T0,
+                keep(&rec, true, false),
+            ),
+            (
+                "annotations stripped, unknown token",
+                Ok(base.clone()),
+                status_with(&rec),
+                owned(Some(hash('b')), None),
+                T0,
+                Decision::Issue(IssueReason::TokenChanged),
+            ),
+            (
+                "rotation generation bumped",
+                Ok(desired(1, None, None, None)),
+                status_with(&rec),
+                owned(Some(hash('a')), Some(rec.clone())),
+                T0,
+                Decision::Issue(IssueReason::RotationGenerationChanged),
+            ),
+            (
+                "expiry added",
+                Ok(with_expiry.clone()),
+                status_with(&rec),
+                owned(Some(hash('a')), Some(rec.clone())),
+                T0,
+                Decision::Issue(IssueReason::ExpirySettingChanged),
+            ),
+            (
+                "expiry removed",
+                Ok(base.clone()),
+                status_with(&rec_exp),
+                owned(Some(hash('a')), Some(rec_exp.clone())),
+                T0,
+                Decision::Issue(IssueReason::ExpirySettingChanged),
+            ),
+            (
+                "expiry changed",
+                Ok(desired(0, Some("180d"), None, None)),
+                status_with(&rec_exp),
+                owned(Some(hash('a')), Some(rec_exp.clone())),
+                T0,
+                Decision::Issue(IssueReason::ExpirySettingChanged),
+            ),
+            (
+                "expiry rewritten in another unit is no change",
+                Ok(desired(0, Some("2160h"), None, None)),
+                status_with(&rec_exp),
+                owned(Some(hash('a')), Some(rec_exp.clone())),
+                T0,
+                keep(&rec_exp, false, false),
+            ),
+            (
+                "rotation requested",
+                Ok(desired(0, None, None, Some("r1"))),
+                status_with(&rec),
+                owned(Some(hash('a')), Some(rec.clone())),
+                T0,
+                Decision::Issue(IssueReason::RotationRequested),
+            ),
+            (
+                "rotation request already handled",
+                Ok(desired(0, None, None, Some("r1"))),
+                StatusView::default(),
+                owned(Some(hash('a')), Some(record(&desired(0, None, None, Some("r1")), hash('a'), T0))),
+                T0,
+                keep(&record(&desired(0, None, None, Some("r1")), hash('a'), T0), false, false),
+            ),
+            (
+                "rotation request annotation removed later",
+                Ok(base.clone()),
+                StatusView::default(),
+                owned(Some(hash('a')), Some(record(&desired(0, None, None, Some("r1")), hash('a'), T0))),
+                T0,
+                keep(&record(&desired(0, None, None, Some("r1")), hash('a'), T0), false, false),
+            ),
+            (
+                "not yet due for renewal",
+                Ok(renewing.clone()),
+                status_with(&rec_renew),
+                owned(Some(hash('a')), Some(rec_renew.clone())),
+                "2026-03-24T23:59:59Z",
+                keep(&rec_renew, false, false),
+            ),
+            (
+                "due for renewal",
+                Ok(renewing.clone()),
+                status_with(&rec_renew),
+                owned(Some(hash('a')), Some(rec_renew.clone())),
+                "2026-03-25T00:00:00Z",
+                Decision::Issue(IssueReason::RenewalDue),
+            ),
+            (
+                "expired without renewal",
+                Ok(with_expiry.clone()),
+                status_with(&rec_exp),
+                owned(Some(hash('a')), Some(rec_exp.clone())),
+                "2026-04-01T00:00:00Z",
+                keep(&rec_exp, false, true),
+            ),
+            (
+                "one second before expiry",
+                Ok(with_expiry.clone()),
+                status_with(&rec_exp),
+                owned(Some(hash('a')), Some(rec_exp.clone())),
+                "2026-03-31T23:59:59Z",
+                keep(&rec_exp, false, false),
+            ),
+        ];
+        for (name, desired, status, secret, now, want) in cases {
+            let got = decide(desired.as_ref().map_err(String::as_str), &status, &secret, ts(now));
+            assert_eq!(got, want, "case {name:?}");
+        }
+        // Every reason is reachable from the table above or named here on purpose.
+        for reason in IssueReason::ALL {
+            assert_eq!(IssueReason::parse(reason.as_str()), Some(reason));
+        }
+    }
+
+    #[test]
+    fn desired_rejects_what_the_schema_cannot() {
+        for (expires, renew, fragment) in [
+            (Some("30m"), None, "spec.tokenExpiresIn"),
+            (Some("3651d"), None, "spec.tokenExpiresIn"),
+            (Some("10x"), None, "spec.tokenExpiresIn"),
+            (Some("90d"), Some("90d"), "must be shorter"),
+            (Some("90d"), Some("100d"), "must be shorter"),
+            (None, Some("7d"), "requires spec.tokenExpiresIn"),
+            (Some("90d"), Some("5m"), "spec.renewBefore"),
+        ] {
+            let err = Desired::parse(0, expires, renew, None).unwrap_err();
+            assert!(err.contains(fragment), "{expires:?}/{renew:?}: {err}");
+        }
+        assert!(Desired::parse(-1, None, None, None).unwrap_err().contains("rotationGeneration"));
+        assert!(Desired::parse(3, Some("90d"), Some("7d"), Some("x")).is_ok());
+    }
+
+    #[test]
+    fn records_use_whole_seconds_and_compute_expiry() {
+        let d = desired(2, Some("1h30m"), None, Some("req"));
+        let r = new_record(&d, hash('c'), IssueReason::RotationRequested, ts("2026-01-01T00:00:00.75Z"));
+        assert_eq!(r.issued_at, ts("2026-01-01T00:00:00Z"));
+        assert_eq!(r.expires_at, Some(ts("2026-01-01T01:30:00Z")));
+        assert_eq!(r.expires_in.as_deref(), Some("5400s"));
+        assert_eq!(r.rotation_generation, 2);
+        assert_eq!(r.rotation_request.as_deref(), Some("req"));
+        assert_eq!(new_record(&desired(0, None, None, None), hash('c'), IssueReason::Initial, ts(T0)).expires_at, None);
+    }
+
+    #[test]
+    fn wakeup_is_the_earliest_future_event() {
+        let renewing = desired(0, Some("90d"), Some("7d"), None);
+        let r = record(&renewing, hash('a'), T0);
+        assert_eq!(next_wakeup(&renewing, &r, ts(T0)), Some(ts("2026-03-25T00:00:00Z")));
+        assert_eq!(next_wakeup(&renewing, &r, ts("2026-03-26T00:00:00Z")), Some(ts("2026-04-01T00:00:00Z")));
+        assert_eq!(next_wakeup(&renewing, &r, ts("2026-04-02T00:00:00Z")), None);
+        let perpetual = desired(0, None, None, None);
+        assert_eq!(next_wakeup(&perpetual, &record(&perpetual, hash('a'), T0), ts(T0)), None);
+    }
+}

@@ -1,0 +1,234 @@
+//! The managed Secret: how a token and its issue record are written to it and read back.
+//!
+//! Everything the operator later decides is derived from these annotations, written in the same
+//! request as the token itself, so no decision ever depends on process memory.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::jiff::Timestamp;
+use kube::Resource;
+
+use crate::api::ScimDirectory;
+use crate::policy::{IssueReason, IssueRecord, SecretState};
+use crate::token::{Token, TokenHash};
+
+/// Data key holding the plaintext token.
+pub const TOKEN_KEY: &str = "token";
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY_VALUE: &str = "scim-token-operator";
+/// Label selector for the only Secrets the operator watches and caches.
+pub const MANAGED_SELECTOR: &str = "app.kubernetes.io/managed-by=scim-token-operator";
+
+pub const DIRECTORY_ANNOTATION: &str = "scim.tokenops.dev/directory";
+pub const HASH_ANNOTATION: &str = "scim.tokenops.dev/token-hash";
+pub const GENERATION_ANNOTATION: &str = "scim.tokenops.dev/rotation-generation";
+pub const REQUEST_ANNOTATION: &str = "scim.tokenops.dev/rotation-request";
+pub const EXPIRES_IN_ANNOTATION: &str = "scim.tokenops.dev/token-expires-in";
+pub const ISSUED_AT_ANNOTATION: &str = "scim.tokenops.dev/issued-at";
+pub const EXPIRES_AT_ANNOTATION: &str = "scim.tokenops.dev/expires-at";
+pub const REASON_ANNOTATION: &str = "scim.tokenops.dev/issue-reason";
+/// Value of the expires-in annotation for a token that never expires.
+const NEVER: &str = "never";
+
+/// Classifies a Secret found under the directory's Secret name.
+pub fn observe(dir: &ScimDirectory, secret: Option<&Secret>) -> SecretState {
+    let Some(secret) = secret else { return SecretState::Missing };
+    let uid = dir.metadata.uid.as_deref();
+    let controller = secret.metadata.owner_references.iter().flatten().find(|r| r.controller == Some(true));
+    match controller {
+        Some(owner) if uid.is_some() && Some(owner.uid.as_str()) == uid => SecretState::Owned {
+            token_hash: secret
+                .data
+                .as_ref()
+                .and_then(|d| d.get(TOKEN_KEY))
+                .filter(|v| !v.0.is_empty())
+                .map(|v| TokenHash::of_bytes(&v.0)),
+            record: secret.metadata.annotations.as_ref().and_then(read_record),
+        },
+        Some(owner) => SecretState::Foreign { controller: Some(format!("{}/{}", owner.kind, owner.name)) },
+        None => SecretState::Foreign { controller: None },
+    }
+}
+
+/// Reads an issue record from annotations; `None` if any part is missing or malformed.
+pub fn read_record(annotations: &BTreeMap<String, String>) -> Option<IssueRecord> {
+    let get = |k: &str| annotations.get(k).map(String::as_str);
+    let time = |k: &str| get(k).and_then(|v| v.parse::<Timestamp>().ok());
+    let expires_in = match get(EXPIRES_IN_ANNOTATION)? {
+        NEVER => None,
+        other => Some(other.to_owned()),
+    };
+    let expires_at = time(EXPIRES_AT_ANNOTATION);
+    if expires_in.is_some() != expires_at.is_some() {
+        return None;
+    }
+    Some(IssueRecord {
+        token_hash: TokenHash::parse(get(HASH_ANNOTATION)?)?,
+        rotation_generation: get(GENERATION_ANNOTATION)?.parse().ok()?,
+        expires_in,
+        rotation_request: get(REQUEST_ANNOTATION).map(str::to_owned),
+        issued_at: time(ISSUED_AT_ANNOTATION)?,
+        expires_at,
+        reason: IssueReason::parse(get(REASON_ANNOTATION)?)?,
+    })
+}
+
+fn record_annotations(dir: &ScimDirectory, record: &IssueRecord) -> BTreeMap<String, String> {
+    let mut a = BTreeMap::from([
+        (DIRECTORY_ANNOTATION.to_owned(), dir.metadata.name.clone().unwrap_or_default()),
+        (HASH_ANNOTATION.to_owned(), record.token_hash.to_string()),
+        (GENERATION_ANNOTATION.to_owned(), record.rotation_generation.to_string()),
+        (EXPIRES_IN_ANNOTATION.to_owned(), record.expires_in.clone().unwrap_or_else(|| NEVER.to_owned())),
+        (ISSUED_AT_ANNOTATION.to_owned(), record.issued_at.to_string()),
+        (REASON_ANNOTATION.to_owned(), record.reason.as_str().to_owned()),
+    ]);
+    if let Some(request) = &record.rotation_request {
+        a.insert(REQUEST_ANNOTATION.to_owned(), request.clone());
+    }
+    if let Some(at) = record.expires_at {
+        a.insert(EXPIRES_AT_ANNOTATION.to_owned(), at.to_string());
+    }
+    a
+}
+
+/// The complete desired Secret. Template keys never override the operator's own (the CRD rejects
+/// them too; this guards objects admitted before a schema change).
+pub fn desired_secret(dir: &ScimDirectory, token: &Token, record: &IssueRecord) -> Secret {
+    let template = dir.spec.secret_template.clone().unwrap_or_default();
+    let mut labels = template.labels;
+    labels.insert(MANAGED_BY_LABEL.to_owned(), MANAGED_BY_VALUE.to_owned());
+    let mut annotations: BTreeMap<String, String> =
+        template.annotations.into_iter().filter(|(k, _)| !k.starts_with("scim.tokenops.dev/")).collect();
+    annotations.extend(record_annotations(dir, record));
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(dir.secret_name()),
+            namespace: dir.metadata.namespace.clone(),
+            labels: Some(labels),
+            annotations: Some(annotations),
+            owner_references: Some(vec![owner_reference(dir)]),
+            ..ObjectMeta::default()
+        },
+        type_: Some("Opaque".to_owned()),
+        data: Some(BTreeMap::from([(TOKEN_KEY.to_owned(), ByteString(token.expose().as_bytes().to_vec()))])),
+        ..Secret::default()
+    }
+}
+
+/// The token currently stored in a Secret, for re-applying its metadata without re-issuing.
+pub fn stored_token(secret: &Secret) -> Option<Token> {
+    let bytes = secret.data.as_ref()?.get(TOKEN_KEY)?;
+    String::from_utf8(bytes.0.clone()).ok().map(Token::from_plaintext)
+}
+
+/// True when the Secret lacks any of the labels/annotations the directory wants on it.
+pub fn metadata_drifted(dir: &ScimDirectory, secret: &Secret, record: &IssueRecord) -> bool {
+    let want_labels = {
+        let mut l = dir.spec.secret_template.as_ref().map(|t| t.labels.clone()).unwrap_or_default();
+        l.insert(MANAGED_BY_LABEL.to_owned(), MANAGED_BY_VALUE.to_owned());
+        l
+    };
+    let mut want_annotations: BTreeMap<String, String> =
+        dir.spec.secret_template.as_ref().map(|t| t.annotations.clone()).unwrap_or_default();
+    want_annotations.extend(record_annotations(dir, record));
+    let has_all = |have: &Option<BTreeMap<String, String>>, want: &BTreeMap<String, String>| {
+        want.iter().all(|(k, v)| have.as_ref().and_then(|h| h.get(k)) == Some(v))
+    };
+    !has_all(&secret.metadata.labels, &want_labels)
+        || !has_all(&secret.metadata.annotations, &want_annotations)
+        || secret.type_.as_deref() != Some("Opaque")
+}
+
+fn owner_reference(dir: &ScimDirectory) -> OwnerReference {
+    // controller_owner_ref sets controller=true and blockOwnerDeletion=true.
+    dir.controller_owner_ref(&()).expect("a directory read from the API server has a UID")
+}
+
+/// A `Debug`-safe view of a Secret for logs: names and keys only, never data.
+pub struct Redacted<'a>(pub &'a Secret);
+
+impl std::fmt::Debug for Redacted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Secret")
+            .field("namespace", &self.0.metadata.namespace)
+            .field("name", &self.0.metadata.name)
+            .field("data_keys", &self.0.data.as_ref().map(|d| d.keys().collect::<Vec<_>>()))
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{ScimDirectorySpec, SecretTemplate};
+    use crate::policy::{Desired, new_record};
+
+    fn directory() -> ScimDirectory {
+        let mut dir = ScimDirectory::new(
+            "acme",
+            ScimDirectorySpec {
+                secret_template: Some(SecretTemplate {
+                    labels: BTreeMap::from([("team".into(), "idp".into())]),
+                    annotations: BTreeMap::from([
+                        ("note".into(), "hi".into()),
+                        (HASH_ANNOTATION.into(), "sha256:forged".into()),
+                    ]),
+                }),
+                ..ScimDirectorySpec::default()
+            },
+        );
+        dir.metadata.namespace = Some("tenants".into());
+        dir.metadata.uid = Some("uid-1".into());
+        dir
+    }
+
+    #[test]
+    fn secret_round_trips_its_record_and_is_owned() {
+        let dir = directory();
+        let token = Token::generate();
+        let desired = Desired::parse(3, Some("90d"), None, Some("req-1")).unwrap();
+        let record = new_record(&desired, token.hash(), IssueReason::Initial, Timestamp::now());
+        let secret = desired_secret(&dir, &token, &record);
+
+        assert_eq!(secret.metadata.name.as_deref(), Some("acme-scim-token"));
+        assert_eq!(secret.metadata.labels.as_ref().unwrap()["team"], "idp");
+        assert_eq!(secret.metadata.annotations.as_ref().unwrap()["note"], "hi");
+        assert_eq!(secret.metadata.annotations.as_ref().unwrap()[HASH_ANNOTATION], token.hash().to_string());
+        assert!(!metadata_drifted(&dir, &secret, &record));
+        assert_eq!(
+            observe(&dir, Some(&secret)),
+            SecretState::Owned { token_hash: Some(token.hash()), record: Some(record.clone()) }
+        );
+        assert_eq!(stored_token(&secret).unwrap().expose(), token.expose());
+        // The redacted view never shows the plaintext.
+        assert!(!format!("{:?}", Redacted(&secret)).contains(token.expose()));
+    }
+
+    #[test]
+    fn ownership_and_stripped_metadata_are_recognised() {
+        let dir = directory();
+        let token = Token::generate();
+        let desired = Desired::parse(0, None, None, None).unwrap();
+        let record = new_record(&desired, token.hash(), IssueReason::Initial, Timestamp::now());
+        let mut secret = desired_secret(&dir, &token, &record);
+
+        let mut other = dir.clone();
+        other.metadata.uid = Some("uid-2".into());
+        other.metadata.name = Some("other".into());
+        assert_eq!(
+            observe(&other, Some(&secret)),
+            SecretState::Foreign { controller: Some("ScimDirectory/acme".into()) }
+        );
+        assert_eq!(observe(&dir, None), SecretState::Missing);
+
+        secret.metadata.annotations = None;
+        assert!(metadata_drifted(&dir, &secret, &record));
+        assert_eq!(observe(&dir, Some(&secret)), SecretState::Owned { token_hash: Some(token.hash()), record: None });
+
+        secret.metadata.owner_references = None;
+        assert_eq!(observe(&dir, Some(&secret)), SecretState::Foreign { controller: None });
+    }
+}

@@ -1,0 +1,222 @@
+//! Shared pieces of the end-to-end suite: the real control plane, the real operator binary as a child
+//! process, and polling helpers. Every test works in a namespace of its own.
+#![allow(dead_code)]
+
+use std::collections::BTreeSet;
+use std::fs::OpenOptions;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use envtest::ControlPlane;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::events::v1::Event;
+use kube::Client;
+use kube::api::{Api, ListParams};
+use scim_token_operator::api::ScimDirectory;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_scim-token-operator");
+
+/// Every token the suite has seen in a Secret, to search the operator logs for at the end.
+pub static SEEN_TOKENS: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+
+pub struct Env {
+    pub cp: &'static ControlPlane,
+    pub client: Client,
+    pub ns: String,
+    pub log: PathBuf,
+}
+
+impl Env {
+    pub async fn new(prefix: &str) -> Env {
+        let cp = ControlPlane::shared();
+        let client = cp.client().await;
+        let ns = cp.create_namespace(prefix).await.expect("namespace");
+        let log = logs_dir().join(format!("{ns}.log"));
+        Env { cp, client, ns, log }
+    }
+
+    pub fn dirs(&self) -> Api<ScimDirectory> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    pub fn secrets(&self) -> Api<Secret> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    /// Starts the operator binary against the test control plane, watching only this namespace.
+    pub fn operator(&self, extra_env: &[(&str, &str)]) -> Operator {
+        Operator::start(self, extra_env)
+    }
+
+    /// `kubectl ... -n <ns>`; returns (success, stdout, stderr).
+    pub fn kubectl(&self, args: &[&str]) -> (bool, String, String) {
+        let out = self.cp.kubectl().args(args).args(["-n", &self.ns]).output().expect("run kubectl");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// `kubectl apply -f -` of a manifest given as a string.
+    pub fn apply(&self, manifest: &str) -> (bool, String, String) {
+        use std::io::Write;
+        let mut child = self
+            .cp
+            .kubectl()
+            .args(["apply", "-n", &self.ns, "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run kubectl");
+        child.stdin.take().unwrap().write_all(manifest.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    pub async fn events_for(&self, name: &str) -> Vec<Event> {
+        let events: Api<Event> = Api::namespaced(self.client.clone(), &self.ns);
+        events
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+            .collect()
+    }
+
+    /// Waits until the directory's Ready condition has the given reason; returns the directory.
+    pub async fn wait_ready_reason(&self, name: &str, reason: &str) -> ScimDirectory {
+        let dirs = self.dirs();
+        wait_for(&format!("{name} Ready reason {reason}"), Duration::from_secs(60), || async {
+            let d = dirs.get_opt(name).await.ok().flatten()?;
+            (d.ready_condition()?.reason == reason).then_some(d)
+        })
+        .await
+    }
+
+    /// Records every token now in this namespace's Secrets, then searches this test's operator log for
+    /// every token the suite has seen: a plaintext token must never be logged.
+    pub async fn assert_log_clean(&self) {
+        for s in self.secrets().list(&Default::default()).await.unwrap() {
+            if let Some(t) = s.data.and_then(|d| d.get("token").cloned()) {
+                SEEN_TOKENS.lock().unwrap().insert(String::from_utf8_lossy(&t.0).into_owned());
+            }
+        }
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        assert!(text.contains("starting controller"), "{} holds the operator's output", self.log.display());
+        let tokens = SEEN_TOKENS.lock().unwrap().clone();
+        for token in tokens.iter().filter(|t| t.len() > 20) {
+            assert!(!text.contains(&token[5..]), "a plaintext token appeared in {}", self.log.display());
+        }
+    }
+
+    /// The token in a Secret (recorded for the log scan).
+    pub async fn token(&self, secret: &str) -> Option<String> {
+        let s = self.secrets().get_opt(secret).await.unwrap()?;
+        let bytes = s.data?.get("token")?.0.clone();
+        let token = String::from_utf8(bytes).unwrap();
+        SEEN_TOKENS.lock().unwrap().insert(token.clone());
+        Some(token)
+    }
+}
+
+/// Polls `f` every 100 ms until it returns Some, or panics after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub fn sha256(token: &str) -> String {
+    scim_token_operator::token::TokenHash::of_bytes(token.as_bytes()).to_string()
+}
+
+pub fn logs_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("operator-logs");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The operator binary running as a child process; killed on drop. Its stdout and stderr are appended
+/// to the namespace's log file, which the suite later searches for plaintext tokens.
+pub struct Operator {
+    child: Child,
+    pub metrics_port: u16,
+}
+
+impl Operator {
+    fn start(env: &Env, extra_env: &[(&str, &str)]) -> Operator {
+        let log = OpenOptions::new().create(true).append(true).open(&env.log).unwrap();
+        let metrics_port = free_port();
+        let child = Command::new(BIN)
+            .args(["run", "--namespace", &env.ns, "--lease-namespace", &env.ns])
+            .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+            .env("KUBECONFIG", env.cp.kubeconfig_path())
+            .env("RUST_LOG", "debug,kube=info,hyper=info,tower=info,rustls=info,h2=info")
+            .envs(extra_env.iter().copied())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start the operator");
+        Operator { child, metrics_port }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the process to exit by itself (for failpoints).
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        wait_for("operator exit", timeout, || {
+            let status = self.child.try_wait().unwrap();
+            async move { status }
+        })
+        .await
+    }
+
+    /// SIGTERM, then wait for a graceful exit.
+    pub async fn terminate(&mut self) -> ExitStatus {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        self.wait_exit(Duration::from_secs(30)).await
+    }
+
+    /// GET /metrics over plain HTTP/1.0 (no client dependency needed for one request).
+    pub fn metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).expect("connect to /metrics");
+        stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+        let mut body = String::new();
+        stream.read_to_string(&mut body).unwrap();
+        body
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
