@@ -14,7 +14,16 @@ echo "test.sh: control plane binaries in $KUBEBUILDER_ASSETS" >&2
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-cargo test --workspace --locked "$@"
+results="$(mktemp)"
+trap 'rm -f "$results"' EXIT
+cargo test --workspace --locked "$@" 2>&1 | tee "$results"
 
 # The README's main-job command must keep working: run it once, non-interactively.
 cargo xtask demo --once
+
+# A small benchmark run keeps `cargo xtask bench` from rotting; it asserts correctness (all Ready,
+# zero writes while idle and across a restart), never time.
+cargo xtask bench --n 50 --idle-secs 10 --rotations 10 --check
+
+# One closing line for the whole suite (cargo's last "test result" is an empty doc-test target).
+awk '/^test result:/ { p += $4; f += $6 } END { printf "all tests: %d passed, %d failed\n", p, f }' "$results"

@@ -17,7 +17,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
-use chrono::TimeDelta;
+use k8s_openapi::jiff::SignedDuration;
 
 /// The accepted grammar as an anchored regular expression for an OpenAPI `pattern` in the CRD.
 ///
@@ -40,7 +40,7 @@ const EXPECTED: &str = r#"expected e.g. "15552000s", "4320h", "1h30m" or "180d""
 
 /// A non-negative duration parsed from the spec.
 ///
-/// Always representable as a [`chrono::TimeDelta`] (the parser refuses larger values), so the
+/// Always representable as a [`SignedDuration`] (the parser refuses larger values), so the
 /// conversions below cannot fail. Compares by value: `"1h30m" == "5400s"`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct TokenLifetime(Duration);
@@ -50,8 +50,9 @@ impl TokenLifetime {
         self.0
     }
 
-    pub fn as_time_delta(&self) -> TimeDelta {
-        TimeDelta::from_std(self.0).expect("the parser only accepts durations that fit a TimeDelta")
+    /// As jiff's duration, the time type of k8s-openapi's `Time`.
+    pub fn as_signed_duration(&self) -> SignedDuration {
+        SignedDuration::try_from(self.0).expect("the parser only accepts durations that fit a SignedDuration")
     }
 
     /// The value as whole seconds plus any fraction, e.g. `"5400s"` or `"1.5s"`.
@@ -292,8 +293,8 @@ fn parse(s: &str) -> Result<Duration, Problem> {
     }
 
     let duration = Duration::new(secs, nanos);
-    // Keeps `TokenLifetime::as_time_delta` infallible.
-    TimeDelta::from_std(duration).map_err(|_| Problem::Overflow)?;
+    // Keeps `TokenLifetime::as_signed_duration` infallible.
+    SignedDuration::try_from(duration).map_err(|_| Problem::Overflow)?;
     Ok(duration)
 }
 
@@ -330,8 +331,8 @@ mod tests {
         ("87600h", secs(315_360_000)),
         ("3650d0.000000001s", Duration::new(315_360_000, 1)),
         ("3651d", secs(315_446_400)),
-        // The largest value a TimeDelta holds: i64::MAX milliseconds.
-        ("9223372036854775.807s", Duration::new(9_223_372_036_854_775, 807_000_000)),
+        // The largest value a SignedDuration holds: i64::MAX seconds and a fraction.
+        ("9223372036854775807.999999999s", Duration::new(9_223_372_036_854_775_807, 999_999_999)),
     ];
 
     /// Strings the parser rejects, with the reason.
@@ -388,8 +389,7 @@ mod tests {
             ("18446744073709551615s", Overflow),
             ("9999999999999999d", Overflow),
             ("213503982334602d", Overflow),
-            ("9223372036854775.808s", Overflow),
-            ("9223372036854776s", Overflow),
+            ("9223372036854775808s", Overflow),
         ]
     }
 
@@ -471,14 +471,14 @@ mod tests {
     }
 
     #[test]
-    fn converts_to_time_delta() {
-        let delta = |s: &str| parse_duration(s).unwrap().as_time_delta();
-        assert_eq!(delta("1h30m"), TimeDelta::seconds(5400));
-        assert_eq!(delta("1.5s"), TimeDelta::milliseconds(1500));
-        assert_eq!(delta("0.000000001s"), TimeDelta::nanoseconds(1));
-        assert_eq!(delta("9223372036854775.807s"), TimeDelta::MAX);
+    fn converts_to_signed_duration() {
+        let delta = |s: &str| parse_duration(s).unwrap().as_signed_duration();
+        assert_eq!(delta("1h30m"), SignedDuration::from_secs(5400));
+        assert_eq!(delta("1.5s"), SignedDuration::from_millis(1500));
+        assert_eq!(delta("0.000000001s"), SignedDuration::from_nanos(1));
+        assert_eq!(delta("9223372036854775807.999999999s"), SignedDuration::MAX);
         for &(input, expected) in VALID {
-            assert_eq!(delta(input).to_std().unwrap(), expected, "{input:?}");
+            assert_eq!(Duration::try_from(delta(input)).unwrap(), expected, "{input:?}");
         }
     }
 

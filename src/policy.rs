@@ -10,7 +10,7 @@
 //! status write harmless: on restart the Secret already matches the spec, so nothing is re-issued and
 //! the status is adopted from it.
 
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use k8s_openapi::jiff::Timestamp;
 
 use crate::duration::{TokenLifetime, check_token_lifetime};
 use crate::token::TokenHash;
@@ -62,7 +62,7 @@ impl Desired {
         let renew_before = field("renewBefore", renew_before)?;
         match (&expires_in, &renew_before) {
             (None, Some(_)) => return Err("spec.renewBefore requires spec.tokenExpiresIn".into()),
-            (Some(e), Some(r)) if r.as_time_delta() >= e.as_time_delta() => {
+            (Some(e), Some(r)) if r >= e => {
                 return Err(format!(
                     "spec.renewBefore ({}) must be shorter than spec.tokenExpiresIn ({})",
                     renew_before_str(renew_before.as_ref()),
@@ -246,8 +246,7 @@ pub fn decide(desired: Result<&Desired, &str>, status: &StatusView, secret: &Sec
 
 /// When a token must be renewed, if `renewBefore` is set and the token expires.
 pub fn renewal_time(desired: &Desired, record: &IssueRecord) -> Option<Timestamp> {
-    let renew_before = SignedDuration::try_from(desired.renew_before.as_ref()?.as_std()).ok()?;
-    record.expires_at?.checked_sub(renew_before).ok()
+    record.expires_at?.checked_sub(desired.renew_before.as_ref()?.as_signed_duration()).ok()
 }
 
 /// The next instant at which the decision can change by itself (renewal or expiry), so the controller
@@ -262,8 +261,7 @@ pub fn new_record(desired: &Desired, token_hash: TokenHash, reason: IssueReason,
     // must read back exactly as written.
     let issued_at = Timestamp::from_second(now.as_second()).expect("a valid timestamp truncated stays valid");
     let expires_at = desired.expires_in.as_ref().map(|lifetime| {
-        let d = SignedDuration::try_from(lifetime.as_std()).unwrap_or(SignedDuration::MAX);
-        issued_at.saturating_add(d).expect("a SignedDuration never fails saturating_add")
+        issued_at.saturating_add(lifetime.as_signed_duration()).expect("a SignedDuration never fails saturating_add")
     });
     IssueRecord {
         token_hash,

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask demo [--once]`.
+//! Project tasks: `cargo xtask demo [--once]` and `cargo xtask bench [...]`.
 //!
 //! `demo` is the operator's main job end to end on a fresh machine: it builds (or finds) a local
 //! kube-apiserver + etcd, installs the CRD, runs the operator, applies an example with the real
@@ -11,8 +11,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use envtest::ControlPlane;
 
-const USAGE: &str =
-    "usage: cargo xtask demo [--once]\n  --once  exit after the example is Ready (used by the test command)";
+mod bench;
+
+pub(crate) const USAGE: &str = "usage:
+  cargo xtask demo [--once]
+      --once  exit after the example is Ready (used by the test command)
+  cargo xtask bench [--n N] [--client-concurrency C] [--idle-secs S] [--rotations R] [--release] [--check] [-- OPERATOR FLAGS]
+      defaults: --n 1000 --client-concurrency 16 --idle-secs 120 --rotations 100; see BENCHMARKS.md";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -20,6 +25,7 @@ async fn main() -> anyhow::Result<()> {
     match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["demo"] => demo(false).await,
         ["demo", "--once"] => demo(true).await,
+        ["bench", ..] => bench::run(bench::parse(&args[1..])?).await,
         _ => {
             eprintln!("{USAGE}");
             std::process::exit(2);
@@ -29,17 +35,7 @@ async fn main() -> anyhow::Result<()> {
 
 async fn demo(once: bool) -> anyhow::Result<()> {
     let root = envtest::workspace_root();
-    step("building the operator");
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--quiet", "--package", "scim-token-operator", "--bin", "scim-token-operator"])
-        .current_dir(&root)
-        .status()
-        .context("running cargo build")?;
-    if !status.success() {
-        bail!("building the operator failed");
-    }
-    let target = std::env::var("CARGO_TARGET_DIR").map(Into::into).unwrap_or_else(|_| root.join("target"));
-    let operator_bin = target.join("debug/scim-token-operator");
+    let operator_bin = build_operator(&root, false)?;
 
     step("starting a local control plane (kube-apiserver + etcd; the first run builds them from Go modules)");
     let cp = ControlPlane::start().await?;
@@ -104,6 +100,21 @@ async fn demo(once: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Builds the operator binary with cargo and returns its path.
+pub(crate) fn build_operator(root: &Path, release: bool) -> anyhow::Result<std::path::PathBuf> {
+    step(&format!("building the operator ({})", if release { "release" } else { "debug" }));
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args(["build", "--quiet", "--package", "scim-token-operator", "--bin", "scim-token-operator"]);
+    if release {
+        cmd.arg("--release");
+    }
+    if !cmd.current_dir(root).status().context("running cargo build")?.success() {
+        bail!("building the operator failed");
+    }
+    let target = std::env::var("CARGO_TARGET_DIR").map(Into::into).unwrap_or_else(|_| root.join("target"));
+    Ok(target.join(if release { "release" } else { "debug" }).join("scim-token-operator"))
+}
+
 fn step(what: &str) {
     println!("==> {what}");
 }
@@ -128,7 +139,7 @@ fn kubectl_out(cp: &ControlPlane, args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn terminate(child: &mut std::process::Child) {
+pub(crate) fn terminate(child: &mut std::process::Child) {
     let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
