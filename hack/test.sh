@@ -26,4 +26,4 @@ cargo xtask demo --once
 cargo xtask bench --n 50 --idle-secs 10 --rotations 10 --check
 
 # One closing line for the whole suite (cargo's last "test result" is an empty doc-test target).
-awk '/^test result:/ { p += $4; f += $6 } END { printf "all tests: %d passed, %d failed\n", p, f }' "$results"
+awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$results"
