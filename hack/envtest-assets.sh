@@ -1,12 +1,22 @@
 #!/usr/bin/env bash
-# Locate or build the envtest control-plane binaries (kube-apiserver, etcd, kubectl) and helm,
-# then print the directory that holds them.
+# Locate or build the envtest control-plane binaries (kube-apiserver, etcd, kubectl,
+# kube-controller-manager) and helm, then print the directory that holds them.
 #
-#   KUBEBUILDER_ASSETS set and holding kube-apiserver, etcd and kubectl -> used as is, nothing built
-#   (helm is then taken from that directory, from PATH, or built into the cache).
+#   envtest-assets.sh                          prints the assets directory
+#   envtest-assets.sh --controller-manager     prints the path of the kube-controller-manager to run
+#                                              with those assets (only differs from <dir>/... when
+#                                              KUBEBUILDER_ASSETS lacks it, see below)
+#   envtest-assets.sh --helm                   prints the path of the helm to use (<dir>/helm, else
+#                                              helm on PATH, else one built into the cache)
+#
+#   KUBEBUILDER_ASSETS set and holding kube-apiserver, etcd and kubectl -> used as is, the control plane
+#   is never built over it. helm is then taken from that directory, from PATH, or built into the cache;
+#   kube-controller-manager (the test harness runs its garbage collector) is taken from that directory
+#   or built into ${cache}/<version of that kube-apiserver>/, so its version matches the API server's.
 #   Otherwise everything is built from Go modules into
 #   ${XDG_CACHE_HOME:-$HOME/.cache}/scim-token-operator/envtest/<k8s-version>/ once; later runs only
-#   check the stamp file and return in well under a second.
+#   check the stamp file and return in well under a second. A cache that lacks only some binaries (for
+#   example one made before kube-controller-manager was added) builds just those.
 #
 # Why from Go modules: there is no Docker engine and no release-binary download here, but the Go
 # module proxy is reachable. `go install k8s.io/kubernetes/cmd/kube-apiserver@v` fails because that
@@ -17,9 +27,37 @@ set -euo pipefail
 K8S_VERSION="${ENVTEST_K8S_VERSION:-1.36.3}"
 ETCD_VERSION="${ENVTEST_ETCD_VERSION:-3.6.16}"
 HELM_VERSION="${ENVTEST_HELM_VERSION:-3.22.0}"
+# The commands built from k8s.io/kubernetes (all of them are resolved together, whichever are built).
+K8S_BINARIES=(kube-apiserver kubectl kube-controller-manager)
 
 log() { printf 'envtest-assets: %s\n' "$*" >&2; }
 die() { printf 'envtest-assets: error: %s\n' "$*" >&2; exit 1; }
+
+mode=dir
+case "${1:-}" in
+  "") ;;
+  --controller-manager) mode=controller-manager ;;
+  --helm) mode=helm ;;
+  -h | --help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
+  *) die "unknown argument ${1}; usage: $0 [--controller-manager | --helm]" ;;
+esac
+
+# emit ASSETS_DIR CONTROLLER_MANAGER_DIR: the one line of output.
+emit() {
+  case "$mode" in
+    controller-manager) printf '%s\n' "$2/kube-controller-manager" ;;
+    helm)
+      if [[ -x "$1/helm" ]]; then
+        printf '%s\n' "$1/helm"
+      elif command -v helm >/dev/null 2>&1; then
+        command -v helm
+      else
+        printf '%s\n' "$dest/helm"
+      fi
+      ;;
+    *) printf '%s\n' "$1" ;;
+  esac
+}
 
 has_core() { [[ -x "$1/kube-apiserver" && -x "$1/etcd" && -x "$1/kubectl" ]]; }
 
@@ -28,15 +66,32 @@ dest="$cache_root/$K8S_VERSION"
 
 need_go() {
   command -v go >/dev/null 2>&1 || die "Go is not installed. Install Go >= 1.26 (https://go.dev/doc/install),
-  or set KUBEBUILDER_ASSETS to a directory holding kube-apiserver, etcd and kubectl
-  (for example: KUBEBUILDER_ASSETS=\$(setup-envtest use -p path 1.36.x))."
+  or set KUBEBUILDER_ASSETS to a directory holding kube-apiserver, etcd, kubectl and kube-controller-manager
+  (for example: KUBEBUILDER_ASSETS=\$(setup-envtest use -p path 1.36.x), plus a kube-controller-manager
+  of the same version copied into it)."
 }
 
 export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-buildvcs=false
 
+# Serialize builds: test binaries, hack/test.sh and other checkouts may all run this at once.
+# Callers re-check what is missing after taking the lock.
+locked=
+lock() {
+  [[ -z "$locked" ]] || return 0
+  mkdir -p "$cache_root"
+  command -v flock >/dev/null 2>&1 || { locked=1; return 0; }
+  exec 9>"$cache_root/.lock"
+  if ! flock -n 9; then
+    log "waiting for another envtest-assets.sh to finish building"
+    flock 9
+  fi
+  locked=1
+}
+
 build_helm() { # $1: output directory
   local out="$1"
   need_go
+  mkdir -p "$out"
   log "building helm v$HELM_VERSION (go install)"
   local gobin; gobin="$(mktemp -d)"
   GOBIN="$gobin" go install \
@@ -45,73 +100,112 @@ build_helm() { # $1: output directory
   mv "$gobin/helm" "$out/helm"; rmdir "$gobin"
 }
 
+# build_k8s VERSION OUTDIR BINARY...: build the given k8s.io/kubernetes commands at VERSION.
+build_k8s() {
+  local version="$1" out="$2"; shift 2
+  need_go
+  local work="$cache_root/.build-$version/k8s" gomod staging_version bin
+  mkdir -p "$work" "$out"
+  log "resolving k8s.io/kubernetes@v$version"
+  gomod="$(cd "$work" && go mod download -json "k8s.io/kubernetes@v$version" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')"
+  [[ -f "$gomod" ]] || die "could not download k8s.io/kubernetes@v$version from the Go module proxy"
+  staging_version="v0.${version#1.}"
+  {
+    echo "module scim-token-operator/envtest-k8s"
+    echo
+    echo "go $(go env GOVERSION | sed 's/^go//; s/^\([0-9]*\.[0-9]*\).*/\1/')"
+    echo
+    echo "require k8s.io/kubernetes v$version"
+    echo
+    echo "replace ("
+    # Every `k8s.io/X => ./staging/src/k8s.io/X` becomes `k8s.io/X => k8s.io/X v0.M.P`.
+    sed -n 's#^[[:space:]]*\(k8s\.io/[^[:space:]]*\)[[:space:]]*=>[[:space:]]*\./staging/.*#\t\1 => \1 '"$staging_version"'#p' "$gomod"
+    echo ")"
+  } > "$work/go.mod"
+  grep -q "=> k8s.io/api $staging_version" "$work/go.mod" || die "no staging replaces found in $gomod"
+  (
+    cd "$work"
+    log "resolving ${K8S_BINARIES[*]} dependencies"
+    local tools=()
+    for bin in "${K8S_BINARIES[@]}"; do tools+=("k8s.io/kubernetes/cmd/$bin@v$version"); done
+    go get -tool "${tools[@]}" >&2
+    local minor="${version#1.}"; minor="${minor%%.*}"
+    local ld="-s -w" pkg
+    for pkg in k8s.io/client-go/pkg/version k8s.io/component-base/version; do
+      ld+=" -X $pkg.gitVersion=v$version -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+      ld+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+    done
+    for bin in "$@"; do
+      log "building $bin v$version (minutes on a cold cache)"
+      go build -trimpath -ldflags "$ld" -o "$out/$bin.tmp" "k8s.io/kubernetes/cmd/$bin" >&2
+    done
+  ) || die "building $* failed (see above); set KUBEBUILDER_ASSETS to skip the build"
+  for bin in "$@"; do mv "$out/$bin.tmp" "$out/$bin"; done
+}
+
 # 1. A user-provided asset directory wins; we never build the control plane over it.
 if [[ -n "${KUBEBUILDER_ASSETS:-}" ]]; then
   if has_core "$KUBEBUILDER_ASSETS"; then
     if [[ ! -x "$KUBEBUILDER_ASSETS/helm" ]] && ! command -v helm >/dev/null 2>&1 && [[ ! -x "$dest/helm" ]]; then
-      mkdir -p "$dest"; build_helm "$dest"
+      lock
+      [[ -x "$dest/helm" ]] || build_helm "$dest"
     fi
-    printf '%s\n' "$KUBEBUILDER_ASSETS"
+    kcm_dir="$KUBEBUILDER_ASSETS"
+    if [[ ! -x "$kcm_dir/kube-controller-manager" ]]; then
+      # kube-controller-manager must not be newer than kube-apiserver: build the same version.
+      version="$("$KUBEBUILDER_ASSETS/kube-apiserver" --version 2>/dev/null | sed -n 's/^Kubernetes v\([0-9]*\.[0-9]*\.[0-9]*\)$/\1/p')"
+      if [[ -z "$version" ]]; then
+        version="$K8S_VERSION"
+        log "cannot tell the version of $KUBEBUILDER_ASSETS/kube-apiserver; using kube-controller-manager v$version"
+      fi
+      kcm_dir="$cache_root/$version"
+      if [[ ! -x "$kcm_dir/kube-controller-manager" ]]; then
+        lock
+        [[ -x "$kcm_dir/kube-controller-manager" ]] || build_k8s "$version" "$kcm_dir" kube-controller-manager
+      fi
+    fi
+    emit "$KUBEBUILDER_ASSETS" "$kcm_dir"
     exit 0
   fi
   log "KUBEBUILDER_ASSETS=$KUBEBUILDER_ASSETS does not hold kube-apiserver, etcd and kubectl; using the cache instead"
 fi
 
 stamp="$dest/.complete"
-want_stamp="k8s=$K8S_VERSION etcd=$ETCD_VERSION helm=$HELM_VERSION"
-if [[ -f "$stamp" && "$(cat "$stamp")" == "$want_stamp" ]] && has_core "$dest" && [[ -x "$dest/helm" ]]; then
-  printf '%s\n' "$dest"
+want_stamp="k8s=$K8S_VERSION (${K8S_BINARIES[*]}) etcd=$ETCD_VERSION helm=$HELM_VERSION"
+complete() {
+  [[ -f "$stamp" && "$(cat "$stamp")" == "$want_stamp" ]] && has_core "$dest" \
+    && [[ -x "$dest/kube-controller-manager" && -x "$dest/helm" ]]
+}
+if complete; then
+  emit "$dest" "$dest"
   exit 0
 fi
 
 need_go
+lock
+if complete; then # another process finished the build while we waited
+  emit "$dest" "$dest"
+  exit 0
+fi
 mkdir -p "$dest"
-work="$cache_root/.build-$K8S_VERSION"
-mkdir -p "$work/k8s" "$work/etcd"
 started=$SECONDS
 
-# 2. kube-apiserver and kubectl from k8s.io/kubernetes with generated staging replaces.
-if [[ ! -x "$dest/kube-apiserver" || ! -x "$dest/kubectl" ]]; then
-  log "resolving k8s.io/kubernetes@v$K8S_VERSION"
-  gomod="$(cd "$work/k8s" && go mod download -json "k8s.io/kubernetes@v$K8S_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')"
-  [[ -f "$gomod" ]] || die "could not download k8s.io/kubernetes@v$K8S_VERSION from the Go module proxy"
-  staging_version="v0.${K8S_VERSION#1.}"
-  {
-    echo "module scim-token-operator/envtest-k8s"
-    echo
-    echo "go $(go env GOVERSION | sed 's/^go//; s/^\([0-9]*\.[0-9]*\).*/\1/')"
-    echo
-    echo "require k8s.io/kubernetes v$K8S_VERSION"
-    echo
-    echo "replace ("
-    # Every `k8s.io/X => ./staging/src/k8s.io/X` becomes `k8s.io/X => k8s.io/X v0.M.P`.
-    sed -n 's#^[[:space:]]*\(k8s\.io/[^[:space:]]*\)[[:space:]]*=>[[:space:]]*\./staging/.*#\t\1 => \1 '"$staging_version"'#p' "$gomod"
-    echo ")"
-  } > "$work/k8s/go.mod"
-  grep -q "=> k8s.io/api $staging_version" "$work/k8s/go.mod" || die "no staging replaces found in $gomod"
-  (
-    cd "$work/k8s"
-    log "resolving kube-apiserver and kubectl dependencies"
-    go get -tool "k8s.io/kubernetes/cmd/kube-apiserver@v$K8S_VERSION" "k8s.io/kubernetes/cmd/kubectl@v$K8S_VERSION" >&2
-    minor="${K8S_VERSION#1.}"; minor="${minor%%.*}"
-    ld="-s -w"
-    for pkg in k8s.io/client-go/pkg/version k8s.io/component-base/version; do
-      ld+=" -X $pkg.gitVersion=v$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
-      ld+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
-    done
-    log "building kube-apiserver (several minutes on a cold cache)"
-    go build -trimpath -ldflags "$ld" -o "$dest/kube-apiserver.tmp" k8s.io/kubernetes/cmd/kube-apiserver >&2
-    log "building kubectl"
-    go build -trimpath -ldflags "$ld" -o "$dest/kubectl.tmp" k8s.io/kubernetes/cmd/kubectl >&2
-  ) || die "building kube-apiserver/kubectl failed (see above); set KUBEBUILDER_ASSETS to skip the build"
-  mv "$dest/kube-apiserver.tmp" "$dest/kube-apiserver"
-  mv "$dest/kubectl.tmp" "$dest/kubectl"
+# 2. kube-apiserver, kubectl and kube-controller-manager from k8s.io/kubernetes with generated
+#    staging replaces; only the missing ones are built.
+missing=()
+for bin in "${K8S_BINARIES[@]}"; do
+  [[ -x "$dest/$bin" ]] || missing+=("$bin")
+done
+if ((${#missing[@]})); then
+  build_k8s "$K8S_VERSION" "$dest" "${missing[@]}"
 fi
 
 # 3. etcd in its own module, so its version selection cannot move kube-apiserver's dependencies.
 if [[ ! -x "$dest/etcd" ]]; then
+  work="$cache_root/.build-$K8S_VERSION/etcd"
+  mkdir -p "$work"
   (
-    cd "$work/etcd"
+    cd "$work"
     cat > go.mod <<GOMOD
 module scim-token-operator/envtest-etcd
 
@@ -142,7 +236,9 @@ fi
 [[ -x "$dest/helm" ]] || build_helm "$dest"
 
 "$dest/kube-apiserver" --version >&2
-"$dest/etcd" --version | head -1 >&2
+"$dest/kube-controller-manager" --version >&2
+# sed, not head: head exits after one line, and etcd's SIGPIPE would then fail the pipeline (pipefail).
+"$dest/etcd" --version | sed -n 1p >&2
 printf '%s\n' "$want_stamp" > "$stamp"
 log "built in $((SECONDS - started))s into $dest"
-printf '%s\n' "$dest"
+emit "$dest" "$dest"

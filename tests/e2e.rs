@@ -369,6 +369,13 @@ async fn restart_writes_nothing_and_two_replicas_elect_one_leader() {
     let b = env.operator(&[]);
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(b.metrics().contains("scim_token_operator_leader 0"), "b stands by while a leads");
+    // Both are alive and ready: a standby must not be restarted by its probes.
+    for op in [&a, &b] {
+        for path in ["/healthz", "/readyz"] {
+            let response = op.get(path);
+            assert_eq!(response.split_whitespace().nth(1), Some("200"), "{path}: {response}");
+        }
+    }
     let exit = a.terminate().await;
     assert!(exit.success(), "graceful shutdown on SIGTERM: {exit:?}");
     // b takes over (the lease is released on shutdown) and reconciles everything: no writes.

@@ -205,9 +205,15 @@ impl Operator {
 
     /// GET /metrics over plain HTTP/1.0 (no client dependency needed for one request).
     pub fn metrics(&self) -> String {
+        self.get("/metrics")
+    }
+
+    /// GET `path` on the operator's HTTP endpoint; returns the raw response (status line, headers, body).
+    pub fn get(&self, path: &str) -> String {
         use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).expect("connect to /metrics");
-        stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+        let mut stream =
+            std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).expect("connect to the operator's endpoint");
+        stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes()).unwrap();
         let mut body = String::new();
         stream.read_to_string(&mut body).unwrap();
         body
@@ -218,5 +224,31 @@ impl Drop for Operator {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Operator {
+    /// Starts the operator binary with an explicit kubeconfig, arguments (e.g. a Deployment's container
+    /// args) and environment (e.g. its env with the downward-API values filled in), appending its output
+    /// to `log`. `--metrics-addr 127.0.0.1:<free port>` is added after `args`.
+    pub fn start_with_kubeconfig(
+        kubeconfig: &Path,
+        args: &[String],
+        envs: &[(String, String)],
+        log: &Path,
+    ) -> Operator {
+        let log = OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let metrics_port = free_port();
+        let child = Command::new(BIN)
+            .args(args)
+            .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+            .env("KUBECONFIG", kubeconfig)
+            .env("RUST_LOG", "debug,kube=info,hyper=info,tower=info,rustls=info,h2=info")
+            .envs(envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start the operator");
+        Operator { child, metrics_port }
     }
 }
