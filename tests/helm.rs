@@ -1,0 +1,566 @@
+//! The Helm chart on the real control plane: lint, schema refusals, server-side dry-run of the rendered
+//! manifests, install/upgrade/uninstall, and the operator binary running with exactly the chart's RBAC
+//! (its client impersonates the chart's ServiceAccount) through the core flow, refused where it must be.
+//!
+//! Pods never run here (no kubelet): the Deployment is checked as an object, and the operator binary
+//! runs on the host with the Deployment's own args and environment.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use envtest::ControlPlane;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{ClusterRole, Role};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use scim_token_operator::api::ScimDirectory;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use support::{Env, Operator, logs_dir, sha256, wait_for};
+
+const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/scim-token-operator");
+const BASIC: &str = include_str!("../examples/basic.yaml");
+
+/// Runs `cmd` with `stdin`; returns (success, stdout, stderr).
+fn run(mut cmd: Command, stdin: Option<&str>) -> (bool, String, String) {
+    let mut child = cmd
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    if let Some(input) = stdin {
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn helm(cp: &ControlPlane, args: &[&str]) -> (bool, String, String) {
+    let mut cmd = cp.helm();
+    cmd.args(args);
+    run(cmd, None)
+}
+
+/// Every object of a multi-document YAML stream.
+fn parse_docs(yaml: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(yaml)
+        .map(|doc| Value::deserialize(doc).expect("valid YAML"))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// `helm template` of the chart, parsed; panics with helm's message on failure.
+fn render(cp: &ControlPlane, release: &str, namespace: &str, sets: &[&str]) -> Vec<Value> {
+    let mut args = vec!["template", release, CHART, "--namespace", namespace];
+    for set in sets {
+        args.extend(["--set", set]);
+    }
+    let (ok, out, err) = helm(cp, &args);
+    assert!(ok, "helm template {sets:?} failed: {err}");
+    parse_docs(&out)
+}
+
+fn find<'a>(objects: &'a [Value], kind: &str) -> &'a Value {
+    let mut matching = objects.iter().filter(|o| o["kind"] == kind);
+    let found = matching.next().unwrap_or_else(|| panic!("no {kind} rendered"));
+    assert!(matching.next().is_none(), "more than one {kind} rendered");
+    found
+}
+
+fn kinds(objects: &[Value]) -> BTreeSet<String> {
+    objects.iter().map(|o| o["kind"].as_str().unwrap().to_string()).collect()
+}
+
+/// The rules of a rendered Role or ClusterRole as (apiGroup/resource, sorted verbs, resourceNames).
+fn rules(role: &Value) -> BTreeSet<String> {
+    role["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|rule| {
+            let groups: Vec<String> = serde_json::from_value(rule["apiGroups"].clone()).unwrap();
+            let resources: Vec<String> = serde_json::from_value(rule["resources"].clone()).unwrap();
+            let mut verbs: Vec<String> = serde_json::from_value(rule["verbs"].clone()).unwrap();
+            verbs.sort();
+            let names = rule.get("resourceNames").map(|n| format!(" names={n}")).unwrap_or_default();
+            groups.into_iter().flat_map(move |g| {
+                let (verbs, names) = (verbs.clone(), names.clone());
+                resources.clone().into_iter().map(move |r| format!("{g}/{r}: {}{names}", verbs.join(",")))
+            })
+        })
+        .collect()
+}
+
+/// What the operator calls (src/controller.rs, src/cli.rs) and nothing more: a change here is a change
+/// to the operator's privileges and must be deliberate.
+const OPERATOR_RULES: [&str; 5] = [
+    "scim.tokenops.dev/scimdirectories: list,watch",
+    "scim.tokenops.dev/scimdirectories/status: patch",
+    "scim.tokenops.dev/scimdirectories/finalizers: update",
+    "/secrets: create,get,list,patch,watch",
+    "events.k8s.io/events: create,patch",
+];
+
+#[tokio::test]
+async fn lint_is_clean_and_the_values_table_is_fresh() {
+    let cp = ControlPlane::shared();
+    for sets in [
+        vec![],
+        vec![
+            "watchNamespaces={team}",
+            "replicas=2",
+            "serviceMonitor.enabled=true",
+            "prometheusRule.enabled=true",
+            "image.digest=sha256:0000000000000000000000000000000000000000000000000000000000000000",
+        ],
+    ] {
+        let mut args = vec!["lint", "--strict", CHART];
+        for set in &sets {
+            args.extend(["--set", set]);
+        }
+        let (ok, out, err) = helm(cp, &args);
+        assert!(ok, "helm lint --strict {sets:?}:\n{out}{err}");
+        assert!(out.contains("0 chart(s) failed") && !out.contains("[WARNING]"), "{out}");
+    }
+    let mut cmd = Command::new("bash");
+    cmd.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/hack/helm-docs.sh")).arg("--check");
+    let (ok, out, err) = run(cmd, None);
+    assert!(ok, "docs/helm.md's values table is stale; run hack/helm-docs.sh\n{out}{err}");
+}
+
+#[tokio::test]
+async fn bad_values_fail_with_a_message_naming_them() {
+    let cp = ControlPlane::shared();
+    for (set, expected) in [
+        ("replicaCount=2", "replicaCount"),
+        ("serviceAccount.nmae=x", "nmae"),
+        ("logFormat=xml", "logFormat"),
+        ("replicas=-1", "replicas"),
+        ("reconcileConcurrency=0", "reconcileConcurrency"),
+        ("watchNamespaces={a,b}", "watchNamespaces lists 2 namespaces"),
+        ("image.digest=latest", "digest"),
+    ] {
+        let (ok, out, err) = helm(cp, &["template", "bad", CHART, "--set", set]);
+        assert!(!ok, "--set {set} must fail, rendered:\n{out}");
+        assert!(err.contains(expected), "--set {set}: the error names {expected:?}: {err}");
+    }
+}
+
+#[tokio::test]
+async fn rendered_manifests_are_accepted_by_the_api_server() {
+    let cp = ControlPlane::shared();
+    let admin = cp.client().await;
+    // The Prometheus Operator's CRDs, reduced to what a server-side dry-run needs.
+    for (plural, kind) in [("servicemonitors", "ServiceMonitor"), ("prometheusrules", "PrometheusRule")] {
+        let crd: CustomResourceDefinition = serde_json::from_value(json!({
+            "metadata": { "name": format!("{plural}.monitoring.coreos.com") },
+            "spec": {
+                "group": "monitoring.coreos.com",
+                "names": { "plural": plural, "kind": kind },
+                "scope": "Namespaced",
+                "versions": [{ "name": "v1", "served": true, "storage": true,
+                    "schema": { "openAPIV3Schema": { "type": "object", "x-kubernetes-preserve-unknown-fields": true } } }]
+            }
+        }))
+        .unwrap();
+        cp.install_crd(&crd).await.unwrap();
+    }
+    let ns = cp.create_namespace("render").await.unwrap();
+    let team = cp.create_namespace("render-team").await.unwrap();
+
+    // All namespaces, one replica: cluster-wide RBAC, no PodDisruptionBudget.
+    let objects = render(cp, "all", &ns, &[]);
+    assert_eq!(
+        kinds(&objects),
+        ["ClusterRole", "ClusterRoleBinding", "Deployment", "Role", "RoleBinding", "Service", "ServiceAccount"]
+            .map(String::from)
+            .into(),
+    );
+    let cluster_role = find(&objects, "ClusterRole");
+    assert_eq!(rules(cluster_role), OPERATOR_RULES.map(String::from).into());
+    let lease_role = find(&objects, "Role");
+    assert_eq!(lease_role["metadata"]["namespace"], ns.as_str(), "the Lease Role is in the release namespace");
+    assert_eq!(
+        rules(lease_role),
+        [
+            "coordination.k8s.io/leases: create".to_string(),
+            "coordination.k8s.io/leases: get,patch names=[\"all-scim-token-operator\"]".to_string()
+        ]
+        .into()
+    );
+    check_deployment(find(&objects, "Deployment"), None);
+    dry_run(cp, &objects);
+
+    // One namespace, two replicas, monitoring: Roles only, a PDB, the monitoring objects.
+    let objects = render(
+        cp,
+        "one",
+        &ns,
+        &[
+            &format!("watchNamespaces={{{team}}}"),
+            "replicas=2",
+            "serviceMonitor.enabled=true",
+            "prometheusRule.enabled=true",
+        ],
+    );
+    assert_eq!(
+        kinds(&objects),
+        [
+            "Deployment",
+            "PodDisruptionBudget",
+            "PrometheusRule",
+            "Role",
+            "RoleBinding",
+            "Service",
+            "ServiceAccount",
+            "ServiceMonitor"
+        ]
+        .map(String::from)
+        .into(),
+        "no cluster-wide RBAC when watchNamespaces is set"
+    );
+    let roles: Vec<&Value> = objects.iter().filter(|o| o["kind"] == "Role").collect();
+    let operator_role =
+        roles.iter().find(|r| r["metadata"]["namespace"] == team.as_str()).expect("a Role in the watched namespace");
+    assert_eq!(rules(operator_role), OPERATOR_RULES.map(String::from).into());
+    let binding = objects
+        .iter()
+        .find(|o| o["kind"] == "RoleBinding" && o["metadata"]["namespace"] == team.as_str())
+        .expect("a RoleBinding in the watched namespace");
+    assert_eq!(
+        binding["subjects"][0]["namespace"],
+        ns.as_str(),
+        "bound to the ServiceAccount of the release namespace"
+    );
+    let deployment = find(&objects, "Deployment");
+    check_deployment(deployment, Some(&team));
+    assert_eq!(deployment["spec"]["replicas"], 2);
+    let pdb = find(&objects, "PodDisruptionBudget");
+    assert_eq!(pdb["spec"]["selector"], deployment["spec"]["selector"]);
+    let alerts = serde_json::to_string(find(&objects, "PrometheusRule")).unwrap();
+    for alert in ["ScimTokenExpiringSoon", "ScimTokenExpired", "ScimTokenOperatorReconcileErrors"] {
+        assert!(alerts.contains(alert), "PrometheusRule has {alert}");
+    }
+    for metric in ["scim_token_operator_token_expiry_timestamp_seconds", "scim_token_operator_reconcile_errors_total"] {
+        assert!(alerts.contains(metric), "the alerts use the operator's metric {metric}");
+    }
+    dry_run(cp, &objects);
+
+    // The dry-run created nothing.
+    let deployments: Api<Deployment> = Api::namespaced(admin.clone(), &ns);
+    assert!(deployments.list(&ListParams::default()).await.unwrap().items.is_empty());
+}
+
+/// The pod-level guarantees of the issue: hardened, probed, bounded, spread.
+fn check_deployment(deployment: &Value, watch_namespace: Option<&str>) {
+    let pod = &deployment["spec"]["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(pod["securityContext"]["seccompProfile"]["type"], "RuntimeDefault");
+    let container = &pod["containers"][0];
+    let security = &container["securityContext"];
+    assert_eq!(security["readOnlyRootFilesystem"], true);
+    assert_eq!(security["allowPrivilegeEscalation"], false);
+    assert_eq!(security["capabilities"]["drop"], json!(["ALL"]));
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert!(
+        container["resources"]["requests"]["memory"].is_string()
+            && container["resources"]["limits"]["memory"].is_string()
+    );
+    let spread = &pod["topologySpreadConstraints"][0];
+    assert_eq!(spread["labelSelector"]["matchLabels"], deployment["spec"]["selector"]["matchLabels"]);
+    let env = container_env(deployment, "pod", "ns");
+    let watch = env.iter().find(|(k, _)| k == "WATCH_NAMESPACE").map(|(_, v)| v.as_str());
+    assert_eq!(watch, watch_namespace);
+}
+
+/// `kubectl apply --dry-run=server` of rendered objects: schema, admission and RBAC escalation checks.
+fn dry_run(cp: &ControlPlane, objects: &[Value]) {
+    let manifest = objects.iter().map(|o| serde_yaml::to_string(o).unwrap()).collect::<Vec<_>>().join("---\n");
+    let mut cmd = cp.kubectl();
+    cmd.args(["apply", "--dry-run=server", "-f", "-"]);
+    let (ok, out, err) = run(cmd, Some(&manifest));
+    assert!(ok, "server-side dry-run refused the chart:\n{err}\n{out}");
+    assert_eq!(out.lines().filter(|l| l.ends_with("(server dry run)")).count(), objects.len(), "{out}");
+}
+
+/// The container's environment as the kubelet would set it for a pod named `pod` in `namespace`.
+fn container_env(deployment: &Value, pod: &str, namespace: &str) -> Vec<(String, String)> {
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    container["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let name = e["name"].as_str().unwrap().to_string();
+            let value = match (e["value"].as_str(), e["valueFrom"]["fieldRef"]["fieldPath"].as_str()) {
+                (Some(v), _) => v.to_string(),
+                (None, Some("metadata.name")) => pod.to_string(),
+                (None, Some("metadata.namespace")) => namespace.to_string(),
+                other => panic!("unexpected env source for {name}: {other:?}"),
+            };
+            (name, value)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn install_upgrade_uninstall() {
+    let cp = ControlPlane::shared();
+    let admin = cp.client().await;
+    let ns = cp.create_namespace("lifecycle").await.unwrap();
+    let name = "lifecycle-scim-token-operator";
+
+    let (ok, out, err) = helm(cp, &["install", "lifecycle", CHART, "--namespace", &ns]);
+    assert!(ok, "helm install: {err}{out}");
+    assert!(out.contains("STATUS: deployed"), "{out}");
+    let deployments: Api<Deployment> = Api::namespaced(admin.clone(), &ns);
+    assert_eq!(deployments.get(name).await.unwrap().spec.unwrap().replicas, Some(1));
+    let cluster_roles: Api<ClusterRole> = Api::all(admin.clone());
+    assert!(cluster_roles.get_opt(name).await.unwrap().is_some());
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(admin.clone(), &ns);
+    assert!(pdbs.get_opt(name).await.unwrap().is_none(), "no PDB with one replica");
+
+    let (ok, out, err) =
+        helm(cp, &["upgrade", "lifecycle", CHART, "--namespace", &ns, "--reuse-values", "--set", "replicas=2"]);
+    assert!(ok, "helm upgrade: {err}{out}");
+    assert!(out.contains("REVISION: 2"), "{out}");
+    assert_eq!(deployments.get(name).await.unwrap().spec.unwrap().replicas, Some(2));
+    assert!(pdbs.get_opt(name).await.unwrap().is_some(), "a PDB with two replicas");
+
+    // A typo in an upgrade changes nothing.
+    let (ok, _, err) =
+        helm(cp, &["upgrade", "lifecycle", CHART, "--namespace", &ns, "--reuse-values", "--set", "replica=3"]);
+    assert!(!ok && err.contains("replica"), "{err}");
+    assert_eq!(deployments.get(name).await.unwrap().spec.unwrap().replicas, Some(2));
+
+    let (ok, out, err) = helm(cp, &["uninstall", "lifecycle", "--namespace", &ns]);
+    assert!(ok, "helm uninstall: {err}{out}");
+    assert!(deployments.get_opt(name).await.unwrap().is_none());
+    assert!(cluster_roles.get_opt(name).await.unwrap().is_none());
+    assert!(pdbs.get_opt(name).await.unwrap().is_none());
+    // Helm never deletes a CRD: every directory and token Secret survives an uninstall.
+    let crds: Api<CustomResourceDefinition> = Api::all(admin);
+    assert!(crds.get_opt("scimdirectories.scim.tokenops.dev").await.unwrap().is_some());
+}
+
+/// A kubeconfig whose user is the admin impersonating `user` in `groups`, as the pod's token would be.
+fn impersonating_kubeconfig(cp: &ControlPlane, user: &str, groups: &[&str], path: &Path) {
+    let mut config: Value = serde_yaml::from_str(&std::fs::read_to_string(cp.kubeconfig_path()).unwrap()).unwrap();
+    for entry in config["users"].as_array_mut().unwrap() {
+        entry["user"]["as"] = json!(user);
+        entry["user"]["as-groups"] = json!(groups);
+    }
+    std::fs::write(path, serde_yaml::to_string(&config).unwrap()).unwrap();
+}
+
+/// Starts the operator as the chart's Deployment would run it, from the installed release's manifest.
+fn start_as_deployed(cp: &ControlPlane, release: &str, ns: &str, kubeconfig: &Path, log: &Path) -> (Operator, String) {
+    let (ok, manifest, err) = helm(cp, &["get", "manifest", release, "--namespace", ns]);
+    assert!(ok, "{err}");
+    let objects = parse_docs(&manifest);
+    let deployment = find(&objects, "Deployment");
+    let pod = format!("{release}-scim-token-operator-7d9f8b6c5-x2x4z");
+    let args: Vec<String> =
+        serde_json::from_value(deployment["spec"]["template"]["spec"]["containers"][0]["args"].clone()).unwrap();
+    let env = container_env(deployment, &pod, ns);
+    (Operator::start_with_kubeconfig(kubeconfig, &args, &env, log), pod)
+}
+
+fn forbidden<T: std::fmt::Debug>(result: kube::Result<T>, what: &str) {
+    match result {
+        Err(kube::Error::Api(status)) if status.code == 403 => {}
+        other => panic!("{what} must be forbidden, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn operator_works_with_exactly_the_charts_rbac() {
+    let cp = ControlPlane::shared();
+    let admin = cp.client().await;
+    let release_ns = cp.create_namespace("rbac-op").await.unwrap();
+    let team_ns = cp.create_namespace("rbac-team").await.unwrap();
+    let other_ns = cp.create_namespace("rbac-other").await.unwrap();
+    let release = "tokens";
+    let fullname = "tokens-scim-token-operator";
+
+    let (ok, out, err) =
+        helm(cp, &["install", release, CHART, "-n", &release_ns, "--set", &format!("watchNamespaces={{{team_ns}}}")]);
+    assert!(ok, "helm install: {err}{out}");
+
+    let user = format!("system:serviceaccount:{release_ns}:{fullname}");
+    let sa_group = format!("system:serviceaccounts:{release_ns}");
+    let groups = ["system:serviceaccounts", sa_group.as_str(), "system:authenticated"];
+    let kubeconfig = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{release_ns}.kubeconfig"));
+    impersonating_kubeconfig(cp, &user, &groups, &kubeconfig);
+    let as_operator = cp.impersonating_client(&user, &groups).await;
+
+    let team = Env { cp, client: admin.clone(), ns: team_ns.clone(), log: logs_dir().join(format!("{team_ns}.log")) };
+    let (mut op, pod) = start_as_deployed(cp, release, &release_ns, &kubeconfig, &team.log);
+
+    // Issue.
+    let (ok, _, err) = team.apply(BASIC);
+    assert!(ok, "{err}");
+    let d = team.wait_ready_reason("acme", "TokenIssued").await;
+    let token = team.token("acme-scim-token").await.expect("a token");
+    assert_eq!(d.status.as_ref().unwrap().token_hash.as_deref(), Some(sha256(&token).as_str()));
+
+    // Rotate, declaratively and imperatively.
+    team.dirs()
+        .patch("acme", &PatchParams::default(), &Patch::Merge(json!({ "spec": { "rotationGeneration": 1 } })))
+        .await
+        .unwrap();
+    team.wait_ready_reason("acme", "TokenRotated").await;
+    let rotated = team.token("acme-scim-token").await.unwrap();
+    assert_ne!(rotated, token);
+    let (ok, _, err) = team.kubectl(&["annotate", "--overwrite", "scimdir", "acme", "scim.tokenops.dev/rotate=now"]);
+    assert!(ok, "{err}");
+    wait_for("the requested rotation", Duration::from_secs(60), || async {
+        let d = team.dirs().get("acme").await.unwrap();
+        (d.status?.last_rotation_request.as_deref() == Some("now")).then_some(())
+    })
+    .await;
+    let requested = team.token("acme-scim-token").await.unwrap();
+    assert_ne!(requested, rotated);
+
+    // Conflict: a Secret the operator does not own is never touched.
+    let foreign: Secret =
+        serde_json::from_value(json!({ "metadata": { "name": "taken" }, "stringData": { "token": "theirs" } }))
+            .unwrap();
+    let foreign = team.secrets().create(&PostParams::default(), &foreign).await.unwrap();
+    let (ok, _, err) = team.apply(
+        "apiVersion: scim.tokenops.dev/v1alpha1\nkind: ScimDirectory\nmetadata:\n  name: thief\nspec:\n  secretName: taken\n",
+    );
+    assert!(ok, "{err}");
+    team.wait_ready_reason("thief", "SecretConflict").await;
+    let after = team.secrets().get("taken").await.unwrap();
+    assert_eq!(after.metadata.resource_version, foreign.metadata.resource_version, "the foreign Secret is untouched");
+
+    // Events: the Warning, once (retries with backoff publish nothing new).
+    let warning = wait_for("a SecretConflict Warning event", Duration::from_secs(30), || async {
+        team.events_for("thief")
+            .await
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("SecretConflict") && e.type_.as_deref() == Some("Warning"))
+    })
+    .await;
+    // kube's Recorder folds a repeat into a series with a merge patch of the Event; this operator's
+    // object references carry a resourceVersion, so repeats are rare, but the chart must allow it:
+    // the same patch, made with the operator's identity.
+    let operator_events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(as_operator.clone(), &team_ns);
+    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(k8s_openapi::jiff::Timestamp::now());
+    operator_events
+        .patch(
+            warning.metadata.name.as_deref().unwrap(),
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "series": { "count": 2, "lastObservedTime": now } })),
+        )
+        .await
+        .expect("the operator may patch its Events into a series");
+    assert!(team.events_for("acme").await.len() >= 3, "an Event for the issue and each rotation");
+
+    // The Lease in the release namespace, held by this "pod".
+    let leases: Api<Lease> = Api::namespaced(admin.clone(), &release_ns);
+    let lease = leases.get(fullname).await.expect("the leader-election Lease");
+    assert_eq!(lease.spec.unwrap().holder_identity.as_deref(), Some(pod.as_str()));
+
+    // Scope: a directory outside the watched namespace is never reconciled.
+    let others: Api<ScimDirectory> = Api::namespaced(admin.clone(), &other_ns);
+    let outsider: ScimDirectory = serde_yaml::from_str(BASIC).unwrap();
+    others.create(&PostParams::default(), &outsider).await.unwrap();
+
+    // Refusals: with these credentials nothing outside the rules is possible.
+    let secrets_elsewhere: Api<Secret> = Api::namespaced(as_operator.clone(), &other_ns);
+    forbidden(secrets_elsewhere.list(&ListParams::default()).await, "listing Secrets in another namespace");
+    forbidden(secrets_elsewhere.get("acme-scim-token").await, "reading a Secret in another namespace");
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta { name: Some("planted".into()), ..Default::default() },
+        ..Default::default()
+    };
+    forbidden(
+        secrets_elsewhere.create(&PostParams::default(), &secret).await,
+        "creating a Secret in another namespace",
+    );
+    forbidden(
+        Api::<Secret>::all(as_operator.clone()).list(&ListParams::default()).await,
+        "listing Secrets cluster-wide",
+    );
+    let team_secrets: Api<Secret> = Api::namespaced(as_operator.clone(), &team_ns);
+    forbidden(team_secrets.delete("taken", &DeleteParams::default()).await, "deleting a Secret");
+    let mut replaced = team_secrets.get("taken").await.unwrap();
+    replaced.string_data = Some([("token".to_string(), "mine".to_string())].into());
+    forbidden(team_secrets.replace("taken", &PostParams::default(), &replaced).await, "updating a Secret");
+    let team_dirs: Api<ScimDirectory> = Api::namespaced(as_operator.clone(), &team_ns);
+    forbidden(
+        team_dirs
+            .patch("acme", &PatchParams::default(), &Patch::Merge(json!({ "spec": { "rotationGeneration": 9 } })))
+            .await,
+        "changing a directory's spec",
+    );
+    forbidden(team_dirs.delete("acme", &DeleteParams::default()).await, "deleting a directory");
+    let config_maps: Api<ConfigMap> = Api::namespaced(as_operator.clone(), &team_ns);
+    forbidden(config_maps.list(&ListParams::default()).await, "listing ConfigMaps");
+    forbidden(
+        Api::<Lease>::namespaced(as_operator.clone(), &release_ns).get("kube-scheduler").await,
+        "reading another Lease",
+    );
+    forbidden(Api::<Lease>::namespaced(as_operator.clone(), &team_ns).get(fullname).await, "reading a Lease elsewhere");
+    forbidden(
+        Api::<Role>::namespaced(as_operator.clone(), &team_ns).list(&ListParams::default()).await,
+        "reading RBAC",
+    );
+
+    assert!(others.get("acme").await.unwrap().status.is_none(), "the outsider was never reconciled");
+    let log = std::fs::read_to_string(&team.log).unwrap();
+    assert!(!log.to_lowercase().contains("forbidden"), "the operator was never refused:\n{log}");
+
+    // Cluster-wide: upgrade to watch every namespace and restart as the new Deployment would.
+    let (team_rv, secret_rv) = (
+        team.dirs().get("acme").await.unwrap().metadata.resource_version,
+        team.secrets().get("acme-scim-token").await.unwrap().metadata.resource_version,
+    );
+    assert!(op.terminate().await.success(), "graceful shutdown");
+    let (ok, out, err) = helm(cp, &["upgrade", release, CHART, "-n", &release_ns, "--reset-values"]);
+    assert!(ok, "helm upgrade: {err}{out}");
+    let roles: Api<Role> = Api::namespaced(admin.clone(), &team_ns);
+    assert!(roles.get_opt(fullname).await.unwrap().is_none(), "the namespaced Role is gone");
+    let (_op, _) = start_as_deployed(cp, release, &release_ns, &kubeconfig, &team.log);
+    let other = Env { cp, client: admin.clone(), ns: other_ns.clone(), log: team.log.clone() };
+    other.wait_ready_reason("acme", "TokenIssued").await;
+    other.token("acme-scim-token").await.expect("the outsider's token");
+    // The restarted operator re-derived everything from the cluster and wrote nothing for the team.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(team.dirs().get("acme").await.unwrap().metadata.resource_version, team_rv);
+    assert_eq!(team.secrets().get("acme-scim-token").await.unwrap().metadata.resource_version, secret_rv);
+    forbidden(
+        Api::<Secret>::namespaced(as_operator.clone(), &other_ns)
+            .delete("acme-scim-token", &DeleteParams::default())
+            .await,
+        "deleting a Secret, cluster-wide too",
+    );
+    forbidden(
+        Api::<ConfigMap>::all(as_operator.clone()).list(&ListParams::default()).await,
+        "listing ConfigMaps cluster-wide",
+    );
+
+    let log = std::fs::read_to_string(&team.log).unwrap();
+    assert!(!log.to_lowercase().contains("forbidden"), "the operator was never refused:\n{log}");
+    team.assert_log_clean().await;
+    other.assert_log_clean().await;
+
+    let (ok, _, err) = helm(cp, &["uninstall", release, "-n", &release_ns]);
+    assert!(ok, "{err}");
+}
