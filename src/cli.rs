@@ -67,7 +67,15 @@ pub struct RunArgs {
 }
 
 pub fn crd_yaml() -> String {
-    serde_yaml::to_string(&ScimDirectory::crd()).expect("the CRD serializes")
+    let mut crd = ScimDirectory::crd();
+    // Deleting the CRD deletes every ScimDirectory and, through the ownerReferences, every token
+    // Secret. Helm never deletes CRDs from a chart's crds/, but Argo CD renders them into the
+    // Application and would delete them with it (cascading delete, prune): tell it not to.
+    crd.metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert("argocd.argoproj.io/sync-options".into(), "Delete=false".into());
+    serde_yaml::to_string(&crd).expect("the CRD serializes")
 }
 
 pub async fn main() -> anyhow::Result<()> {

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
@@ -83,6 +83,15 @@ pub struct Context {
     failures: Mutex<HashMap<ObjectRef<ScimDirectory>, u32>>,
 }
 
+impl Context {
+    /// Drops what is kept per directory (its expiry series, its backoff state) once it is deleted.
+    fn forget(&self, dir: &ScimDirectory) {
+        let labels = DirectoryLabels { namespace: dir.namespace().unwrap_or_default(), name: dir.name_any() };
+        self.metrics.token_expiry.remove(&labels);
+        self.failures.lock().expect("poisoned").remove(&ObjectRef::from(dir));
+    }
+}
+
 /// What re-triggers a directory: spec changes (generation) and rotation requests (an annotation, which
 /// does not bump the generation). Status writes, including our own, change neither.
 fn directory_trigger(dir: &ScimDirectory) -> Option<u64> {
@@ -109,13 +118,6 @@ pub async fn run(
     };
 
     let (dir_reader, dir_writer) = reflector::store();
-    let directory_stream = watcher(dirs, watcher::Config::default().any_semantic())
-        .default_backoff()
-        .reflect(dir_writer)
-        .applied_objects()
-        .predicate_filter(directory_trigger, Default::default());
-
-    // Only Secrets carrying our label are watched and cached, never every Secret of the cluster.
     let (secret_reader, secret_writer) = reflector::store();
     let secret_stream =
         watcher(secrets_api, watcher::Config::default().labels(secret::MANAGED_SELECTOR).any_semantic())
@@ -136,6 +138,23 @@ pub async fn run(
         secrets_synced,
         failures: Mutex::default(),
     });
+
+    let forget = ctx.clone();
+    let directory_stream = watcher(dirs, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .modify(strip_directory_noise)
+        .reflect(dir_writer)
+        // A deleted directory gets no reconcile to clean up after it: drop its expiry series and
+        // backoff state here, so neither outlives it.
+        .inspect_ok(move |event| {
+            if let watcher::Event::Delete(dir) = event {
+                forget.forget(dir);
+            }
+        })
+        .applied_objects()
+        .predicate_filter(directory_trigger, Default::default());
+
+    // Only Secrets carrying our label are watched and cached, never every Secret of the cluster.
 
     {
         let (d, s) = (dir_reader.clone(), secret_reader.clone());
@@ -165,6 +184,15 @@ pub async fn run(
 /// Drops managedFields from cached Secrets: they are never read and cost memory at scale.
 fn strip_secret_noise(s: &mut Secret) {
     s.metadata.managed_fields = None;
+}
+
+/// The cache keeps what decisions read: managedFields and kubectl's last-applied copy of the whole
+/// object are never read, and at 10,000 directories they are a good part of the memory.
+fn strip_directory_noise(d: &mut ScimDirectory) {
+    d.metadata.managed_fields = None;
+    if let Some(annotations) = d.metadata.annotations.as_mut() {
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
 }
 
 pub async fn reconcile(dir: Arc<ScimDirectory>, ctx: Arc<Context>) -> Result<Action> {

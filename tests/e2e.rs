@@ -247,7 +247,7 @@ async fn repairs_and_conflicts() {
 #[tokio::test]
 async fn expiry_is_reported_at_the_instant_it_happens() {
     let env = Env::new("expiry").await;
-    let _op = env.operator(&[]);
+    let op = env.operator(&[]);
     let (ok, _, err) = env.apply(&example("with-expiry.yaml"));
     assert!(ok, "{err}");
     let d = env.wait_ready_reason("globex", "TokenIssued").await;
@@ -301,6 +301,17 @@ async fn expiry_is_reported_at_the_instant_it_happens() {
     let now = k8s_openapi::jiff::Timestamp::now().as_second();
     assert!(now >= soon.as_second(), "not reported before the expiry");
     assert_eq!(env.token("globex-scim-token").await.unwrap(), rotated, "an expired token is not replaced silently");
+
+    // The expiry gauge follows the directory: exported while it exists, gone once it is deleted (an
+    // alert on a deleted directory's expired token would never resolve).
+    let series =
+        format!("scim_token_operator_token_expiry_timestamp_seconds{{namespace=\"{}\",name=\"globex\"}}", env.ns);
+    assert!(op.metrics().contains(&series), "{series} is exported");
+    env.dirs().delete("globex", &Default::default()).await.unwrap();
+    wait_for("the expiry series of the deleted directory to go", Duration::from_secs(30), || async {
+        (!op.metrics().contains(&series)).then_some(())
+    })
+    .await;
     env.assert_log_clean().await;
 }
 
