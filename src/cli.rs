@@ -39,9 +39,10 @@ pub enum Command {
 
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
-    /// Only watch this namespace (default: all namespaces).
-    #[arg(long, env = "WATCH_NAMESPACE")]
-    pub namespace: Option<String>,
+    /// Only watch these namespaces, comma-separated or repeated (default: all namespaces). Each gets
+    /// its own namespaced watches, so no cluster-wide permission is needed.
+    #[arg(long = "namespace", env = "WATCH_NAMESPACE", value_delimiter = ',', value_parser = namespace_name)]
+    pub namespaces: Vec<String>,
     /// Address of the /metrics, /healthz and /readyz endpoints.
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:8080")]
     pub metrics_addr: SocketAddr,
@@ -64,6 +65,28 @@ pub struct RunArgs {
     /// This replica's identity in the Lease and in Events (default: the pod name, else host name + pid).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+}
+
+/// A namespace name as Kubernetes accepts it (an RFC 1123 label), so a typo in `--namespace` fails at
+/// start-up with a message instead of as a stream of 404s.
+fn namespace_name(value: &str) -> Result<String, String> {
+    let valid = !value.is_empty()
+        && value.len() <= 63
+        && value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !value.starts_with('-')
+        && !value.ends_with('-');
+    if valid {
+        Ok(value.to_string())
+    } else {
+        Err(format!(
+            "{value:?} is not a namespace name (lowercase letters, digits and '-', at most 63, starting and ending alphanumeric)"
+        ))
+    }
+}
+
+fn dedup(namespaces: &[String]) -> Vec<String> {
+    let mut seen = std::collections::BTreeSet::new();
+    namespaces.iter().filter(|n| seen.insert(n.as_str())).cloned().collect()
 }
 
 pub fn crd_yaml() -> String {
@@ -144,7 +167,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
 
     let settings = Settings {
-        namespace: args.namespace.clone(),
+        namespaces: dedup(&args.namespaces),
         concurrency: args.concurrency,
         failpoint: std::env::var(FAILPOINT_ENV).ok().filter(|v| !v.is_empty()),
         instance: identity,
@@ -168,7 +191,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
     metrics.leader.set(1);
-    info!(namespace = ?args.namespace, concurrency = args.concurrency, "starting controller");
+    info!(namespaces = ?args.namespaces, concurrency = args.concurrency, "starting controller");
     controller::run(client, settings, metrics, ready, shutdown).await;
     server.abort();
     // Closing the channel makes the lease manager release the Lease, so a standby takes over at once.
@@ -196,5 +219,34 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn namespaces(args: &[&str]) -> Result<Vec<String>, String> {
+        let cli = Cli::try_parse_from([&["scim-token-operator", "run"], args].concat()).map_err(|e| e.to_string())?;
+        match cli.command {
+            Some(Command::Run(run)) => Ok(dedup(&run.namespaces)),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn namespaces_are_comma_separated_or_repeated() {
+        assert_eq!(namespaces(&[]).unwrap(), Vec::<String>::new());
+        assert_eq!(namespaces(&["--namespace", "team-a"]).unwrap(), ["team-a"]);
+        assert_eq!(namespaces(&["--namespace", "team-a,team-b"]).unwrap(), ["team-a", "team-b"]);
+        assert_eq!(namespaces(&["--namespace", "a", "--namespace", "b", "--namespace", "a"]).unwrap(), ["a", "b"]);
+    }
+
+    #[test]
+    fn bad_namespaces_are_refused_naming_the_value() {
+        for bad in ["Team", "team_a", "-a", "a-", "", "a,,b", &"x".repeat(64)] {
+            let err = namespaces(&[&format!("--namespace={bad}")]).unwrap_err();
+            assert!(err.contains("is not a namespace name"), "{bad:?}: {err}");
+        }
     }
 }

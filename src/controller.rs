@@ -2,10 +2,11 @@
 //! order: the Secret (token + issue record, one request) first, then the status derived from it.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::{StreamExt, TryStreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
@@ -59,8 +60,8 @@ type Result<T, E = Error> = std::result::Result<T, E>;
 /// Settings of the controller runtime.
 #[derive(Clone, Debug)]
 pub struct Settings {
-    /// Restrict to one namespace; `None` watches all namespaces.
-    pub namespace: Option<String>,
+    /// Namespaces to watch; empty watches all namespaces.
+    pub namespaces: Vec<String>,
     /// Maximum number of directories reconciled at once.
     pub concurrency: u16,
     pub failpoint: Option<String>,
@@ -102,15 +103,44 @@ fn directory_trigger(dir: &ScimDirectory) -> Option<u64> {
     Some(h.finish())
 }
 
-/// Runs the controller until `shutdown` resolves.
+/// Runs the controller until `shutdown` resolves: one controller over all namespaces, or one per
+/// watched namespace (each with its own namespaced watches and caches, so the operator needs no
+/// cluster-wide permission on Secrets). `ready` turns true once every cache holds its initial list.
 pub async fn run(
     client: Client,
     settings: Settings,
     metrics: Arc<Metrics>,
-    ready: Arc<std::sync::atomic::AtomicBool>,
+    ready: Arc<AtomicBool>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let (dirs, secrets_api) = match &settings.namespace {
+    let scopes: Vec<Option<&str>> = if settings.namespaces.is_empty() {
+        vec![None]
+    } else {
+        settings.namespaces.iter().map(|n| Some(n.as_str())).collect()
+    };
+    let shutdown = shutdown.shared();
+    let unsynced = Arc::new(AtomicUsize::new(scopes.len()));
+    let on_synced = move || {
+        if unsynced.fetch_sub(1, Ordering::SeqCst) == 1 {
+            ready.store(true, Ordering::SeqCst);
+        }
+    };
+    futures::future::join_all(scopes.into_iter().map(|scope| {
+        run_scope(client.clone(), scope, &settings, metrics.clone(), on_synced.clone(), shutdown.clone())
+    }))
+    .await;
+}
+
+/// One controller over `scope` (a namespace, or `None` for all of them).
+async fn run_scope(
+    client: Client,
+    scope: Option<&str>,
+    settings: &Settings,
+    metrics: Arc<Metrics>,
+    on_synced: impl FnOnce() + Send + 'static,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let (dirs, secrets_api) = match scope {
         Some(ns) => {
             (Api::<ScimDirectory>::namespaced(client.clone(), ns), Api::<Secret>::namespaced(client.clone(), ns))
         }
@@ -119,6 +149,7 @@ pub async fn run(
 
     let (dir_reader, dir_writer) = reflector::store();
     let (secret_reader, secret_writer) = reflector::store();
+    // Only Secrets carrying our label are watched and cached, never every Secret of the cluster.
     let secret_stream =
         watcher(secrets_api, watcher::Config::default().labels(secret::MANAGED_SELECTOR).any_semantic())
             .default_backoff()
@@ -154,15 +185,13 @@ pub async fn run(
         .applied_objects()
         .predicate_filter(directory_trigger, Default::default());
 
-    // Only Secrets carrying our label are watched and cached, never every Secret of the cluster.
-
     {
         let (d, s) = (dir_reader.clone(), secret_reader.clone());
         tokio::spawn(async move {
             if s.wait_until_ready().await.is_ok() {
                 let _ = synced_tx.send(true);
                 if d.wait_until_ready().await.is_ok() {
-                    ready.store(true, std::sync::atomic::Ordering::SeqCst);
+                    on_synced();
                 }
             }
         });

@@ -120,7 +120,7 @@ async fn lint_is_clean_and_the_values_table_is_fresh() {
     for sets in [
         vec![],
         vec![
-            "watchNamespaces={team}",
+            "watchNamespaces={team-a,team-b}",
             "replicas=2",
             "serviceMonitor.enabled=true",
             "prometheusRule.enabled=true",
@@ -150,7 +150,8 @@ async fn bad_values_fail_with_a_message_naming_them() {
         ("logFormat=xml", "logFormat"),
         ("replicas=-1", "replicas"),
         ("reconcileConcurrency=0", "reconcileConcurrency"),
-        ("watchNamespaces={a,b}", "watchNamespaces lists 2 namespaces"),
+        ("watchNamespaces={a,a}", "watchNamespaces"),
+        ("watchNamespaces={Team}", "watchNamespaces"),
         ("image.digest=latest", "digest"),
     ] {
         let (ok, out, err) = helm(cp, &["template", "bad", CHART, "--set", set]);
@@ -180,6 +181,7 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
     }
     let ns = cp.create_namespace("render").await.unwrap();
     let team = cp.create_namespace("render-team").await.unwrap();
+    let team2 = cp.create_namespace("render-team").await.unwrap();
 
     // All namespaces, one replica: cluster-wide RBAC, no PodDisruptionBudget.
     let objects = render(cp, "all", &ns, &[]);
@@ -210,7 +212,7 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
         "one",
         &ns,
         &[
-            &format!("watchNamespaces={{{team}}}"),
+            &format!("watchNamespaces={{{team},{team2}}}"),
             "replicas=2",
             "serviceMonitor.enabled=true",
             "prometheusRule.enabled=true",
@@ -232,21 +234,25 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
         .into(),
         "no cluster-wide RBAC when watchNamespaces is set"
     );
-    let roles: Vec<&Value> = objects.iter().filter(|o| o["kind"] == "Role").collect();
-    let operator_role =
-        roles.iter().find(|r| r["metadata"]["namespace"] == team.as_str()).expect("a Role in the watched namespace");
-    assert_eq!(rules(operator_role), OPERATOR_RULES.map(String::from).into());
-    let binding = objects
-        .iter()
-        .find(|o| o["kind"] == "RoleBinding" && o["metadata"]["namespace"] == team.as_str())
-        .expect("a RoleBinding in the watched namespace");
-    assert_eq!(
-        binding["subjects"][0]["namespace"],
-        ns.as_str(),
-        "bound to the ServiceAccount of the release namespace"
-    );
+    for watched in [&team, &team2] {
+        let role = objects
+            .iter()
+            .find(|o| o["kind"] == "Role" && o["metadata"]["namespace"] == watched.as_str())
+            .unwrap_or_else(|| panic!("a Role in the watched namespace {watched}"));
+        assert_eq!(rules(role), OPERATOR_RULES.map(String::from).into());
+        let binding = objects
+            .iter()
+            .find(|o| o["kind"] == "RoleBinding" && o["metadata"]["namespace"] == watched.as_str())
+            .unwrap_or_else(|| panic!("a RoleBinding in the watched namespace {watched}"));
+        assert_eq!(
+            binding["subjects"][0]["namespace"],
+            ns.as_str(),
+            "bound to the ServiceAccount of the release namespace"
+        );
+    }
+    assert_eq!(objects.iter().filter(|o| o["kind"] == "Role").count(), 3, "two watched namespaces and the Lease");
     let deployment = find(&objects, "Deployment");
-    check_deployment(deployment, Some(&team));
+    check_deployment(deployment, Some(&format!("{team},{team2}")));
     assert_eq!(deployment["spec"]["replicas"], 2);
     let pdb = find(&objects, "PodDisruptionBudget");
     assert_eq!(pdb["spec"]["selector"], deployment["spec"]["selector"]);
@@ -393,12 +399,15 @@ async fn operator_works_with_exactly_the_charts_rbac() {
     let admin = cp.client().await;
     let release_ns = cp.create_namespace("rbac-op").await.unwrap();
     let team_ns = cp.create_namespace("rbac-team").await.unwrap();
+    let team2_ns = cp.create_namespace("rbac-team").await.unwrap();
     let other_ns = cp.create_namespace("rbac-other").await.unwrap();
     let release = "tokens";
     let fullname = "tokens-scim-token-operator";
 
-    let (ok, out, err) =
-        helm(cp, &["install", release, CHART, "-n", &release_ns, "--set", &format!("watchNamespaces={{{team_ns}}}")]);
+    let (ok, out, err) = helm(
+        cp,
+        &["install", release, CHART, "-n", &release_ns, "--set", &format!("watchNamespaces={{{team_ns},{team2_ns}}}")],
+    );
     assert!(ok, "helm install: {err}{out}");
 
     let user = format!("system:serviceaccount:{release_ns}:{fullname}");
@@ -435,6 +444,13 @@ async fn operator_works_with_exactly_the_charts_rbac() {
     .await;
     let requested = team.token("acme-scim-token").await.unwrap();
     assert_ne!(requested, rotated);
+
+    // The second watched namespace is served too.
+    let team2 = Env { cp, client: admin.clone(), ns: team2_ns.clone(), log: team.log.clone() };
+    let (ok, _, err) = team2.apply(BASIC);
+    assert!(ok, "{err}");
+    team2.wait_ready_reason("acme", "TokenIssued").await;
+    team2.token("acme-scim-token").await.expect("a token in the second namespace");
 
     // Conflict: a Secret the operator does not own is never touched.
     let foreign: Secret =

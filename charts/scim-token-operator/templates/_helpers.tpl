@@ -43,16 +43,11 @@ app.kubernetes.io/component: operator
 {{- end }}
 
 {{/*
-The one namespace to watch, or "" for all namespaces. The binary watches one namespace or all of
-them (WATCH_NAMESPACE takes a single name), so a longer list is refused rather than silently
-watching only its first entry.
+The namespaces to watch as a JSON array (use with fromJsonArray); [] means all namespaces. The
+binary takes them comma-separated in WATCH_NAMESPACE and runs one namespaced controller per entry.
 */}}
-{{- define "scim-token-operator.watchNamespace" -}}
-{{- $namespaces := .Values.watchNamespaces | default list }}
-{{- if gt (len $namespaces) 1 }}
-{{- fail (printf "watchNamespaces lists %d namespaces (%s), but the operator watches either one namespace or all of them. Set at most one entry (an empty list watches all namespaces), or install one release per namespace, each with its own single watchNamespaces entry." (len $namespaces) (join ", " $namespaces)) }}
-{{- end }}
-{{- if $namespaces }}{{ first $namespaces }}{{ end }}
+{{- define "scim-token-operator.watchNamespaces" -}}
+{{- .Values.watchNamespaces | default list | uniq | toJson }}
 {{- end }}
 
 {{/* "true" when leader election is on: requested, or forced by more than one replica. */}}
@@ -71,4 +66,33 @@ watching only its first entry.
 {{- else }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
+{{- end }}
+
+{{/*
+Exactly the requests the operator makes (src/controller.rs):
+- ScimDirectories: list + watch (the reflector), patch on the status subresource (server-side apply).
+  No get/update/patch/delete on the directories themselves.
+- Secrets: list + watch (label-filtered cache), get (after a create answered 409), create (a new token),
+  patch (server-side apply guarded by resourceVersion). Never update or delete.
+- scimdirectories/finalizers update: the Secret's ownerReference sets blockOwnerDeletion=true, which
+  the OwnerReferencesPermissionEnforcement admission plugin (enabled e.g. on OpenShift) only allows
+  to users who may update the owner's finalizers.
+- events.k8s.io Events: create, and patch (kube's Recorder folds repeats into a series).
+*/}}
+{{- define "scim-token-operator.rules" -}}
+- apiGroups: ["scim.tokenops.dev"]
+  resources: ["scimdirectories"]
+  verbs: ["list", "watch"]
+- apiGroups: ["scim.tokenops.dev"]
+  resources: ["scimdirectories/status"]
+  verbs: ["patch"]
+- apiGroups: ["scim.tokenops.dev"]
+  resources: ["scimdirectories/finalizers"]
+  verbs: ["update"]
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
 {{- end }}
