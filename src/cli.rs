@@ -69,12 +69,13 @@ pub struct RunArgs {
 
 /// A namespace name as Kubernetes accepts it (an RFC 1123 label), so a typo in `--namespace` fails at
 /// start-up with a message instead of as a stream of 404s.
+/// An empty entry is ignored, so `WATCH_NAMESPACE=""` means all namespaces, as operators usually read it.
 fn namespace_name(value: &str) -> Result<String, String> {
-    let valid = !value.is_empty()
-        && value.len() <= 63
-        && value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !value.starts_with('-')
-        && !value.ends_with('-');
+    let valid = value.is_empty()
+        || (value.len() <= 63
+            && value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !value.starts_with('-')
+            && !value.ends_with('-'));
     if valid {
         Ok(value.to_string())
     } else {
@@ -86,7 +87,7 @@ fn namespace_name(value: &str) -> Result<String, String> {
 
 fn dedup(namespaces: &[String]) -> Vec<String> {
     let mut seen = std::collections::BTreeSet::new();
-    namespaces.iter().filter(|n| seen.insert(n.as_str())).cloned().collect()
+    namespaces.iter().filter(|n| !n.is_empty() && seen.insert(n.as_str())).cloned().collect()
 }
 
 pub fn crd_yaml() -> String {
@@ -240,11 +241,14 @@ mod tests {
         assert_eq!(namespaces(&["--namespace", "team-a"]).unwrap(), ["team-a"]);
         assert_eq!(namespaces(&["--namespace", "team-a,team-b"]).unwrap(), ["team-a", "team-b"]);
         assert_eq!(namespaces(&["--namespace", "a", "--namespace", "b", "--namespace", "a"]).unwrap(), ["a", "b"]);
+        // Empty means all namespaces (WATCH_NAMESPACE="" as operators usually read it); empty entries are ignored.
+        assert_eq!(namespaces(&["--namespace="]).unwrap(), Vec::<String>::new());
+        assert_eq!(namespaces(&["--namespace=a,,b,"]).unwrap(), ["a", "b"]);
     }
 
     #[test]
     fn bad_namespaces_are_refused_naming_the_value() {
-        for bad in ["Team", "team_a", "-a", "a-", "", "a,,b", &"x".repeat(64)] {
+        for bad in ["Team", "team_a", "-a", "a-", "a,B", &"x".repeat(64)] {
             let err = namespaces(&[&format!("--namespace={bad}")]).unwrap_err();
             assert!(err.contains("is not a namespace name"), "{bad:?}: {err}");
         }
