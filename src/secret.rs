@@ -143,7 +143,9 @@ pub fn metadata_drifted(dir: &ScimDirectory, secret: &Secret, record: &IssueReco
 }
 
 fn owner_reference(dir: &ScimDirectory) -> OwnerReference {
-    // controller_owner_ref sets controller=true and blockOwnerDeletion=true.
+    // controller=true, blockOwnerDeletion unset: nothing needs a foreground deletion of the directory
+    // to wait for its Secret, and setting it would need update on scimdirectories/finalizers under
+    // the OwnerReferencesPermissionEnforcement admission plugin (which the test control plane runs).
     dir.controller_owner_ref(&()).expect("a directory read from the API server has a UID")
 }
 

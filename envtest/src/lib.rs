@@ -214,9 +214,13 @@ impl ControlPlane {
             .arg("--authorization-mode=RBAC")
             .arg("--service-cluster-ip-range=10.0.0.0/24")
             .arg("--allow-privileged=true")
-            // No controller-manager runs, so nothing would create the token the ServiceAccount
-            // admission plugin waits for.
+            // The controller-manager runs only the garbage collector, so nothing would create the
+            // token the ServiceAccount admission plugin waits for.
             .arg("--disable-admission-plugins=ServiceAccount")
+            // As on OpenShift and other hardened clusters: setting blockOwnerDeletion on an
+            // ownerReference requires permission to update the owner's finalizers, so RBAC tests
+            // prove that rule is needed rather than assume it.
+            .arg("--enable-admission-plugins=OwnerReferencesPermissionEnforcement")
             .arg(format!("--service-account-key-file={}", sa_pub.display()))
             .arg(format!("--service-account-signing-key-file={}", sa_key.display()))
             .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")

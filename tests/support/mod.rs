@@ -34,7 +34,7 @@ impl Env {
         let cp = ControlPlane::shared();
         let client = cp.client().await;
         let ns = cp.create_namespace(prefix).await.expect("namespace");
-        let log = logs_dir().join(format!("{ns}.log"));
+        let log = fresh_log(&ns);
         Env { cp, client, ns, log }
     }
 
@@ -154,6 +154,14 @@ pub fn logs_dir() -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("operator-logs");
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// The operator log for namespace `ns`, emptied: namespace names repeat from one run of a test binary
+/// to the next, and a previous run's lines must not be searched (or blamed) again.
+pub fn fresh_log(ns: &str) -> PathBuf {
+    let log = logs_dir().join(format!("{ns}.log"));
+    let _ = std::fs::remove_file(&log);
+    log
 }
 
 pub fn free_port() -> u16 {

@@ -74,9 +74,9 @@ Exactly the requests the operator makes (src/controller.rs):
   No get/update/patch/delete on the directories themselves.
 - Secrets: list + watch (label-filtered cache), get (after a create answered 409), create (a new token),
   patch (server-side apply guarded by resourceVersion). Never update or delete.
-- scimdirectories/finalizers update: the Secret's ownerReference sets blockOwnerDeletion=true, which
-  the OwnerReferencesPermissionEnforcement admission plugin (enabled e.g. on OpenShift) only allows
-  to users who may update the owner's finalizers.
+- No scimdirectories/finalizers: the Secret's ownerReference leaves blockOwnerDeletion unset, so the
+  OwnerReferencesPermissionEnforcement admission plugin (OpenShift; the test control plane) asks for
+  nothing more.
 - events.k8s.io Events: create, and patch (kube's Recorder folds repeats into a series).
 */}}
 {{- define "scim-token-operator.rules" -}}
@@ -86,9 +86,6 @@ Exactly the requests the operator makes (src/controller.rs):
 - apiGroups: ["scim.tokenops.dev"]
   resources: ["scimdirectories/status"]
   verbs: ["patch"]
-- apiGroups: ["scim.tokenops.dev"]
-  resources: ["scimdirectories/finalizers"]
-  verbs: ["update"]
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "list", "watch", "create", "patch"]
