@@ -14,7 +14,9 @@
 //!   an action's object is cleaned like Argo CD's `cleanReturnedObj` (an empty table where the input had
 //!   an object goes back to `{}`), then turned into the JSON merge patch Argo CD sends to the API server.
 //!
-//! It also checks that `argocd/argocd-cm-patch.yaml` embeds exactly these scripts.
+//! It also checks that `argocd/argocd-cm-patch.yaml` embeds exactly these scripts, and runs the health
+//! check and the rotate action on live directories that the operator reconciles on the real control
+//! plane (the status shapes it really writes, the merge patch Argo CD's server would send).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -712,4 +714,78 @@ fn example_applications_match_the_repository() {
     let chart_path = chart["spec"]["source"]["path"].as_str().unwrap();
     assert!(Path::new(ROOT).join(chart_path).join("Chart.yaml").is_file(), "{chart_path} is not the chart");
     assert_eq!(directories["spec"]["syncPolicy"]["automated"]["prune"], false);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The scripts on live objects: the status shapes the operator really writes, on the real control plane
+// ---------------------------------------------------------------------------------------------
+
+mod support;
+
+#[tokio::test]
+async fn health_and_rotate_on_live_directories() {
+    use kube::api::{Patch, PatchParams, PostParams};
+    use support::{Env, wait_for};
+
+    let health = read(&customization_dir().join("health.lua"));
+    let env = Env::new("argocd").await;
+    let live = |name: &'static str| {
+        let dirs = env.dirs();
+        async move { serde_json::to_value(dirs.get(name).await.unwrap()).unwrap() }
+    };
+    let mut op = env.operator(&[]);
+
+    let (ok, _, err) = env.apply(include_str!("../examples/basic.yaml"));
+    assert!(ok, "{err}");
+    env.wait_ready_reason("acme", "TokenIssued").await;
+    assert_eq!(evaluate_health(&health, &live("acme").await).status, "Healthy");
+
+    // With the operator stopped, a spec change and a rotation request stay pending: Progressing.
+    assert!(op.terminate().await.success());
+    env.dirs()
+        .patch("acme", &PatchParams::default(), &Patch::Merge(json!({ "spec": { "rotationGeneration": 1 } })))
+        .await
+        .unwrap();
+    let pending = evaluate_health(&health, &live("acme").await);
+    assert_eq!(pending.status, "Progressing");
+    assert!(pending.message.contains("generation 2"), "{}", pending.message);
+    // The rotate action, sent as Argo CD's server sends it: a merge patch of the returned object.
+    let before = live("acme").await;
+    let after = execute_action("rotate", &before, Clock::Real);
+    let patch = merge_patch(&before, &after).expect("the action changes something");
+    env.dirs().patch("acme", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let requested = annotation(&after, ROTATE_ANNOTATION).unwrap().to_string();
+    assert_eq!(evaluate_health(&health, &live("acme").await).status, "Progressing");
+
+    // The operator handles both with one rotation; the application turns Healthy.
+    let _op = env.operator(&[]);
+    wait_for("the rotation request handled", Duration::from_secs(60), || async {
+        let d = env.dirs().get("acme").await.unwrap();
+        (d.status?.last_rotation_request.as_deref() == Some(requested.as_str())).then_some(())
+    })
+    .await;
+    let healthy = evaluate_health(&health, &live("acme").await);
+    assert_eq!(healthy.status, "Healthy", "{}", healthy.message);
+
+    // Problems the operator cannot solve on its own: Degraded, with the condition's message.
+    let foreign: k8s_openapi::api::core::v1::Secret =
+        serde_json::from_value(json!({ "metadata": { "name": "taken" }, "stringData": { "token": "theirs" } }))
+            .unwrap();
+    env.secrets().create(&PostParams::default(), &foreign).await.unwrap();
+    let (ok, _, err) = env.apply(
+        "apiVersion: scim.tokenops.dev/v1alpha1\nkind: ScimDirectory\nmetadata:\n  name: thief\nspec:\n  secretName: taken\n",
+    );
+    assert!(ok, "{err}");
+    env.wait_ready_reason("thief", "SecretConflict").await;
+    let conflict = evaluate_health(&health, &live("thief").await);
+    assert_eq!(conflict.status, "Degraded");
+    assert!(conflict.message.contains("taken"), "{}", conflict.message);
+
+    let (ok, _, err) = env.apply(
+        "apiVersion: scim.tokenops.dev/v1alpha1\nkind: ScimDirectory\nmetadata:\n  name: odd\nspec:\n  tokenExpiresIn: 2h\n  renewBefore: 3h\n",
+    );
+    assert!(ok, "{err}");
+    env.wait_ready_reason("odd", "InvalidSpec").await;
+    assert_eq!(evaluate_health(&health, &live("odd").await).status, "Degraded");
+    env.assert_log_clean().await;
 }
