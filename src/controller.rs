@@ -299,15 +299,24 @@ async fn reconcile_inner(dir: &ScimDirectory, ctx: &Context) -> Result<Action> {
                 let record = policy::new_record(desired, token.hash(), reason, now);
                 let manifest = secret::desired_secret(dir, &token, &record);
                 match &state {
-                    SecretState::Missing => match secrets.create(&post_params(), &manifest).await {
-                        Ok(_) => {}
-                        Err(kube::Error::Api(s)) if s.code == 409 => {
-                            // Invisible to our cache: look at it directly and decide again.
-                            observed = secrets.get_opt(&secret_name).await?;
-                            continue;
+                    SecretState::Missing => {
+                        match secrets.create(&post_params(), &secret::initial_secret(dir, &token, &record)).await {
+                            // The template goes on with server-side apply, so that removing a key from it
+                            // later removes it from the Secret. A crash in between leaves a Secret that
+                            // already holds the token and its record: it is adopted, and the template
+                            // applied then, as a metadata repair.
+                            Ok(created) if secret::has_template(dir) => {
+                                apply_secret(&secrets, manifest, Some(&created)).await?
+                            }
+                            Ok(_) => {}
+                            Err(kube::Error::Api(s)) if s.code == 409 => {
+                                // Invisible to our cache: look at it directly and decide again.
+                                observed = secrets.get_opt(&secret_name).await?;
+                                continue;
+                            }
+                            Err(e) => return Err(e.into()),
                         }
-                        Err(e) => return Err(e.into()),
-                    },
+                    }
                     _ => apply_secret(&secrets, manifest, observed.as_ref()).await?,
                 }
                 failpoint(ctx, "after-secret-write");

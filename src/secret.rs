@@ -30,6 +30,9 @@ pub const EXPIRES_IN_ANNOTATION: &str = "scim.tokenops.dev/token-expires-in";
 pub const ISSUED_AT_ANNOTATION: &str = "scim.tokenops.dev/issued-at";
 pub const EXPIRES_AT_ANNOTATION: &str = "scim.tokenops.dev/expires-at";
 pub const REASON_ANNOTATION: &str = "scim.tokenops.dev/issue-reason";
+/// A digest of the `secretTemplate` last applied to the Secret: when the template changes (a key
+/// removed, say), the Secret is re-applied and server-side apply prunes what the template dropped.
+pub const TEMPLATE_ANNOTATION: &str = "scim.tokenops.dev/template-hash";
 /// Value of the expires-in annotation for a token that never expires.
 const NEVER: &str = "never";
 
@@ -94,28 +97,68 @@ fn record_annotations(dir: &ScimDirectory, record: &IssueRecord) -> BTreeMap<Str
     a
 }
 
-/// The complete desired Secret. Template keys never override the operator's own (the CRD rejects
-/// them too; this guards objects admitted before a schema change).
-pub fn desired_secret(dir: &ScimDirectory, token: &Token, record: &IssueRecord) -> Secret {
+/// The template's labels and annotations (its annotations never under the operator's own prefix; the
+/// CRD rejects those too, this guards objects admitted before a schema change).
+fn template(dir: &ScimDirectory) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
     let template = dir.spec.secret_template.clone().unwrap_or_default();
-    let mut labels = template.labels;
-    labels.insert(MANAGED_BY_LABEL.to_owned(), MANAGED_BY_VALUE.to_owned());
-    let mut annotations: BTreeMap<String, String> =
-        template.annotations.into_iter().filter(|(k, _)| !k.starts_with("scim.tokenops.dev/")).collect();
-    annotations.extend(record_annotations(dir, record));
+    let annotations = template.annotations.into_iter().filter(|(k, _)| !k.starts_with("scim.tokenops.dev/")).collect();
+    (template.labels, annotations)
+}
+
+/// `sha256:`-free short digest of the template; `None` for an empty template (no annotation then).
+fn template_digest(dir: &ScimDirectory) -> Option<String> {
+    use sha2::{Digest, Sha256};
+    let (labels, annotations) = template(dir);
+    if labels.is_empty() && annotations.is_empty() {
+        return None;
+    }
+    let canonical = serde_json::to_vec(&(labels, annotations)).expect("string maps serialize");
+    Some(hex::encode(&Sha256::digest(&canonical)[..12]))
+}
+
+/// The complete desired Secret: the token, the issue record, the template and its digest.
+pub fn desired_secret(dir: &ScimDirectory, token: &Token, record: &IssueRecord) -> Secret {
+    secret_with(metadata(dir, record, true), token)
+}
+
+/// The Secret as first created (with `create`, which never overwrites): without the template. Fields
+/// a `create` sets are owned by an Update-operation manager, which server-side apply never prunes, so
+/// the template is added by a server-side apply right after, and a key later dropped from the
+/// template is then removed from the Secret.
+pub fn initial_secret(dir: &ScimDirectory, token: &Token, record: &IssueRecord) -> Secret {
+    secret_with(metadata(dir, record, false), token)
+}
+
+fn secret_with(metadata: ObjectMeta, token: &Token) -> Secret {
     Secret {
-        metadata: ObjectMeta {
-            name: Some(dir.secret_name()),
-            namespace: dir.metadata.namespace.clone(),
-            labels: Some(labels),
-            annotations: Some(annotations),
-            owner_references: Some(vec![owner_reference(dir)]),
-            ..ObjectMeta::default()
-        },
+        metadata,
         type_: Some("Opaque".to_owned()),
         data: Some(BTreeMap::from([(TOKEN_KEY.to_owned(), ByteString(token.expose().as_bytes().to_vec()))])),
         ..Secret::default()
     }
+}
+
+/// Name, owner, the managed-by label, the issue record and, `with_template`, the template and its digest.
+fn metadata(dir: &ScimDirectory, record: &IssueRecord, with_template: bool) -> ObjectMeta {
+    let (mut labels, mut annotations) = if with_template { template(dir) } else { Default::default() };
+    labels.insert(MANAGED_BY_LABEL.to_owned(), MANAGED_BY_VALUE.to_owned());
+    annotations.extend(record_annotations(dir, record));
+    if let Some(digest) = template_digest(dir).filter(|_| with_template) {
+        annotations.insert(TEMPLATE_ANNOTATION.to_owned(), digest);
+    }
+    ObjectMeta {
+        name: Some(dir.secret_name()),
+        namespace: dir.metadata.namespace.clone(),
+        labels: Some(labels),
+        annotations: Some(annotations),
+        owner_references: Some(vec![owner_reference(dir)]),
+        ..ObjectMeta::default()
+    }
+}
+
+/// Whether the desired Secret carries anything beyond what [`initial_secret`] creates.
+pub fn has_template(dir: &ScimDirectory) -> bool {
+    template_digest(dir).is_some()
 }
 
 /// The token currently stored in a Secret, for re-applying its metadata without re-issuing.
@@ -124,21 +167,17 @@ pub fn stored_token(secret: &Secret) -> Option<Token> {
     String::from_utf8(bytes.0.clone()).ok().map(Token::from_plaintext)
 }
 
-/// True when the Secret lacks any of the labels/annotations the directory wants on it.
+/// True when the Secret lacks any of the labels/annotations the directory wants on it, or was last
+/// given another template (a key the template dropped is still there).
 pub fn metadata_drifted(dir: &ScimDirectory, secret: &Secret, record: &IssueRecord) -> bool {
-    let want_labels = {
-        let mut l = dir.spec.secret_template.as_ref().map(|t| t.labels.clone()).unwrap_or_default();
-        l.insert(MANAGED_BY_LABEL.to_owned(), MANAGED_BY_VALUE.to_owned());
-        l
+    let want = metadata(dir, record, true);
+    let has_all = |have: &Option<BTreeMap<String, String>>, want: &Option<BTreeMap<String, String>>| {
+        want.iter().flatten().all(|(k, v)| have.as_ref().and_then(|h| h.get(k)) == Some(v))
     };
-    let mut want_annotations: BTreeMap<String, String> =
-        dir.spec.secret_template.as_ref().map(|t| t.annotations.clone()).unwrap_or_default();
-    want_annotations.extend(record_annotations(dir, record));
-    let has_all = |have: &Option<BTreeMap<String, String>>, want: &BTreeMap<String, String>| {
-        want.iter().all(|(k, v)| have.as_ref().and_then(|h| h.get(k)) == Some(v))
-    };
-    !has_all(&secret.metadata.labels, &want_labels)
-        || !has_all(&secret.metadata.annotations, &want_annotations)
+    let digest = |m: &ObjectMeta| m.annotations.as_ref().and_then(|a| a.get(TEMPLATE_ANNOTATION)).cloned();
+    !has_all(&secret.metadata.labels, &want.labels)
+        || !has_all(&secret.metadata.annotations, &want.annotations)
+        || digest(&secret.metadata) != digest(&want)
         || secret.type_.as_deref() != Some("Opaque")
 }
 
@@ -207,6 +246,37 @@ mod tests {
         assert_eq!(stored_token(&secret).unwrap().expose(), token.expose());
         // The redacted view never shows the plaintext.
         assert!(!format!("{:?}", Redacted(&secret)).contains(token.expose()));
+    }
+
+    #[test]
+    fn the_template_is_applied_after_create_and_its_changes_are_drift() {
+        let mut dir = directory();
+        let token = Token::generate();
+        let desired = Desired::parse(0, None, None, None).unwrap();
+        let record = new_record(&desired, token.hash(), IssueReason::Initial, Timestamp::now());
+
+        // Created without the template (create-owned fields are never pruned by server-side apply).
+        let created = initial_secret(&dir, &token, &record);
+        assert!(!created.metadata.labels.as_ref().unwrap().contains_key("team"));
+        assert!(!created.metadata.annotations.as_ref().unwrap().contains_key(TEMPLATE_ANNOTATION));
+        assert_eq!(read_record(created.metadata.annotations.as_ref().unwrap()), Some(record.clone()));
+        assert!(has_template(&dir));
+        assert!(metadata_drifted(&dir, &created, &record), "the template still has to be applied");
+
+        let applied = desired_secret(&dir, &token, &record);
+        assert!(!metadata_drifted(&dir, &applied, &record));
+        // Another label on the Secret is no drift; a key dropped from the template is.
+        let mut extra = applied.clone();
+        extra.metadata.labels.as_mut().unwrap().insert("someone".into(), "else".into());
+        assert!(!metadata_drifted(&dir, &extra, &record));
+        dir.spec.secret_template.as_mut().unwrap().annotations.remove("note");
+        assert!(metadata_drifted(&dir, &applied, &record), "the Secret still carries the dropped key");
+        assert!(!metadata_drifted(&dir, &desired_secret(&dir, &token, &record), &record));
+        // No template: no digest, nothing to apply after the create.
+        dir.spec.secret_template = None;
+        assert!(!has_template(&dir));
+        assert!(metadata_drifted(&dir, &applied, &record));
+        assert!(!metadata_drifted(&dir, &initial_secret(&dir, &token, &record), &record));
     }
 
     #[test]

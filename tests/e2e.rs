@@ -245,6 +245,67 @@ async fn repairs_and_conflicts() {
 }
 
 #[tokio::test]
+async fn secret_template_edits_follow_without_reissue() {
+    let env = Env::new("template").await;
+    let _op = env.operator(&[]);
+    let original = example("with-secret-template.yaml");
+    let (ok, _, err) = env.apply(&original);
+    assert!(ok, "{err}");
+    env.wait_ready_reason("initech", "TokenIssued").await;
+    let token = assert_status_matches_secret(&env, "initech", "initech-okta-scim").await;
+    // Someone else's label on the Secret: never the operator's to remove.
+    let (ok, _, err) = env.kubectl(&["label", "secret", "initech-okta-scim", "team=payments"]);
+    assert!(ok, "{err}");
+
+    // Drop a label and the annotation, add a label: the Secret follows, the token stays.
+    let edited = original
+        .replace("      tenant: initech\n", "      tier: gold\n")
+        .replace("    annotations:\n      reloader.stakater.com/match: \"true\"\n", "");
+    assert_ne!(edited, original);
+    let (ok, _, err) = env.apply(&edited);
+    assert!(ok, "{err}");
+    let metadata = |s: &Secret| {
+        (s.metadata.labels.clone().unwrap_or_default(), s.metadata.annotations.clone().unwrap_or_default())
+    };
+    wait_for("the Secret to follow the template", Duration::from_secs(30), || async {
+        let (labels, annotations) = metadata(&env.secrets().get("initech-okta-scim").await.ok()?);
+        (!labels.contains_key("tenant")
+            && labels.get("tier").map(String::as_str) == Some("gold")
+            && !annotations.contains_key("reloader.stakater.com/match"))
+        .then_some(())
+    })
+    .await;
+    let (labels, annotations) = metadata(&env.secrets().get("initech-okta-scim").await.unwrap());
+    assert_eq!(labels.get("team").map(String::as_str), Some("payments"), "a label the operator did not set survives");
+    assert_eq!(labels.get("app.kubernetes.io/part-of").map(String::as_str), Some("scim-gateway"));
+    assert!(annotations.contains_key("scim.tokenops.dev/token-hash"));
+    assert_eq!(assert_status_matches_secret(&env, "initech", "initech-okta-scim").await, token, "no re-issue");
+
+    // Re-applying the same manifest writes nothing.
+    let before = resource_versions(&env, "initech", "initech-okta-scim").await;
+    let (ok, _, err) = env.apply(&edited);
+    assert!(ok, "{err}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(resource_versions(&env, "initech", "initech-okta-scim").await, before);
+
+    // No template at all: every key it put there goes, the operator's own and others' stay.
+    patch_spec(&env, "initech", json!({ "secretTemplate": null })).await;
+    wait_for("the template's keys to go", Duration::from_secs(30), || async {
+        let (labels, annotations) = metadata(&env.secrets().get("initech-okta-scim").await.ok()?);
+        (!labels.contains_key("tier")
+            && !labels.contains_key("app.kubernetes.io/part-of")
+            && !annotations.contains_key("scim.tokenops.dev/template-hash"))
+        .then_some(())
+    })
+    .await;
+    let (labels, _) = metadata(&env.secrets().get("initech-okta-scim").await.unwrap());
+    assert_eq!(labels.get("team").map(String::as_str), Some("payments"));
+    assert_eq!(labels.get("app.kubernetes.io/managed-by").map(String::as_str), Some("scim-token-operator"));
+    assert_eq!(assert_status_matches_secret(&env, "initech", "initech-okta-scim").await, token, "no re-issue");
+    env.assert_log_clean().await;
+}
+
+#[tokio::test]
 async fn expiry_is_reported_at_the_instant_it_happens() {
     let env = Env::new("expiry").await;
     let op = env.operator(&[]);
