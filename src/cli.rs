@@ -48,7 +48,7 @@ pub struct RunArgs {
     pub metrics_addr: SocketAddr,
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
-    /// Directories reconciled at once.
+    /// Directories reconciled at once (per watched namespace; --max-inflight-requests bounds the total).
     #[arg(long, env = "RECONCILE_CONCURRENCY", default_value_t = 16)]
     pub concurrency: u16,
     /// Upper bound on requests in flight to the API server (protects it during mass issuance).
