@@ -167,8 +167,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         lease_task = Some(task);
     }
 
+    let namespaces = dedup(&args.namespaces);
+    info!(?namespaces, concurrency = args.concurrency, "starting controller");
     let settings = Settings {
-        namespaces: dedup(&args.namespaces),
+        namespaces,
         concurrency: args.concurrency,
         failpoint: std::env::var(FAILPOINT_ENV).ok().filter(|v| !v.is_empty()),
         instance: identity,
@@ -192,7 +194,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
     metrics.leader.set(1);
-    info!(namespaces = ?args.namespaces, concurrency = args.concurrency, "starting controller");
     controller::run(client, settings, metrics, ready, shutdown).await;
     server.abort();
     // Closing the channel makes the lease manager release the Lease, so a standby takes over at once.

@@ -105,10 +105,9 @@ fn template(dir: &ScimDirectory) -> (BTreeMap<String, String>, BTreeMap<String, 
     (template.labels, annotations)
 }
 
-/// `sha256:`-free short digest of the template; `None` for an empty template (no annotation then).
-fn template_digest(dir: &ScimDirectory) -> Option<String> {
+/// Short digest of a template's labels and annotations; `None` for an empty template (no annotation then).
+fn digest(labels: &BTreeMap<String, String>, annotations: &BTreeMap<String, String>) -> Option<String> {
     use sha2::{Digest, Sha256};
-    let (labels, annotations) = template(dir);
     if labels.is_empty() && annotations.is_empty() {
         return None;
     }
@@ -141,9 +140,10 @@ fn secret_with(metadata: ObjectMeta, token: &Token) -> Secret {
 /// Name, owner, the managed-by label, the issue record and, `with_template`, the template and its digest.
 fn metadata(dir: &ScimDirectory, record: &IssueRecord, with_template: bool) -> ObjectMeta {
     let (mut labels, mut annotations) = if with_template { template(dir) } else { Default::default() };
+    let template_digest = digest(&labels, &annotations);
     labels.insert(MANAGED_BY_LABEL.to_owned(), MANAGED_BY_VALUE.to_owned());
     annotations.extend(record_annotations(dir, record));
-    if let Some(digest) = template_digest(dir).filter(|_| with_template) {
+    if let Some(digest) = template_digest {
         annotations.insert(TEMPLATE_ANNOTATION.to_owned(), digest);
     }
     ObjectMeta {
@@ -158,7 +158,8 @@ fn metadata(dir: &ScimDirectory, record: &IssueRecord, with_template: bool) -> O
 
 /// Whether the desired Secret carries anything beyond what [`initial_secret`] creates.
 pub fn has_template(dir: &ScimDirectory) -> bool {
-    template_digest(dir).is_some()
+    let (labels, annotations) = template(dir);
+    !labels.is_empty() || !annotations.is_empty()
 }
 
 /// The token currently stored in a Secret, for re-applying its metadata without re-issuing.
