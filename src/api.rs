@@ -22,6 +22,21 @@ pub const GROUP: &str = "scim.tokenops.dev";
 /// without the annotation) neither repeats nor undoes the rotation.
 pub const ROTATE_ANNOTATION: &str = "scim.tokenops.dev/rotate";
 
+/// `tokenExpiresIn - renewBefore >= max(1h, tokenExpiresIn / 10)`, where CEL can read both durations.
+const RENEWAL_WINDOW_RULE: &str = "!has(self.renewBefore) || !has(self.tokenExpiresIn) \
+    || self.tokenExpiresIn.contains('d') || self.renewBefore.contains('d') \
+    || (duration(self.tokenExpiresIn) - duration(self.renewBefore) >= duration('1h') \
+        && (duration(self.tokenExpiresIn) - duration(self.renewBefore)).getSeconds() * 10 \
+           >= duration(self.tokenExpiresIn).getSeconds())";
+
+/// A label value as the API server accepts it: at most 63 characters, alphanumeric at both ends.
+const LABEL_VALUE_PATTERN: &str = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$";
+
+/// Label and annotation keys as the API server accepts them: an optional DNS-subdomain prefix and `/`,
+/// then a name of at most 63 characters, alphanumeric at both ends.
+const QUALIFIED_KEYS_RULE: &str = r"self.all(k, size(k) <= 317 && (!k.contains('/') || k.indexOf('/') <= 253) && k.matches('^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$'))";
+const QUALIFIED_KEYS_MESSAGE: &str = "keys must be qualified names: an optional DNS subdomain prefix and '/', then at most 63 characters of [-A-Za-z0-9_.], alphanumeric at both ends";
+
 /// Desired state of a SCIM directory's bearer token.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(
@@ -35,7 +50,11 @@ pub const ROTATE_ANNOTATION: &str = "scim.tokenops.dev/rotate";
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Secret","type":"string","jsonPath":".status.secretName"}"#,
     printcolumn = r#"{"name":"Expires","type":"date","jsonPath":".status.tokenExpiresAt"}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    // The default Secret name is `<name>-scim-token`, and a Secret name has at most 253 characters.
+    validation = Rule::new("has(self.spec.secretName) || size(self.metadata.name) <= 242").message(
+        "metadata.name may have at most 242 characters when spec.secretName is not set (the Secret is named <name>-scim-token, at most 253 characters)"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
@@ -46,6 +65,12 @@ pub const ROTATE_ANNOTATION: &str = "scim.tokenops.dev/rotate";
     {
         "rule": "!has(self.renewBefore) || has(self.tokenExpiresIn)",
         "message": "renewBefore requires tokenExpiresIn: a token that never expires is never renewed",
+    },
+    {
+        // CEL's duration() reads Go's units (h, m, s), not days: values with days are checked by the
+        // operator instead (Ready=False, InvalidSpec), with the same rule (policy::min_renewal_window).
+        "rule": RENEWAL_WINDOW_RULE,
+        "message": "tokenExpiresIn minus renewBefore must be at least 1h and at least 10% of tokenExpiresIn, so that renewals cannot come in a storm",
     },
 ]))]
 pub struct ScimDirectorySpec {
@@ -75,7 +100,7 @@ pub struct ScimDirectorySpec {
     /// Immutable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(
-        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"),
         length(min = 1, max = 253)
     )]
     pub secret_name: Option<String>,
@@ -91,20 +116,27 @@ pub struct SecretTemplate {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend(
         "maxProperties" = 64,
-        "x-kubernetes-validations" = [{
-            "rule": "self.all(k, !k.startsWith('scim.tokenops.dev/') && k != 'app.kubernetes.io/managed-by')",
-            "message": "labels may not use the operator's keys (scim.tokenops.dev/*, app.kubernetes.io/managed-by)",
-        }]
+        "additionalProperties" = { "type": "string", "maxLength": 63, "pattern": LABEL_VALUE_PATTERN },
+        "x-kubernetes-validations" = [
+            {
+                "rule": "self.all(k, !k.startsWith('scim.tokenops.dev/') && k != 'app.kubernetes.io/managed-by')",
+                "message": "labels may not use the operator's keys (scim.tokenops.dev/*, app.kubernetes.io/managed-by)",
+            },
+            { "rule": QUALIFIED_KEYS_RULE, "message": QUALIFIED_KEYS_MESSAGE },
+        ]
     ))]
     pub labels: BTreeMap<String, String>,
 
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend(
         "maxProperties" = 64,
-        "x-kubernetes-validations" = [{
-            "rule": "self.all(k, !k.startsWith('scim.tokenops.dev/'))",
-            "message": "annotations may not use the operator's keys (scim.tokenops.dev/*)",
-        }]
+        "x-kubernetes-validations" = [
+            {
+                "rule": "self.all(k, !k.startsWith('scim.tokenops.dev/'))",
+                "message": "annotations may not use the operator's keys (scim.tokenops.dev/*)",
+            },
+            { "rule": QUALIFIED_KEYS_RULE, "message": QUALIFIED_KEYS_MESSAGE },
+        ]
     ))]
     pub annotations: BTreeMap<String, String>,
 }

@@ -65,6 +65,16 @@ pub struct RunArgs {
     /// This replica's identity in the Lease and in Events (default: the pod name, else host name + pid).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+    /// Shortest time between two automatic issues (renewals, repairs) for one directory, e.g. "1m" or
+    /// "30s": bounds what a fight with another writer of the Secret can cost. Requested rotations are
+    /// never held back.
+    #[arg(long, env = "MIN_ISSUE_INTERVAL", default_value = "1m", value_parser = interval)]
+    pub min_issue_interval: std::time::Duration,
+}
+
+fn interval(value: &str) -> Result<std::time::Duration, String> {
+    let lifetime: crate::duration::TokenLifetime = value.parse().map_err(|e| format!("{e}"))?;
+    Ok(lifetime.as_std())
 }
 
 /// A namespace name as Kubernetes accepts it (an RFC 1123 label), so a typo in `--namespace` fails at
@@ -116,12 +126,14 @@ pub async fn main() -> anyhow::Result<()> {
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     telemetry::init(args.log_format);
+    disable_core_dumps();
     let identity = args.identity.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         format!("{}-{}", host.trim(), std::process::id())
     });
     let config = kube::Config::infer().await?;
-    let client = ClientBuilder::try_from(config)?
+    let client = ClientBuilder::try_from(config)
+        .map_err(explain_client_error)?
         .with_layer(&tower::limit::ConcurrencyLimitLayer::new(args.max_inflight_requests.max(1)))
         .build();
 
@@ -174,6 +186,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         concurrency: args.concurrency,
         failpoint: std::env::var(FAILPOINT_ENV).ok().filter(|v| !v.is_empty()),
         instance: identity,
+        min_issue_interval: args.min_issue_interval,
     };
     let mut stop = stop_rx.clone();
     let mut leader = lease_channel.clone();
@@ -214,6 +227,33 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     info!("stopped");
     Ok(())
+}
+
+/// Turns the TLS library's terse refusal of an X.509 v1 client certificate (which kubectl accepts)
+/// into what is wrong and how to fix it.
+fn explain_client_error(error: kube::Error) -> anyhow::Error {
+    if error.to_string().contains("UnsupportedCertVersion") {
+        anyhow::anyhow!(
+            "the kubeconfig's client certificate is X.509 version 1 (what `openssl x509 -req` makes without \
+             extensions), which this operator's TLS library refuses; issue it as version 3, e.g. \
+             `openssl x509 -req ... -extfile <(printf 'extendedKeyUsage=clientAuth')`, or use a \
+             ServiceAccount token ({error})"
+        )
+    } else {
+        error.into()
+    }
+}
+
+/// The process holds plaintext tokens while it writes them: no core dump may carry them to disk, and
+/// no other process of the same user may attach to it or read its memory (non-dumpable).
+fn disable_core_dumps() {
+    let no_core = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain system calls with valid arguments; they touch no memory of ours but `no_core`.
+    let (limited, undumpable) =
+        unsafe { (libc::setrlimit(libc::RLIMIT_CORE, &no_core), libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0)) };
+    if limited != 0 || undumpable != 0 {
+        warn!(error = %std::io::Error::last_os_error(), "could not disable core dumps");
+    }
 }
 
 async fn shutdown_signal() {

@@ -1,15 +1,15 @@
 //! The reconciler: reads the cluster, asks [`policy::decide`], and performs the writes in a crash-safe
 //! order: the Secret (token + issue record, one request) first, then the status derived from it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{FutureExt, StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use k8s_openapi::jiff::Timestamp;
+
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -20,14 +20,16 @@ use serde_json::json;
 use tracing::{debug, info, warn};
 
 use crate::api::{ScimDirectory, ScimDirectoryStatus};
-use crate::metrics::{DirectoryLabels, ErrorLabels, Metrics, ReasonLabels};
-use crate::policy::{self, Decision, Desired, IssueReason, IssueRecord, SecretState, StatusView};
-use crate::secret;
-use crate::token::{Token, TokenHash};
+use crate::metrics::{DirectoryLabels, ErrorLabels, Metrics, ReasonLabels, ScopeLabels};
+use crate::policy::{self, Decision, Desired, IssueReason, IssueRecord, SecretState};
+use crate::secret::{self, ObservedSecret};
+use crate::status;
+use crate::token::Token;
 
 pub const FIELD_MANAGER: &str = "scim-token-operator";
 /// Set to `after-secret-write` to make the process exit right after writing a Secret and before
-/// writing the status: the end-to-end suite uses it to prove crash safety.
+/// writing the status: the end-to-end suite uses it to prove crash safety. Only honoured by a binary
+/// built with the `failpoints` feature.
 pub const FAILPOINT_ENV: &str = "SCIM_TOKEN_OPERATOR_FAILPOINT";
 pub const FAILPOINT_EXIT_CODE: i32 = 86;
 
@@ -37,6 +39,8 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("Secret {0} exists and is not controlled by this ScimDirectory; it is left untouched")]
     SecretConflict(String),
+    #[error("{0}")]
+    SecretWriteRefused(String),
     #[error("the Secret cache never became ready")]
     CacheNotReady,
     #[error("ScimDirectory has no namespace")]
@@ -49,6 +53,7 @@ impl Error {
             Error::Kube(kube::Error::Api(s)) if s.code == 409 => "write_conflict",
             Error::Kube(_) => "kube",
             Error::SecretConflict(_) => "secret_conflict",
+            Error::SecretWriteRefused(_) => "secret_write_refused",
             Error::CacheNotReady => "cache_not_ready",
             Error::NotNamespaced => "not_namespaced",
         }
@@ -67,29 +72,65 @@ pub struct Settings {
     pub failpoint: Option<String>,
     /// Identity written into Events (`reportingInstance`).
     pub instance: String,
+    /// Shortest time between two automatic issues (renewals, repairs) for one directory.
+    pub min_issue_interval: Duration,
 }
 
 /// Shared state of all reconciliations.
 pub struct Context {
     pub client: Client,
-    pub secrets: Store<Secret>,
+    pub secrets: Store<ObservedSecret>,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub failpoint: Option<String>,
+    pub min_issue_interval: SignedDuration,
     /// Becomes true once the Secret cache holds its initial list. Reconciles wait on this channel rather
     /// than on `Store::wait_until_ready` directly: several tasks awaiting that at once were observed to
     /// wake only the first (found by the end-to-end suite with three directories at startup).
     secrets_synced: tokio::sync::watch::Receiver<bool>,
     /// Consecutive failures per directory, for exponential backoff.
     failures: Mutex<HashMap<ObjectRef<ScimDirectory>, u32>>,
+    /// Directories with an expiry series, so that the series of one deleted unseen can be found.
+    exported: Mutex<HashSet<ObjectRef<ScimDirectory>>>,
 }
 
 impl Context {
     /// Drops what is kept per directory (its expiry series, its backoff state) once it is deleted.
-    fn forget(&self, dir: &ScimDirectory) {
-        let labels = DirectoryLabels { namespace: dir.namespace().unwrap_or_default(), name: dir.name_any() };
+    fn forget(&self, dir: &ObjectRef<ScimDirectory>) {
+        let labels = DirectoryLabels { namespace: dir.namespace.clone().unwrap_or_default(), name: dir.name.clone() };
         self.metrics.token_expiry.remove(&labels);
-        self.failures.lock().expect("poisoned").remove(&ObjectRef::from(dir));
+        self.failures.lock().expect("poisoned").remove(dir);
+        self.exported.lock().expect("poisoned").remove(dir);
+    }
+
+    /// Forgets every directory the cache no longer holds. After a re-list (a watch that expired, an
+    /// API server restart), a directory deleted in between never shows up as a Delete event.
+    fn prune(&self, cache: &Store<ScimDirectory>) {
+        let live: HashSet<ObjectRef<ScimDirectory>> =
+            cache.state().iter().map(|d| ObjectRef::from(d.as_ref())).collect();
+        let known: Vec<ObjectRef<ScimDirectory>> = {
+            let failures = self.failures.lock().expect("poisoned");
+            let exported = self.exported.lock().expect("poisoned");
+            failures.keys().chain(exported.iter()).filter(|d| !live.contains(*d)).cloned().collect()
+        };
+        for dir in known {
+            self.forget(&dir);
+        }
+    }
+
+    fn export_expiry(&self, dir: &ScimDirectory, expires_at: Option<Timestamp>) {
+        let labels = DirectoryLabels { namespace: dir.namespace().unwrap_or_default(), name: dir.name_any() };
+        let mut exported = self.exported.lock().expect("poisoned");
+        match expires_at {
+            Some(at) => {
+                self.metrics.token_expiry.get_or_create(&labels).set(at.as_second());
+                exported.insert(ObjectRef::from(dir));
+            }
+            None => {
+                self.metrics.token_expiry.remove(&labels);
+                exported.remove(&ObjectRef::from(dir));
+            }
+        }
     }
 }
 
@@ -141,20 +182,29 @@ async fn run_scope(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let (dirs, secrets_api) = match scope {
-        Some(ns) => {
-            (Api::<ScimDirectory>::namespaced(client.clone(), ns), Api::<Secret>::namespaced(client.clone(), ns))
-        }
-        None => (Api::<ScimDirectory>::all(client.clone()), Api::<Secret>::all(client.clone())),
+        Some(ns) => (
+            Api::<ScimDirectory>::namespaced(client.clone(), ns),
+            Api::<ObservedSecret>::namespaced(client.clone(), ns),
+        ),
+        None => (Api::<ScimDirectory>::all(client.clone()), Api::<ObservedSecret>::all(client.clone())),
     };
 
     let (dir_reader, dir_writer) = reflector::store();
     let (secret_reader, secret_writer) = reflector::store();
-    // Only Secrets carrying our label are watched and cached, never every Secret of the cluster.
+    // Only Secrets carrying our label are watched, never every Secret of the cluster; of those, only
+    // the ones a directory controls are cached, and only as metadata and a token hash (see
+    // `ObservedSecret`): anyone can put the label on a Secret of their own, of any size.
+    let cached = metrics.cached_secrets.get_or_create(&ScopeLabels { scope: scope.unwrap_or_default().into() }).clone();
+    let cache = secret_reader.clone();
     let secret_stream =
         watcher(secrets_api, watcher::Config::default().labels(secret::MANAGED_SELECTOR).any_semantic())
             .default_backoff()
+            .filter_map(|event| std::future::ready(only_directory_secrets(event)))
             .modify(strip_secret_noise)
             .reflect(secret_writer)
+            .inspect_ok(move |_| {
+                cached.set(i64::try_from(cache.len()).unwrap_or(i64::MAX));
+            })
             .touched_objects()
             .predicate_filter(predicates::resource_version, Default::default());
 
@@ -166,21 +216,24 @@ async fn run_scope(
         recorder: Recorder::new(client, reporter),
         metrics,
         failpoint: settings.failpoint.clone(),
+        min_issue_interval: SignedDuration::try_from(settings.min_issue_interval).unwrap_or(SignedDuration::MAX),
         secrets_synced,
         failures: Mutex::default(),
+        exported: Mutex::default(),
     });
 
     let forget = ctx.clone();
+    let cache = dir_reader.clone();
     let directory_stream = watcher(dirs, watcher::Config::default().any_semantic())
         .default_backoff()
         .modify(strip_directory_noise)
         .reflect(dir_writer)
         // A deleted directory gets no reconcile to clean up after it: drop its expiry series and
         // backoff state here, so neither outlives it.
-        .inspect_ok(move |event| {
-            if let watcher::Event::Delete(dir) = event {
-                forget.forget(dir);
-            }
+        .inspect_ok(move |event| match event {
+            watcher::Event::Delete(dir) => forget.forget(&ObjectRef::from(dir)),
+            watcher::Event::InitDone => forget.prune(&cache),
+            _ => {}
         })
         .applied_objects()
         .predicate_filter(directory_trigger, Default::default());
@@ -210,9 +263,26 @@ async fn run_scope(
         .await;
 }
 
-/// Drops managedFields from cached Secrets: they are never read and cost memory at scale.
-fn strip_secret_noise(s: &mut Secret) {
+/// Keeps Secrets without a directory's controller reference out of the cache: one seen before is
+/// evicted (as if deleted), one seen in a fresh list is skipped.
+fn only_directory_secrets(
+    event: Result<watcher::Event<ObservedSecret>, watcher::Error>,
+) -> Option<Result<watcher::Event<ObservedSecret>, watcher::Error>> {
+    use watcher::Event::{Apply, Delete, InitApply};
+    match event {
+        Ok(Apply(s)) if !secret::is_directory_controlled(&s.metadata) => Some(Ok(Delete(s))),
+        Ok(InitApply(s)) if !secret::is_directory_controlled(&s.metadata) => None,
+        other => Some(other),
+    }
+}
+
+/// Drops what decisions never read from cached Secrets: managedFields (memory at scale) and kubectl's
+/// last-applied copy, which holds the whole object, data included, if someone `kubectl apply`-ed it.
+fn strip_secret_noise(s: &mut ObservedSecret) {
     s.metadata.managed_fields = None;
+    if let Some(annotations) = s.metadata.annotations.as_mut() {
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
 }
 
 /// The cache keeps what decisions read: managedFields and kubectl's last-applied copy of the whole
@@ -262,43 +332,75 @@ async fn reconcile_inner(dir: &ScimDirectory, ctx: &Context) -> Result<Action> {
         dir.spec.renew_before.as_deref(),
         dir.rotation_request(),
     );
-    let status_view = status_view(dir);
-    let mut observed: Option<Secret> = ctx.secrets.get(&ObjectRef::new(&secret_name).within(&ns)).map(|s| (*s).clone());
+    let status_view = status::view(dir);
+    let mut observed: Option<ObservedSecret> =
+        ctx.secrets.get(&ObjectRef::new(&secret_name).within(&ns)).map(|s| (*s).clone());
+    // The cache holds only Secrets that carry our label and a directory's controller reference, so a
+    // miss proves nothing: a token is generated only once the API server confirms there is no Secret.
+    let mut confirmed = observed.is_some();
 
-    // At most two rounds: the second only after a create found a Secret our label-filtered cache cannot
-    // see (for example one whose labels were stripped, or a foreign one).
-    for _ in 0..2 {
+    // A few rounds at most: after a cache miss turned out to be a Secret the cache cannot see (one
+    // whose labels were stripped, or a foreign one), and after a create lost a race with another writer.
+    for _ in 0..4 {
         let now = Timestamp::now();
         let state = secret::observe(dir, observed.as_ref());
         let decision = policy::decide(desired.as_ref().map_err(String::as_str), &status_view, &state, now);
+        let decision = policy::throttle(decision, &status_view, &state, now, ctx.min_issue_interval);
         debug!(namespace = %ns, name = %name, ?decision, "decided");
         match decision {
             Decision::InvalidSpec(message) => {
-                let status = status_with(dir, None, condition(dir, false, "InvalidSpec", &message, now));
+                let status = status::with(dir, None, status::condition(dir, false, "InvalidSpec", &message, now));
                 if write_status(ctx, dir, status).await? {
                     publish(ctx, dir, EventType::Warning, "InvalidSpec", &message).await;
                 }
                 return Ok(Action::await_change());
             }
-            Decision::Conflict { controller } => {
-                let message = match controller {
-                    Some(owner) => format!("Secret {secret_name} is controlled by {owner}; it is left untouched"),
-                    None => format!(
-                        "Secret {secret_name} exists and is not managed by this ScimDirectory; it is left untouched. Delete it or choose another spec.secretName"
-                    ),
-                };
-                let status = status_with(dir, None, condition(dir, false, "SecretConflict", &message, now));
+            Decision::Conflict => {
+                // Who controls the Secret is not said: the reader of this status may not be allowed to know.
+                let message = format!(
+                    "Secret {secret_name} exists and is not managed by this ScimDirectory; it is left untouched. Delete it or choose another spec.secretName"
+                );
+                let status = status::with(dir, None, status::condition(dir, false, "SecretConflict", &message, now));
                 if write_status(ctx, dir, status).await? {
                     publish(ctx, dir, EventType::Warning, "SecretConflict", &message).await;
                 }
                 return Err(Error::SecretConflict(secret_name));
+            }
+            Decision::Deferred { reason, last_issued_at, until } => {
+                ctx.metrics.issues_deferred.get_or_create(&ReasonLabels { reason: reason.as_str().into() }).inc();
+                let message = format!(
+                    "a new token ({}) is deferred until {until}: the last one was issued at {last_issued_at}, \
+                     less than the minimum interval between automatic issues ago. If this repeats, something \
+                     else is rewriting Secret {secret_name}",
+                    reason.as_str()
+                );
+                let status = status::with(dir, None, status::condition(dir, false, "IssueDeferred", &message, now));
+                if write_status(ctx, dir, status).await? {
+                    publish(ctx, dir, EventType::Warning, "IssueDeferred", &message).await;
+                }
+                warn!(namespace = %ns, name = %name, reason = reason.as_str(), %until, "automatic issue deferred");
+                return Ok(Action::requeue(duration_until(until, now)));
+            }
+            Decision::Issue(_) if !confirmed => {
+                confirmed = true;
+                // Metadata only: a foreign Secret's data is none of our business.
+                match secrets.get_metadata_opt(&secret_name).await? {
+                    None => continue,
+                    Some(found) if secret::is_controlled_by(dir, &found.metadata) => {
+                        observed = observed_secrets(ctx, &ns).get_opt(&secret_name).await?;
+                    }
+                    Some(found) => {
+                        observed = Some(ObservedSecret { metadata: found.metadata, ..ObservedSecret::default() });
+                    }
+                }
+                continue;
             }
             Decision::Issue(reason) => {
                 let desired = desired.as_ref().expect("an Issue decision implies a valid spec");
                 let token = Token::generate();
                 let record = policy::new_record(desired, token.hash(), reason, now);
                 let manifest = secret::desired_secret(dir, &token, &record);
-                match &state {
+                let written = match &state {
                     SecretState::Missing => {
                         match secrets.create(&post_params(), &secret::initial_secret(dir, &token, &record)).await {
                             // The template goes on with server-side apply, so that removing a key from it
@@ -306,18 +408,22 @@ async fn reconcile_inner(dir: &ScimDirectory, ctx: &Context) -> Result<Action> {
                             // already holds the token and its record: it is adopted, and the template
                             // applied then, as a metadata repair.
                             Ok(created) if secret::has_template(dir) => {
-                                apply_secret(&secrets, manifest, Some(&created)).await?
+                                apply_secret(&secrets, manifest, created.metadata.resource_version.clone()).await
                             }
-                            Ok(_) => {}
+                            Ok(_) => Ok(()),
                             Err(kube::Error::Api(s)) if s.code == 409 => {
-                                // Invisible to our cache: look at it directly and decide again.
-                                observed = secrets.get_opt(&secret_name).await?;
+                                // Created by someone else since we looked: look again and decide again.
+                                confirmed = false;
+                                observed = None;
                                 continue;
                             }
-                            Err(e) => return Err(e.into()),
+                            Err(e) => Err(e.into()),
                         }
                     }
-                    _ => apply_secret(&secrets, manifest, observed.as_ref()).await?,
+                    _ => apply_secret(&secrets, manifest, resource_version(observed.as_ref())).await,
+                };
+                if let Err(error) = written {
+                    return Err(report_write_failure(ctx, dir, error, &token, now).await);
                 }
                 failpoint(ctx, "after-secret-write");
                 ctx.metrics.tokens_issued.get_or_create(&ReasonLabels { reason: reason.as_str().into() }).inc();
@@ -335,19 +441,83 @@ async fn reconcile_inner(dir: &ScimDirectory, ctx: &Context) -> Result<Action> {
                 let desired = desired.as_ref().expect("a Keep decision implies a valid spec");
                 if let Some(current) = &observed
                     && (restore_record || secret::metadata_drifted(dir, current, &record))
-                    && let Some(token) = secret::stored_token(current)
                 {
-                    apply_secret(&secrets, secret::desired_secret(dir, &token, &record), Some(current)).await?;
+                    restore_metadata(ctx, dir, &secrets, current, &record, now).await?;
                     info!(namespace = %ns, name = %name, secret = %secret_name, "restored the Secret's labels and annotations");
                 }
                 return finish(ctx, dir, desired, &record, expired, now).await;
             }
         }
     }
-    // Two creates in a row hit a Secret that then vanished: let the backoff retry.
+    // The Secret kept changing under us: let the backoff retry.
     Err(Error::Kube(kube::Error::Api(Box::new(
         kube::core::Status::failure("the Secret changed while being written", "Conflict").with_code(409),
     ))))
+}
+
+/// Re-applies the Secret's labels and annotations around the token it already holds. The only place
+/// the operator reads a stored plaintext, and only to write it back unchanged: server-side apply of
+/// the complete Secret would otherwise drop the key. The write is guarded by the resourceVersion the
+/// decision was made on, and the token must still be the one the record names.
+async fn restore_metadata(
+    ctx: &Context,
+    dir: &ScimDirectory,
+    secrets: &Api<Secret>,
+    current: &ObservedSecret,
+    record: &IssueRecord,
+    now: Timestamp,
+) -> Result<()> {
+    let full = secrets.get(&current.name_any()).await?;
+    let token = secret::stored_token(&full).filter(|t| t.hash() == record.token_hash).ok_or_else(|| {
+        Error::Kube(kube::Error::Api(Box::new(
+            kube::core::Status::failure("the Secret's token changed while its metadata was restored", "Conflict")
+                .with_code(409),
+        )))
+    })?;
+    let manifest = secret::desired_secret(dir, &token, record);
+    match apply_secret(secrets, manifest, current.metadata.resource_version.clone()).await {
+        Ok(()) => Ok(()),
+        Err(error) => Err(report_write_failure(ctx, dir, error, &token, now).await),
+    }
+}
+
+/// A Secret write the API server refused for good (422: invalid, e.g. an immutable Secret or a
+/// template label value it rejects; 403: RBAC or an admission policy) needs a human: it is put in the
+/// status as `Ready=False, reason=SecretWriteFailed` with the API server's message and a Warning Event,
+/// and retried with backoff. Anything else (a 409, a timeout) is an ordinary retry.
+async fn report_write_failure(
+    ctx: &Context,
+    dir: &ScimDirectory,
+    error: Error,
+    token: &Token,
+    now: Timestamp,
+) -> Error {
+    let Error::Kube(kube::Error::Api(status)) = &error else { return error };
+    if !matches!(status.code, 403 | 422) {
+        return error;
+    }
+    // The API server does not echo data values, but a message must never be the way a token leaks.
+    let reason = status.message.replace(token.expose(), "[redacted]");
+    let message = format!("the API server refused to write Secret {}: {reason}", dir.secret_name());
+    let status = status::with(dir, None, status::condition(dir, false, "SecretWriteFailed", &message, now));
+    match write_status(ctx, dir, status).await {
+        Ok(true) => publish(ctx, dir, EventType::Warning, "SecretWriteFailed", &message).await,
+        Ok(false) => {}
+        Err(e) => warn!(error = %e, "could not report the failed Secret write in the status"),
+    }
+    Error::SecretWriteRefused(message)
+}
+
+fn duration_until(at: Timestamp, now: Timestamp) -> Duration {
+    Duration::try_from(at.duration_since(now)).unwrap_or(Duration::ZERO)
+}
+
+fn resource_version(secret: Option<&ObservedSecret>) -> Option<String> {
+    secret.and_then(|s| s.metadata.resource_version.clone())
+}
+
+fn observed_secrets(ctx: &Context, ns: &str) -> Api<ObservedSecret> {
+    Api::namespaced(ctx.client.clone(), ns)
 }
 
 /// Writes the status for a token that stands and schedules the next wake-up (renewal or expiry).
@@ -364,26 +534,19 @@ async fn finish(
             "the token expired at {}; rotate it (increase spec.rotationGeneration or set the scim.tokenops.dev/rotate annotation)",
             record.expires_at.map(|t| t.to_string()).unwrap_or_default()
         );
-        condition(dir, false, "TokenExpired", &message, now)
+        status::condition(dir, false, "TokenExpired", &message, now)
     } else if record.reason == IssueReason::Initial {
-        condition(dir, true, "TokenIssued", record.reason.describe(), now)
+        status::condition(dir, true, "TokenIssued", record.reason.describe(), now)
     } else {
-        condition(dir, true, "TokenRotated", &format!("{} ({})", record.reason.describe(), record.reason.as_str()), now)
+        let message = format!("{} ({})", record.reason.describe(), record.reason.as_str());
+        status::condition(dir, true, "TokenRotated", &message, now)
     };
-    let labels = DirectoryLabels { namespace: dir.namespace().unwrap_or_default(), name: dir.name_any() };
-    match record.expires_at {
-        Some(at) => {
-            ctx.metrics.token_expiry.get_or_create(&labels).set(at.as_second());
-        }
-        None => {
-            ctx.metrics.token_expiry.remove(&labels);
-        }
-    }
-    if write_status(ctx, dir, status_with(dir, Some(record), ready)).await? && expired {
+    ctx.export_expiry(dir, record.expires_at);
+    if write_status(ctx, dir, status::with(dir, Some(record), ready)).await? && expired {
         publish(ctx, dir, EventType::Warning, "TokenExpired", "the token has expired").await;
     }
     Ok(match policy::next_wakeup(desired, record, now) {
-        Some(at) => Action::requeue(Duration::try_from(at.duration_since(now)).unwrap_or(Duration::ZERO)),
+        Some(at) => Action::requeue(duration_until(at, now)),
         None => Action::await_change(),
     })
 }
@@ -395,8 +558,8 @@ fn post_params() -> PostParams {
 /// Server-side applies our complete Secret, guarded by the resourceVersion we decided on: a concurrent
 /// change (or a stale cache) makes the write fail with 409 instead of acting on outdated facts, which is
 /// what keeps one request from rotating twice.
-async fn apply_secret(api: &Api<Secret>, mut manifest: Secret, observed: Option<&Secret>) -> Result<()> {
-    manifest.metadata.resource_version = observed.and_then(|s| s.metadata.resource_version.clone());
+async fn apply_secret(api: &Api<Secret>, mut manifest: Secret, resource_version: Option<String>) -> Result<()> {
+    manifest.metadata.resource_version = resource_version;
     let mut value = serde_json::to_value(&manifest).expect("a Secret serializes");
     value["apiVersion"] = json!("v1");
     value["kind"] = json!("Secret");
@@ -405,80 +568,12 @@ async fn apply_secret(api: &Api<Secret>, mut manifest: Secret, observed: Option<
     Ok(())
 }
 
+/// Exits the process at a named point, for the crash-safety tests. Compiled only with the
+/// `failpoints` feature (the test command enables it), so a release binary has no such switch.
 fn failpoint(ctx: &Context, name: &str) {
-    if ctx.failpoint.as_deref() == Some(name) {
+    if cfg!(feature = "failpoints") && ctx.failpoint.as_deref() == Some(name) {
         warn!(failpoint = name, "failpoint hit: exiting");
         std::process::exit(FAILPOINT_EXIT_CODE);
-    }
-}
-
-/// The issue record the status vouches for, used to restore a Secret's stripped annotations.
-fn status_view(dir: &ScimDirectory) -> StatusView {
-    let Some(status) = &dir.status else { return StatusView::default() };
-    let token_hash = status.token_hash.as_deref().and_then(TokenHash::parse);
-    let record = (|| {
-        let issued_at = status.token_issued_at.as_ref()?.0;
-        let expires_at = status.token_expires_at.as_ref().map(|t| t.0);
-        Some(IssueRecord {
-            token_hash: token_hash.clone()?,
-            rotation_generation: status.observed_rotation_generation?,
-            expires_in: expires_at.map(|at| format!("{}s", at.as_second() - issued_at.as_second())),
-            rotation_request: status.last_rotation_request.clone(),
-            issued_at,
-            expires_at,
-            reason: match dir.ready_condition().map(|c| c.reason.as_str()) {
-                Some("TokenIssued") | None => IssueReason::Initial,
-                _ => status_reason(dir).unwrap_or(IssueReason::RotationGenerationChanged),
-            },
-        })
-    })();
-    StatusView { token_hash, record }
-}
-
-fn status_reason(dir: &ScimDirectory) -> Option<IssueReason> {
-    let message = &dir.ready_condition()?.message;
-    IssueReason::ALL.into_iter().find(|r| message.ends_with(&format!("({})", r.as_str())))
-}
-
-/// The status for a token described by `record`, or with the token fields kept as they are when the
-/// directory cannot be acted on (invalid spec, conflict).
-fn status_with(dir: &ScimDirectory, record: Option<&IssueRecord>, ready: Condition) -> ScimDirectoryStatus {
-    let current = dir.status.clone().unwrap_or_default();
-    let mut status = match record {
-        Some(r) => ScimDirectoryStatus {
-            token_hash: Some(r.token_hash.to_string()),
-            token_issued_at: Some(Time(r.issued_at)),
-            token_expires_at: r.expires_at.map(Time),
-            observed_rotation_generation: Some(r.rotation_generation),
-            last_rotation_request: r.rotation_request.clone(),
-            ..ScimDirectoryStatus::default()
-        },
-        None => {
-            ScimDirectoryStatus { conditions: vec![], observed_generation: None, secret_name: None, ..current.clone() }
-        }
-    };
-    status.observed_generation = dir.metadata.generation;
-    status.secret_name = Some(dir.secret_name());
-    status.conditions = vec![ready];
-    status
-}
-
-fn condition(dir: &ScimDirectory, ready: bool, reason: &str, message: &str, now: Timestamp) -> Condition {
-    let status = if ready { "True" } else { "False" };
-    // Keep the transition time while the condition's status does not change, so a steady state
-    // produces an identical status and therefore no write.
-    let last_transition_time = dir
-        .ready_condition()
-        .filter(|c| c.status == status)
-        .map(|c| c.last_transition_time.clone())
-        .unwrap_or(Time(Timestamp::from_second(now.as_second()).expect("valid")));
-    Condition {
-        type_: "Ready".into(),
-        status: status.into(),
-        reason: reason.into(),
-        message: message.into(),
-        observed_generation: dir.metadata.generation,
-        last_transition_time,
     }
 }
 

@@ -2,13 +2,16 @@
 //!
 //! Two spellings are accepted, so a value can be copied either from Ona's API or from habit:
 //!
-//! - the protobuf-JSON `Duration` form that Ona's `RegenerateSCIMToken` uses: `"15552000s"`, with up
-//!   to 9 fractional digits (`"1.5s"`);
+//! - the protobuf-JSON `Duration` form that Ona's `RegenerateSCIMToken` uses, in whole seconds:
+//!   `"15552000s"`;
 //! - compound units in the order days, hours, minutes, seconds, each at most once: `"180d"`,
 //!   `"4320h"`, `"1h30m"`, `"1d12h"`.
 //!
 //! Anything else is rejected rather than guessed at: a token lifetime that silently means something
-//! other than what was written is a security problem.
+//! other than what was written is a security problem. That includes fractions (`"1.5s"`): token
+//! lifetimes have whole-second precision, like the RFC 3339 timestamps they turn into, so a fraction
+//! would be rounded away silently (and `"3600.000000001s"` would pass a one-hour minimum that its
+//! timestamps then do not keep). Fractions are rejected, not rounded.
 //!
 //! [`DURATION_PATTERN`] is the same grammar as a regular expression for the CRD schema, so most
 //! mistakes are refused by the API server before the operator sees them.
@@ -25,7 +28,7 @@ use k8s_openapi::jiff::SignedDuration;
 /// its clients evaluate. It also matches the empty string, which the parser rejects: set
 /// `minLength: 2` next to it (the shortest duration, e.g. `"1s"`, has two characters). Values that
 /// match but are too large to represent are rejected by the parser.
-pub const DURATION_PATTERN: &str = r"^([0-9]+d)?([0-9]+h)?([0-9]+m)?([0-9]+(\.[0-9]{1,9})?s)?$";
+pub const DURATION_PATTERN: &str = r"^([0-9]+d)?([0-9]+h)?([0-9]+m)?([0-9]+s)?$";
 
 /// The shortest token lifetime: shorter ones would have the operator rotating constantly and leave
 /// no time to update the identity provider.
@@ -38,7 +41,7 @@ pub const MAX_TOKEN_LIFETIME: TokenLifetime = TokenLifetime(Duration::from_secs(
 /// Examples shown in every parse error, so the message says how to fix the value.
 const EXPECTED: &str = r#"expected e.g. "15552000s", "4320h", "1h30m" or "180d""#;
 
-/// A non-negative duration parsed from the spec.
+/// A non-negative whole number of seconds parsed from the spec.
 ///
 /// Always representable as a [`SignedDuration`] (the parser refuses larger values), so the
 /// conversions below cannot fail. Compares by value: `"1h30m" == "5400s"`.
@@ -55,13 +58,17 @@ impl TokenLifetime {
         SignedDuration::try_from(self.0).expect("the parser only accepts durations that fit a SignedDuration")
     }
 
-    /// The value as whole seconds plus any fraction, e.g. `"5400s"` or `"1.5s"`.
+    /// The value in seconds, e.g. `"5400s"`.
     ///
     /// One spelling per value, so the operator can store it and compare it later to tell whether the
     /// setting really changed or was only rewritten (`"1h30m"` → `"5400s"`). It is also the form
     /// Ona's API uses, and parses back to the same value.
     pub fn canonical(&self) -> String {
-        format!("{}{}s", self.0.as_secs(), fraction(self.0.subsec_nanos()))
+        format!("{}s", self.0.as_secs())
+    }
+
+    pub fn as_secs(&self) -> u64 {
+        self.0.as_secs()
     }
 }
 
@@ -70,27 +77,17 @@ impl TokenLifetime {
 impl fmt::Display for TokenLifetime {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let secs = self.0.as_secs();
-        let nanos = self.0.subsec_nanos();
         let parts = [(secs / 86_400, 'd'), (secs % 86_400 / 3600, 'h'), (secs % 3600 / 60, 'm')];
         let mut written = false;
         for (n, unit) in parts.into_iter().filter(|&(n, _)| n > 0) {
             write!(f, "{n}{unit}")?;
             written = true;
         }
-        if !secs.is_multiple_of(60) || nanos > 0 || !written {
-            write!(f, "{}{}s", secs % 60, fraction(nanos))?;
+        if !secs.is_multiple_of(60) || !written {
+            write!(f, "{}s", secs % 60)?;
         }
         Ok(())
     }
-}
-
-/// `".5"` for 500ms, `""` for none: the fractional part with trailing zeros trimmed.
-fn fraction(nanos: u32) -> String {
-    if nanos == 0 {
-        return String::new();
-    }
-    let digits = format!("{nanos:09}");
-    format!(".{}", digits.trim_end_matches('0'))
 }
 
 impl FromStr for TokenLifetime {
@@ -142,10 +139,8 @@ pub enum Problem {
     MissingUnit(String),
     /// A number that is not digits with an optional fraction, e.g. `".5"` or `"1."`.
     MalformedNumber(String),
-    /// More than 9 fractional digits: finer than the nanoseconds a duration can hold.
-    TooManyFractionalDigits,
-    /// A fraction on a unit other than seconds, e.g. `"1.5h"`.
-    FractionNotOnSeconds(char),
+    /// A fraction, e.g. `"1.5s"` or `"1.5h"`: lifetimes are whole seconds.
+    Fraction(String),
     /// A unit after a smaller one, e.g. `"30m1h"`.
     OutOfOrder {
         unit: char,
@@ -167,11 +162,11 @@ impl fmt::Display for Problem {
             Problem::MissingNumber(u) => write!(f, "unit \"{u}\" has no number before it"),
             Problem::MissingUnit(n) => write!(f, "number {n:?} has no unit"),
             Problem::MalformedNumber(n) => write!(f, "malformed number {n:?}"),
-            Problem::TooManyFractionalDigits => {
-                write!(f, "at most 9 fractional digits are allowed")
-            }
-            Problem::FractionNotOnSeconds(u) => {
-                write!(f, "only seconds may have a fraction, not \"{u}\"")
+            Problem::Fraction(n) => {
+                write!(
+                    f,
+                    "fraction {n:?} is not allowed: token lifetimes are whole seconds (write e.g. \"5400s\" or \"1h30m\")"
+                )
             }
             Problem::OutOfOrder { unit, after } => {
                 write!(f, "unit \"{unit}\" must come before \"{after}\" (the order is d, h, m, s)")
@@ -240,7 +235,6 @@ fn parse(s: &str) -> Result<Duration, Problem> {
     }
 
     let mut secs: u64 = 0;
-    let mut nanos: u32 = 0;
     let mut previous: Option<Unit> = None;
     let mut rest = s;
     while !rest.is_empty() {
@@ -277,14 +271,8 @@ fn parse(s: &str) -> Result<Duration, Problem> {
             }
             _ => previous = Some(unit),
         }
-        if let Some(frac) = frac {
-            if unit != Unit::Second {
-                return Err(Problem::FractionNotOnSeconds(unit.symbol()));
-            }
-            if frac.len() > 9 {
-                return Err(Problem::TooManyFractionalDigits);
-            }
-            nanos = format!("{frac:0<9}").parse().expect("at most 9 ASCII digits fit a u32");
+        if frac.is_some() {
+            return Err(Problem::Fraction(number.to_owned()));
         }
 
         // Digits only, so the only way parsing fails is a value beyond u64.
@@ -292,7 +280,7 @@ fn parse(s: &str) -> Result<Duration, Problem> {
         secs = n.checked_mul(unit.seconds()).and_then(|s| secs.checked_add(s)).ok_or(Problem::Overflow)?;
     }
 
-    let duration = Duration::new(secs, nanos);
+    let duration = Duration::from_secs(secs);
     // Keeps `TokenLifetime::as_signed_duration` infallible.
     SignedDuration::try_from(duration).map_err(|_| Problem::Overflow)?;
     Ok(duration)
@@ -309,30 +297,26 @@ mod tests {
     /// Strings the parser accepts, with their value.
     const VALID: &[(&str, Duration)] = &[
         ("15552000s", secs(15_552_000)),
-        ("1.5s", Duration::from_millis(1500)),
-        ("0.000000001s", Duration::from_nanos(1)),
-        ("1.123456789s", Duration::new(1, 123_456_789)),
-        ("2.100s", Duration::from_millis(2100)),
         ("4320h", secs(15_552_000)),
         ("90m", secs(5400)),
         ("1h30m", secs(5400)),
         ("180d", secs(15_552_000)),
         ("1d12h", secs(129_600)),
-        ("1d2h3m4.5s", Duration::from_millis(93_784_500)),
+        ("1d2h3m4s", secs(93_784)),
         ("1d1s", secs(86_401)),
         ("01h", secs(3600)),
         ("0s", secs(0)),
         ("0d0h0m0s", secs(0)),
         ("59m", secs(3540)),
-        ("3599.999999999s", Duration::new(3599, 999_999_999)),
+        ("3599s", secs(3599)),
         ("1h", secs(3600)),
         ("3600s", secs(3600)),
         ("3650d", secs(315_360_000)),
         ("87600h", secs(315_360_000)),
-        ("3650d0.000000001s", Duration::new(315_360_000, 1)),
+        ("3650d1s", secs(315_360_001)),
         ("3651d", secs(315_446_400)),
-        // The largest value a SignedDuration holds: i64::MAX seconds and a fraction.
-        ("9223372036854775807.999999999s", Duration::new(9_223_372_036_854_775_807, 999_999_999)),
+        // The largest whole number of seconds a SignedDuration holds.
+        ("9223372036854775807s", secs(9_223_372_036_854_775_807)),
     ];
 
     /// Strings the parser rejects, with the reason.
@@ -365,7 +349,7 @@ mod tests {
             ("1h1d", OutOfOrder { unit: 'd', after: 'h' }),
             ("1h1h", Repeated('h')),
             ("1d2d", Repeated('d')),
-            ("1.5s1s", Repeated('s')),
+            ("1s1s", Repeated('s')),
             ("h", MissingNumber('h')),
             ("s", MissingNumber('s')),
             ("d1h", MissingNumber('d')),
@@ -373,14 +357,17 @@ mod tests {
             ("3600", MissingUnit("3600".to_owned())),
             ("1h30", MissingUnit("30".to_owned())),
             ("1.5", MissingUnit("1.5".to_owned())),
-            ("1.5h", FractionNotOnSeconds('h')),
-            ("1.5m", FractionNotOnSeconds('m')),
-            ("0.5d", FractionNotOnSeconds('d')),
+            ("1.5s", Fraction("1.5".to_owned())),
+            ("3600.000000001s", Fraction("3600.000000001".to_owned())),
+            ("1.0s", Fraction("1.0".to_owned())),
+            ("1.5h", Fraction("1.5".to_owned())),
+            ("1.5m", Fraction("1.5".to_owned())),
+            ("0.5d", Fraction("0.5".to_owned())),
+            ("1h0.5s", Fraction("0.5".to_owned())),
             (".5s", MalformedNumber(".5".to_owned())),
             ("1.s", MalformedNumber("1.".to_owned())),
             (".s", MalformedNumber(".".to_owned())),
             ("1.5.5s", UnexpectedCharacter('.')),
-            ("1.1234567891s", TooManyFractionalDigits),
             ("1h,30m", UnexpectedCharacter(',')),
             ("1_000s", UnexpectedCharacter('_')),
             ("１h", UnexpectedCharacter('１')),
@@ -440,12 +427,8 @@ mod tests {
         assert_eq!(canonical("5400s"), "5400s");
         assert_eq!(canonical("180d"), "15552000s");
         assert_eq!(canonical("4320h"), "15552000s");
-        assert_eq!(canonical("1.5s"), "1.5s");
-        assert_eq!(canonical("1.500000000s"), "1.5s");
-        assert_eq!(canonical("1.0s"), "1s");
-        assert_eq!(canonical("0.000000001s"), "0.000000001s");
         assert_eq!(canonical("0s"), "0s");
-        assert_eq!(canonical("1d2h3m4.5s"), "93784.5s");
+        assert_eq!(canonical("1d2h3m4s"), "93784s");
         assert_eq!(parse_duration("1h30m").unwrap(), parse_duration("5400s").unwrap());
         assert_ne!(parse_duration("1h30m").unwrap(), parse_duration("5401s").unwrap());
         for &(input, _) in VALID {
@@ -461,8 +444,7 @@ mod tests {
         assert_eq!(display("129600s"), "1d12h");
         assert_eq!(display("3540s"), "59m");
         assert_eq!(display("15552000s"), "180d");
-        assert_eq!(display("1.5s"), "1.5s");
-        assert_eq!(display("86400.25s"), "1d0.25s");
+        assert_eq!(display("86401s"), "1d1s");
         assert_eq!(display("0s"), "0s");
         for &(input, _) in VALID {
             let parsed = parse_duration(input).unwrap();
@@ -474,9 +456,7 @@ mod tests {
     fn converts_to_signed_duration() {
         let delta = |s: &str| parse_duration(s).unwrap().as_signed_duration();
         assert_eq!(delta("1h30m"), SignedDuration::from_secs(5400));
-        assert_eq!(delta("1.5s"), SignedDuration::from_millis(1500));
-        assert_eq!(delta("0.000000001s"), SignedDuration::from_nanos(1));
-        assert_eq!(delta("9223372036854775807.999999999s"), SignedDuration::MAX);
+        assert_eq!(delta("9223372036854775807s"), SignedDuration::from_secs(i64::MAX));
         for &(input, expected) in VALID {
             assert_eq!(Duration::try_from(delta(input)).unwrap(), expected, "{input:?}");
         }
@@ -488,7 +468,7 @@ mod tests {
         for ok in ["1h", "3600s", "60m", "180d", "3650d", "87600h", "315360000s"] {
             assert_eq!(check(ok), Ok(()), "{ok:?}");
         }
-        for too_short_or_long in ["0s", "59m", "3599.999999999s", "3650d0.000000001s", "3651d", "9223372036854775s"] {
+        for too_short_or_long in ["0s", "59m", "3599s", "3650d1s", "3651d", "9223372036854775s"] {
             assert!(
                 matches!(check(too_short_or_long), Err(DurationError::OutOfBounds { .. })),
                 "{too_short_or_long:?}"

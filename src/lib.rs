@@ -10,5 +10,6 @@ pub mod metrics;
 pub mod policy;
 pub mod secret;
 pub mod server;
+pub mod status;
 pub mod telemetry;
 pub mod token;

@@ -20,6 +20,12 @@ pub struct ReasonLabels {
     pub reason: String,
 }
 
+/// A watched namespace, or "" for all namespaces.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScopeLabels {
+    pub scope: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     pub error: String,
@@ -30,6 +36,10 @@ pub struct Metrics {
     /// Unix time at which each directory's token expires (absent for perpetual tokens).
     pub token_expiry: Family<DirectoryLabels, Gauge>,
     pub tokens_issued: Family<ReasonLabels, Counter>,
+    /// Automatic issues held back by the minimum interval between them.
+    pub issues_deferred: Family<ReasonLabels, Counter>,
+    /// Secrets in the operator's cache, per watched scope.
+    pub cached_secrets: Family<ScopeLabels, Gauge>,
     pub reconcile_errors: Family<ErrorLabels, Counter>,
     pub reconcile_duration: Histogram,
     /// 1 while this replica holds the leader Lease (or runs without leader election).
@@ -42,6 +52,8 @@ impl Default for Metrics {
         let token_expiry = Family::<DirectoryLabels, Gauge>::default();
         let tokens_issued = Family::<ReasonLabels, Counter>::default();
         let reconcile_errors = Family::<ErrorLabels, Counter>::default();
+        let issues_deferred = Family::<ReasonLabels, Counter>::default();
+        let cached_secrets = Family::<ScopeLabels, Gauge>::default();
         let reconcile_duration = Histogram::new(exponential_buckets(0.001, 2.0, 14));
         registry.register(
             "token_expiry_timestamp_seconds",
@@ -53,11 +65,30 @@ impl Default for Metrics {
             "Tokens issued, by reason (Initial, RotationGenerationChanged, ...)",
             tokens_issued.clone(),
         );
+        registry.register(
+            "issues_deferred",
+            "Automatic issues (renewals, repairs) deferred by the minimum interval between them, by reason",
+            issues_deferred.clone(),
+        );
+        registry.register(
+            "cached_secrets",
+            "Secrets held in the cache (metadata and token hash only), per watched namespace (\"\" = all)",
+            cached_secrets.clone(),
+        );
         registry.register("reconcile_errors", "Failed reconciliations, by error kind", reconcile_errors.clone());
         registry.register("reconcile_duration_seconds", "Duration of one reconciliation", reconcile_duration.clone());
         let leader = Gauge::default();
         registry.register("leader", "1 while this replica leads and reconciles", leader.clone());
-        Metrics { registry, token_expiry, tokens_issued, reconcile_errors, reconcile_duration, leader }
+        Metrics {
+            registry,
+            token_expiry,
+            tokens_issued,
+            issues_deferred,
+            cached_secrets,
+            reconcile_errors,
+            reconcile_duration,
+            leader,
+        }
     }
 }
 

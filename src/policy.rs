@@ -10,9 +10,9 @@
 //! status write harmless: on restart the Secret already matches the spec, so nothing is re-issued and
 //! the status is adopted from it.
 
-use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
-use crate::duration::{TokenLifetime, check_token_lifetime};
+use crate::duration::{MIN_TOKEN_LIFETIME, TokenLifetime, check_token_lifetime};
 use crate::token::TokenHash;
 
 /// What a token was issued for, as recorded on its Secret.
@@ -29,6 +29,10 @@ pub struct IssueRecord {
     pub reason: IssueReason,
 }
 
+/// How far in the future a recorded `issued-at` may lie before it counts as forged: room for the clock
+/// skew between the replica that wrote it and the one reading it, nothing more.
+pub const MAX_CLOCK_SKEW: SignedDuration = SignedDuration::from_secs(60);
+
 /// The spec as the policy needs it, already validated.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Desired {
@@ -39,7 +43,8 @@ pub struct Desired {
 }
 
 impl Desired {
-    /// Validates the parts of the spec the CRD schema cannot (duration bounds, renewBefore < tokenExpiresIn).
+    /// Validates the parts of the spec the CRD schema cannot (duration bounds with day units, and the
+    /// renewal window: see [`min_renewal_window`]).
     pub fn parse(
         rotation_generation: i64,
         token_expires_in: Option<&str>,
@@ -62,12 +67,18 @@ impl Desired {
         let renew_before = field("renewBefore", renew_before)?;
         match (&expires_in, &renew_before) {
             (None, Some(_)) => return Err("spec.renewBefore requires spec.tokenExpiresIn".into()),
-            (Some(e), Some(r)) if r >= e => {
-                return Err(format!(
-                    "spec.renewBefore ({}) must be shorter than spec.tokenExpiresIn ({})",
-                    renew_before_str(renew_before.as_ref()),
-                    e.canonical()
-                ));
+            (Some(e), Some(r)) => {
+                let window = e.as_secs().saturating_sub(r.as_secs());
+                let min = min_renewal_window(e);
+                if window < min {
+                    return Err(format!(
+                        "spec.renewBefore ({r}) leaves {} between a token's issue and its renewal; \
+                         spec.tokenExpiresIn ({e}) minus spec.renewBefore must be at least {} \
+                         (the larger of 1h and 10% of spec.tokenExpiresIn), so that renewals cannot come in a storm",
+                        seconds(window),
+                        seconds(min),
+                    ));
+                }
             }
             _ => {}
         }
@@ -84,8 +95,15 @@ impl Desired {
     }
 }
 
-fn renew_before_str(r: Option<&TokenLifetime>) -> String {
-    r.map(TokenLifetime::canonical).unwrap_or_default()
+/// The shortest time a token must stand between its issue and its automatic renewal: the larger of
+/// one hour and a tenth of its lifetime. `tokenExpiresIn: 3601s` with `renewBefore: 1h` would
+/// otherwise renew every second, forever. The CRD's CEL rule checks the same where it can.
+pub fn min_renewal_window(expires_in: &TokenLifetime) -> u64 {
+    MIN_TOKEN_LIFETIME.as_secs().max(expires_in.as_secs().div_ceil(10))
+}
+
+fn seconds(s: u64) -> String {
+    format!("{s}s").parse::<TokenLifetime>().map(|l| l.to_string()).unwrap_or_else(|_| format!("{s}s"))
 }
 
 /// The managed Secret as observed.
@@ -93,15 +111,27 @@ fn renew_before_str(r: Option<&TokenLifetime>) -> String {
 pub enum SecretState {
     /// No Secret of that name.
     Missing,
-    /// A Secret of that name that this directory does not control (no controller ownerReference to its UID).
-    Foreign { controller: Option<String> },
+    /// A Secret of that name that this directory does not control (no controller ownerReference to
+    /// its UID). Who controls it is deliberately not kept: the status must not tell a tenant about
+    /// objects it may not be allowed to read.
+    Foreign,
     /// A Secret controlled by this directory.
     Owned {
         /// Hash of `data.token`; `None` when the key is absent or empty.
         token_hash: Option<TokenHash>,
-        /// The issue record from its annotations; `None` when they were stripped or are unreadable.
-        record: Option<IssueRecord>,
+        /// The issue record from its annotations.
+        record: RecordState,
     },
+}
+
+/// The issue record as read from a Secret's annotations.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RecordState {
+    Valid(IssueRecord),
+    /// Stripped or unreadable: rebuilt from the status if the status vouches for the token.
+    Absent,
+    /// Readable but inconsistent (an expiry that is not issue time + lifetime): someone wrote it by hand.
+    Forged(String),
 }
 
 /// What the status last said about the token, used only to tell a deleted Secret from a new directory
@@ -127,10 +157,12 @@ pub enum IssueReason {
     TokenMissing,
     /// The Secret's token no longer matches the hash recorded when it was issued.
     TokenChanged,
+    /// The Secret's issue record was edited (an expiry pushed out, an issue time in the future).
+    RecordTampered,
 }
 
 impl IssueReason {
-    pub const ALL: [IssueReason; 8] = [
+    pub const ALL: [IssueReason; 9] = [
         IssueReason::Initial,
         IssueReason::RotationGenerationChanged,
         IssueReason::ExpirySettingChanged,
@@ -139,6 +171,7 @@ impl IssueReason {
         IssueReason::SecretDeleted,
         IssueReason::TokenMissing,
         IssueReason::TokenChanged,
+        IssueReason::RecordTampered,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -151,6 +184,7 @@ impl IssueReason {
             IssueReason::SecretDeleted => "SecretDeleted",
             IssueReason::TokenMissing => "TokenMissing",
             IssueReason::TokenChanged => "TokenChanged",
+            IssueReason::RecordTampered => "RecordTampered",
         }
     }
 
@@ -161,7 +195,19 @@ impl IssueReason {
     /// Re-issues that happen because something outside the spec broke the token: the old plaintext is
     /// gone for good and the identity provider must be updated, so they are Warnings.
     pub fn is_repair(self) -> bool {
-        matches!(self, IssueReason::SecretDeleted | IssueReason::TokenMissing | IssueReason::TokenChanged)
+        matches!(
+            self,
+            IssueReason::SecretDeleted
+                | IssueReason::TokenMissing
+                | IssueReason::TokenChanged
+                | IssueReason::RecordTampered
+        )
+    }
+
+    /// Issues nobody asked for in the spec: renewals and repairs. Only these are rate-limited (see
+    /// [`throttle`]); a first token and the rotations a user requests are always immediate.
+    pub fn is_automatic(self) -> bool {
+        self == IssueReason::RenewalDue || self.is_repair()
     }
 
     pub fn describe(self) -> &'static str {
@@ -178,6 +224,9 @@ impl IssueReason {
                 "re-issued the token: its Secret had no token key; the old token is unrecoverable"
             }
             IssueReason::TokenChanged => "re-issued the token: the Secret's token was changed outside the operator",
+            IssueReason::RecordTampered => {
+                "re-issued the token: the issue record on its Secret was edited outside the operator"
+            }
         }
     }
 }
@@ -188,9 +237,12 @@ pub enum Decision {
     /// The spec cannot be acted on; nothing is written but the status.
     InvalidSpec(String),
     /// The Secret belongs to someone else: never touch it.
-    Conflict { controller: Option<String> },
+    Conflict,
     /// Issue a new token and write it, with its record, to the Secret.
     Issue(IssueReason),
+    /// An automatic issue that would come too soon after the previous one (see [`throttle`]): wait
+    /// until `until`, then decide again.
+    Deferred { reason: IssueReason, last_issued_at: Timestamp, until: Timestamp },
     /// The Secret's token stands. `restore_record` is set when its annotations were stripped and are
     /// rebuilt from the status, which vouches for the same token hash.
     Keep { record: IssueRecord, restore_record: bool, expired: bool },
@@ -203,9 +255,7 @@ pub fn decide(desired: Result<&Desired, &str>, status: &StatusView, secret: &Sec
         Err(message) => return Decision::InvalidSpec(message.to_owned()),
     };
     let (token_hash, record) = match secret {
-        SecretState::Foreign { controller } => {
-            return Decision::Conflict { controller: controller.clone() };
-        }
+        SecretState::Foreign => return Decision::Conflict,
         SecretState::Missing if status.token_hash.is_some() => {
             return Decision::Issue(IssueReason::SecretDeleted);
         }
@@ -217,10 +267,17 @@ pub fn decide(desired: Result<&Desired, &str>, status: &StatusView, secret: &Sec
     };
 
     let (record, restore_record) = match record {
-        Some(record) if &record.token_hash == token_hash => (record.clone(), false),
-        Some(_) => return Decision::Issue(IssueReason::TokenChanged),
+        RecordState::Valid(record) if &record.token_hash != token_hash => {
+            return Decision::Issue(IssueReason::TokenChanged);
+        }
+        // An issue time in the future would postpone renewal and expiry at will.
+        RecordState::Valid(record) if record.issued_at > now.saturating_add(MAX_CLOCK_SKEW).expect("in range") => {
+            return Decision::Issue(IssueReason::RecordTampered);
+        }
+        RecordState::Valid(record) => (record.clone(), false),
+        RecordState::Forged(_) => return Decision::Issue(IssueReason::RecordTampered),
         // Annotations stripped: the token is still ours if the status vouches for exactly this hash.
-        None => match &status.record {
+        RecordState::Absent => match &status.record {
             Some(from_status) if &from_status.token_hash == token_hash => (from_status.clone(), true),
             _ => return Decision::Issue(IssueReason::TokenChanged),
         },
@@ -242,6 +299,38 @@ pub fn decide(desired: Result<&Desired, &str>, status: &StatusView, secret: &Sec
     }
     let expired = record.expires_at.is_some_and(|at| now >= at);
     Decision::Keep { record, restore_record, expired }
+}
+
+/// Rate-limits automatic issues: a renewal or repair within `min_interval` of the previous issue is
+/// deferred until the interval has passed. Whatever a spec says and whatever another writer does to
+/// the Secret (a mutating webhook or a tool rewriting `data.token` after every write), the operator
+/// then issues at most one token per directory per interval by itself. Requested issues pass.
+///
+/// The previous issue time is the latest of the Secret's record and the status that is not in the
+/// future (a forged future time must not hold a repair back).
+pub fn throttle(
+    decision: Decision,
+    status: &StatusView,
+    secret: &SecretState,
+    now: Timestamp,
+    min_interval: SignedDuration,
+) -> Decision {
+    let Decision::Issue(reason) = decision else { return decision };
+    if !reason.is_automatic() {
+        return decision;
+    }
+    let from_secret = match secret {
+        SecretState::Owned { record: RecordState::Valid(r), .. } => Some(r.issued_at),
+        _ => None,
+    };
+    let from_status = status.record.as_ref().map(|r| r.issued_at);
+    let Some(last_issued_at) = [from_secret, from_status].into_iter().flatten().filter(|t| *t <= now).max() else {
+        return decision;
+    };
+    match last_issued_at.checked_add(min_interval) {
+        Ok(until) if now < until => Decision::Deferred { reason, last_issued_at, until },
+        _ => decision,
+    }
 }
 
 /// When a token must be renewed, if `renewBefore` is set and the token expires.
@@ -291,7 +380,7 @@ mod tests {
         new_record(d, h, IssueReason::Initial, ts(issued))
     }
     fn owned(h: Option<TokenHash>, record: Option<IssueRecord>) -> SecretState {
-        SecretState::Owned { token_hash: h, record }
+        SecretState::Owned { token_hash: h, record: record.map_or(RecordState::Absent, RecordState::Valid) }
     }
     const T0: &str = "2026-01-01T00:00:00Z";
 
@@ -329,13 +418,33 @@ mod tests {
                 T0,
                 Decision::Issue(IssueReason::SecretDeleted),
             ),
+            ("foreign secret", Ok(base.clone()), StatusView::default(), SecretState::Foreign, T0, Decision::Conflict),
             (
-                "foreign secret",
-                Ok(base.clone()),
-                StatusView::default(),
-                SecretState::Foreign { controller: Some("ScimDirectory/other".into()) },
+                "forged record (expiry pushed out)",
+                Ok(with_expiry.clone()),
+                status_with(&rec_exp),
+                SecretState::Owned {
+                    token_hash: Some(hash('a')),
+                    record: RecordState::Forged("expires-at is not issued-at + token-expires-in".into()),
+                },
                 T0,
-                Decision::Conflict { controller: Some("ScimDirectory/other".into()) },
+                Decision::Issue(IssueReason::RecordTampered),
+            ),
+            (
+                "issue time in the future",
+                Ok(with_expiry.clone()),
+                status_with(&rec_exp),
+                owned(Some(hash('a')), Some(record(&with_expiry, hash('a'), "2026-01-01T00:01:01Z"))),
+                T0,
+                Decision::Issue(IssueReason::RecordTampered),
+            ),
+            (
+                "issue time within the clock skew",
+                Ok(with_expiry.clone()),
+                status_with(&rec_exp),
+                owned(Some(hash('a')), Some(record(&with_expiry, hash('a'), "2026-01-01T00:01:00Z"))),
+                T0,
+                keep(&record(&with_expiry, hash('a'), "2026-01-01T00:01:00Z"), false, false),
             ),
             (
                 "invalid spec wins over everything",
@@ -514,16 +623,28 @@ mod tests {
             (Some("30m"), None, "spec.tokenExpiresIn"),
             (Some("3651d"), None, "spec.tokenExpiresIn"),
             (Some("10x"), None, "spec.tokenExpiresIn"),
-            (Some("90d"), Some("90d"), "must be shorter"),
-            (Some("90d"), Some("100d"), "must be shorter"),
+            (Some("1.5s"), None, "whole seconds"),
+            (Some("90d"), Some("90d"), "must be at least 9d"),
+            (Some("90d"), Some("100d"), "leaves 0s between"),
             (None, Some("7d"), "requires spec.tokenExpiresIn"),
             (Some("90d"), Some("5m"), "spec.renewBefore"),
+            // The storms: a renewal a second after each issue, or right at it.
+            (Some("3601s"), Some("1h"), "leaves 1s between a token's issue and its renewal"),
+            (Some("2h"), Some("1h1s"), "must be at least 1h"),
+            (Some("3600.000000001s"), Some("1h"), "whole seconds"),
+            // 10% of the lifetime once that is more than an hour.
+            (Some("100d"), Some("90d1s"), "must be at least 10d"),
         ] {
             let err = Desired::parse(0, expires, renew, None).unwrap_err();
             assert!(err.contains(fragment), "{expires:?}/{renew:?}: {err}");
         }
         assert!(Desired::parse(-1, None, None, None).unwrap_err().contains("rotationGeneration"));
         assert!(Desired::parse(3, Some("90d"), Some("7d"), Some("x")).is_ok());
+        // The edges of the renewal window are allowed.
+        assert!(Desired::parse(0, Some("2h"), Some("1h"), None).is_ok());
+        assert!(Desired::parse(0, Some("100d"), Some("90d"), None).is_ok());
+        assert_eq!(min_renewal_window(&"3650d".parse().unwrap()), 365 * 86_400);
+        assert_eq!(min_renewal_window(&"1h".parse().unwrap()), 3600);
     }
 
     #[test]
@@ -536,6 +657,103 @@ mod tests {
         assert_eq!(r.rotation_generation, 2);
         assert_eq!(r.rotation_request.as_deref(), Some("req"));
         assert_eq!(new_record(&desired(0, None, None, None), hash('c'), IssueReason::Initial, ts(T0)).expires_at, None);
+    }
+
+    #[test]
+    fn automatic_issues_are_throttled_requested_ones_are_not() {
+        let d = desired(0, Some("90d"), None, None);
+        let rec = record(&d, hash('a'), T0);
+        let status = StatusView { token_hash: Some(hash('a')), record: Some(rec.clone()) };
+        let secret = owned(Some(hash('b')), Some(rec.clone()));
+        let minute = SignedDuration::from_secs(60);
+        let deferred = |reason, until: &str| Decision::Deferred { reason, last_issued_at: ts(T0), until: ts(until) };
+        type Case<'a> = (&'a str, Decision, &'a StatusView, &'a SecretState, &'a str, Decision);
+        let none = StatusView::default();
+        let future = owned(Some(hash('a')), Some(record(&d, hash('a'), "2099-01-01T00:00:00Z")));
+        let cases: Vec<Case> = vec![
+            (
+                "repair right after an issue waits",
+                Decision::Issue(IssueReason::TokenChanged),
+                &status,
+                &secret,
+                "2026-01-01T00:00:30Z",
+                deferred(IssueReason::TokenChanged, "2026-01-01T00:01:00Z"),
+            ),
+            (
+                "repair once the interval has passed",
+                Decision::Issue(IssueReason::TokenChanged),
+                &status,
+                &secret,
+                "2026-01-01T00:01:00Z",
+                Decision::Issue(IssueReason::TokenChanged),
+            ),
+            (
+                "renewal waits too",
+                Decision::Issue(IssueReason::RenewalDue),
+                &status,
+                &secret,
+                "2026-01-01T00:00:01Z",
+                deferred(IssueReason::RenewalDue, "2026-01-01T00:01:00Z"),
+            ),
+            (
+                "Secret deleted: the status knows the last issue",
+                Decision::Issue(IssueReason::SecretDeleted),
+                &status,
+                &SecretState::Missing,
+                "2026-01-01T00:00:10Z",
+                deferred(IssueReason::SecretDeleted, "2026-01-01T00:01:00Z"),
+            ),
+            (
+                "requested rotation is immediate",
+                Decision::Issue(IssueReason::RotationRequested),
+                &status,
+                &secret,
+                "2026-01-01T00:00:01Z",
+                Decision::Issue(IssueReason::RotationRequested),
+            ),
+            (
+                "spec change is immediate",
+                Decision::Issue(IssueReason::RotationGenerationChanged),
+                &status,
+                &secret,
+                "2026-01-01T00:00:01Z",
+                Decision::Issue(IssueReason::RotationGenerationChanged),
+            ),
+            (
+                "first token is immediate",
+                Decision::Issue(IssueReason::Initial),
+                &none,
+                &SecretState::Missing,
+                T0,
+                Decision::Issue(IssueReason::Initial),
+            ),
+            (
+                "a future issue time holds nothing back",
+                Decision::Issue(IssueReason::RecordTampered),
+                &none,
+                &future,
+                T0,
+                Decision::Issue(IssueReason::RecordTampered),
+            ),
+            ("keep passes through", keep_of(&rec), &status, &secret, T0, keep_of(&rec)),
+        ];
+        for (name, decision, status, secret, now, want) in cases {
+            assert_eq!(throttle(decision, status, secret, ts(now), minute), want, "case {name:?}");
+        }
+        for reason in IssueReason::ALL {
+            let requested = matches!(
+                reason,
+                IssueReason::Initial
+                    | IssueReason::RotationGenerationChanged
+                    | IssueReason::ExpirySettingChanged
+                    | IssueReason::RotationRequested
+            );
+            assert_eq!(reason.is_automatic(), !requested, "{reason:?}");
+        }
+    }
+
+    fn keep_of(r: &IssueRecord) -> Decision {
+        Decision::Keep { record: r.clone(), restore_record: false, expired: false }
     }
 
     #[test]

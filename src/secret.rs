@@ -10,9 +10,12 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use k8s_openapi::jiff::Timestamp;
 use kube::Resource;
+use serde::Deserialize;
+use zeroize::Zeroize;
 
-use crate::api::ScimDirectory;
-use crate::policy::{IssueReason, IssueRecord, SecretState};
+use crate::api::{GROUP, ScimDirectory};
+use crate::duration::TokenLifetime;
+use crate::policy::{IssueReason, IssueRecord, RecordState, SecretState};
 use crate::token::{Token, TokenHash};
 
 /// Data key holding the plaintext token.
@@ -36,47 +39,164 @@ pub const TEMPLATE_ANNOTATION: &str = "scim.tokenops.dev/template-hash";
 /// Value of the expires-in annotation for a token that never expires.
 const NEVER: &str = "never";
 
-/// Classifies a Secret found under the directory's Secret name.
-pub fn observe(dir: &ScimDirectory, secret: Option<&Secret>) -> SecretState {
-    let Some(secret) = secret else { return SecretState::Missing };
-    let uid = dir.metadata.uid.as_deref();
-    let controller = secret.metadata.owner_references.iter().flatten().find(|r| r.controller == Some(true));
-    match controller {
-        Some(owner) if uid.is_some() && Some(owner.uid.as_str()) == uid => SecretState::Owned {
+/// A Secret as the operator caches it and decides on it: its metadata, its type and the SHA-256 of
+/// its `token` key, never the plaintext. Deserializing one hashes the token as it arrives and skips
+/// every other data key, so neither a token nor a large payload someone else put in a Secret stays in
+/// the operator's memory. The plaintext is read (with a plain [`Secret`]) only in the rare case
+/// it must be written back unchanged.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct ObservedSecret {
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default, rename = "type")]
+    pub type_: Option<String>,
+    /// Hash of `data.token`; `None` when the key is absent or empty.
+    #[serde(default, rename = "data", deserialize_with = "hash_of_token")]
+    pub token_hash: Option<TokenHash>,
+}
+
+impl k8s_openapi::Resource for ObservedSecret {
+    const API_VERSION: &'static str = <Secret as k8s_openapi::Resource>::API_VERSION;
+    const GROUP: &'static str = <Secret as k8s_openapi::Resource>::GROUP;
+    const KIND: &'static str = <Secret as k8s_openapi::Resource>::KIND;
+    const VERSION: &'static str = <Secret as k8s_openapi::Resource>::VERSION;
+    const URL_PATH_SEGMENT: &'static str = <Secret as k8s_openapi::Resource>::URL_PATH_SEGMENT;
+    type Scope = <Secret as k8s_openapi::Resource>::Scope;
+}
+
+impl k8s_openapi::Metadata for ObservedSecret {
+    type Ty = ObjectMeta;
+    fn metadata(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+impl ObservedSecret {
+    /// The view of a Secret the operator already holds in full (for tests and for symmetry).
+    pub fn of(secret: &Secret) -> ObservedSecret {
+        ObservedSecret {
+            metadata: secret.metadata.clone(),
+            type_: secret.type_.clone(),
             token_hash: secret
                 .data
                 .as_ref()
                 .and_then(|d| d.get(TOKEN_KEY))
                 .filter(|v| !v.0.is_empty())
                 .map(|v| TokenHash::of_bytes(&v.0)),
-            record: secret.metadata.annotations.as_ref().and_then(read_record),
-        },
-        Some(owner) => SecretState::Foreign { controller: Some(format!("{}/{}", owner.kind, owner.name)) },
-        None => SecretState::Foreign { controller: None },
+        }
     }
 }
 
-/// Reads an issue record from annotations; `None` if any part is missing or malformed.
-pub fn read_record(annotations: &BTreeMap<String, String>) -> Option<IssueRecord> {
-    let get = |k: &str| annotations.get(k).map(String::as_str);
-    let time = |k: &str| get(k).and_then(|v| v.parse::<Timestamp>().ok());
-    let expires_in = match get(EXPIRES_IN_ANNOTATION)? {
-        NEVER => None,
-        other => Some(other.to_owned()),
-    };
-    let expires_at = time(EXPIRES_AT_ANNOTATION);
-    if expires_in.is_some() != expires_at.is_some() {
-        return None;
+/// Deserializes a Secret's `data` map into the hash of its `token` key, ignoring every other key.
+fn hash_of_token<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<TokenHash>, D::Error> {
+    struct Visitor;
+    impl<'de> serde::de::Visitor<'de> for Visitor {
+        type Value = Option<TokenHash>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a Secret's data map")
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_none<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_map(self)
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut hash = None;
+            while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                if key == TOKEN_KEY {
+                    let mut value: ByteString = map.next_value()?;
+                    hash = (!value.0.is_empty()).then(|| TokenHash::of_bytes(&value.0));
+                    value.0.zeroize();
+                } else {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+            Ok(hash)
+        }
     }
-    Some(IssueRecord {
-        token_hash: TokenHash::parse(get(HASH_ANNOTATION)?)?,
-        rotation_generation: get(GENERATION_ANNOTATION)?.parse().ok()?,
-        expires_in,
-        rotation_request: get(REQUEST_ANNOTATION).map(str::to_owned),
-        issued_at: time(ISSUED_AT_ANNOTATION)?,
-        expires_at,
-        reason: IssueReason::parse(get(REASON_ANNOTATION)?)?,
+    deserializer.deserialize_option(Visitor)
+}
+
+/// Whether a Secret has a controller ownerReference to some ScimDirectory: only those are cached.
+pub fn is_directory_controlled(meta: &ObjectMeta) -> bool {
+    meta.owner_references.iter().flatten().any(|r| {
+        r.controller == Some(true)
+            && r.kind == "ScimDirectory"
+            && r.api_version.split_once('/').is_some_and(|(group, _)| group == GROUP)
     })
+}
+
+/// Classifies a Secret found under the directory's Secret name.
+pub fn observe(dir: &ScimDirectory, secret: Option<&ObservedSecret>) -> SecretState {
+    let Some(secret) = secret else { return SecretState::Missing };
+    if !is_controlled_by(dir, &secret.metadata) {
+        return SecretState::Foreign;
+    }
+    SecretState::Owned {
+        token_hash: secret.token_hash.clone(),
+        record: secret.metadata.annotations.as_ref().map_or(RecordState::Absent, read_record),
+    }
+}
+
+/// Whether `meta` carries a controller ownerReference to exactly this directory (by UID).
+pub fn is_controlled_by(dir: &ScimDirectory, meta: &ObjectMeta) -> bool {
+    let uid = dir.metadata.uid.as_deref();
+    let controller = meta.owner_references.iter().flatten().find(|r| r.controller == Some(true));
+    controller.is_some_and(|owner| uid.is_some() && Some(owner.uid.as_str()) == uid)
+}
+
+/// Reads an issue record from annotations.
+///
+/// The expiry is derived from the issue time and the recorded lifetime, never taken as written: an
+/// `expires-at` annotation that disagrees with them was edited by hand (someone pushing the expiry
+/// out), and the record is [`RecordState::Forged`]. A missing or malformed part makes it
+/// [`RecordState::Absent`], which the status can vouch for.
+pub fn read_record(annotations: &BTreeMap<String, String>) -> RecordState {
+    let get = |k: &str| annotations.get(k).map(String::as_str);
+    let parsed = (|| {
+        let expires_in = match get(EXPIRES_IN_ANNOTATION)? {
+            NEVER => None,
+            other => Some(other.parse::<TokenLifetime>().ok()?),
+        };
+        let issued_at = get(ISSUED_AT_ANNOTATION)?.parse::<Timestamp>().ok()?;
+        // Whole seconds, as written by `new_record`; anything else was not written by the operator.
+        if issued_at.subsec_nanosecond() != 0 {
+            return None;
+        }
+        let expires_at = match &expires_in {
+            Some(lifetime) => Some(issued_at.checked_add(lifetime.as_signed_duration()).ok()?),
+            None => None,
+        };
+        Some(IssueRecord {
+            token_hash: TokenHash::parse(get(HASH_ANNOTATION)?)?,
+            rotation_generation: get(GENERATION_ANNOTATION)?.parse().ok()?,
+            expires_in: expires_in.map(|l| l.canonical()),
+            rotation_request: get(REQUEST_ANNOTATION).map(str::to_owned),
+            issued_at,
+            expires_at,
+            reason: IssueReason::parse(get(REASON_ANNOTATION)?)?,
+        })
+    })();
+    let Some(record) = parsed else { return RecordState::Absent };
+    let written = get(EXPIRES_AT_ANNOTATION).map(|v| v.parse::<Timestamp>());
+    match (written, record.expires_at) {
+        // A missing expires-at is restored like any stripped annotation.
+        (None, _) => RecordState::Valid(record),
+        (Some(Ok(at)), Some(derived)) if at == derived => RecordState::Valid(record),
+        (Some(_), Some(derived)) => RecordState::Forged(format!(
+            "{EXPIRES_AT_ANNOTATION} is not {ISSUED_AT_ANNOTATION} + {EXPIRES_IN_ANNOTATION} ({derived})"
+        )),
+        (Some(_), None) => {
+            RecordState::Forged(format!("{EXPIRES_AT_ANNOTATION} is set for a token that never expires"))
+        }
+    }
 }
 
 fn record_annotations(dir: &ScimDirectory, record: &IssueRecord) -> BTreeMap<String, String> {
@@ -170,7 +290,7 @@ pub fn stored_token(secret: &Secret) -> Option<Token> {
 
 /// True when the Secret lacks any of the labels/annotations the directory wants on it, or was last
 /// given another template (a key the template dropped is still there).
-pub fn metadata_drifted(dir: &ScimDirectory, secret: &Secret, record: &IssueRecord) -> bool {
+pub fn metadata_drifted(dir: &ScimDirectory, secret: &ObservedSecret, record: &IssueRecord) -> bool {
     let want = metadata(dir, record, true);
     let has_all = |have: &Option<BTreeMap<String, String>>, want: &Option<BTreeMap<String, String>>| {
         want.iter().flatten().all(|(k, v)| have.as_ref().and_then(|h| h.get(k)) == Some(v))
@@ -239,10 +359,10 @@ mod tests {
         assert_eq!(secret.metadata.labels.as_ref().unwrap()["team"], "idp");
         assert_eq!(secret.metadata.annotations.as_ref().unwrap()["note"], "hi");
         assert_eq!(secret.metadata.annotations.as_ref().unwrap()[HASH_ANNOTATION], token.hash().to_string());
-        assert!(!metadata_drifted(&dir, &secret, &record));
+        assert!(!metadata_drifted(&dir, &ObservedSecret::of(&secret), &record));
         assert_eq!(
-            observe(&dir, Some(&secret)),
-            SecretState::Owned { token_hash: Some(token.hash()), record: Some(record.clone()) }
+            observe(&dir, Some(&ObservedSecret::of(&secret))),
+            SecretState::Owned { token_hash: Some(token.hash()), record: RecordState::Valid(record.clone()) }
         );
         assert_eq!(stored_token(&secret).unwrap().expose(), token.expose());
         // The redacted view never shows the plaintext.
@@ -260,11 +380,12 @@ mod tests {
         let created = initial_secret(&dir, &token, &record);
         assert!(!created.metadata.labels.as_ref().unwrap().contains_key("team"));
         assert!(!created.metadata.annotations.as_ref().unwrap().contains_key(TEMPLATE_ANNOTATION));
-        assert_eq!(read_record(created.metadata.annotations.as_ref().unwrap()), Some(record.clone()));
+        assert_eq!(read_record(created.metadata.annotations.as_ref().unwrap()), RecordState::Valid(record.clone()));
         assert!(has_template(&dir));
+        let created = ObservedSecret::of(&created);
         assert!(metadata_drifted(&dir, &created, &record), "the template still has to be applied");
 
-        let applied = desired_secret(&dir, &token, &record);
+        let applied = ObservedSecret::of(&desired_secret(&dir, &token, &record));
         assert!(!metadata_drifted(&dir, &applied, &record));
         // Another label on the Secret is no drift; a key dropped from the template is.
         let mut extra = applied.clone();
@@ -272,12 +393,12 @@ mod tests {
         assert!(!metadata_drifted(&dir, &extra, &record));
         dir.spec.secret_template.as_mut().unwrap().annotations.remove("note");
         assert!(metadata_drifted(&dir, &applied, &record), "the Secret still carries the dropped key");
-        assert!(!metadata_drifted(&dir, &desired_secret(&dir, &token, &record), &record));
+        assert!(!metadata_drifted(&dir, &ObservedSecret::of(&desired_secret(&dir, &token, &record)), &record));
         // No template: no digest, nothing to apply after the create.
         dir.spec.secret_template = None;
         assert!(!has_template(&dir));
         assert!(metadata_drifted(&dir, &applied, &record));
-        assert!(!metadata_drifted(&dir, &initial_secret(&dir, &token, &record), &record));
+        assert!(!metadata_drifted(&dir, &ObservedSecret::of(&initial_secret(&dir, &token, &record)), &record));
     }
 
     #[test]
@@ -286,22 +407,87 @@ mod tests {
         let token = Token::generate();
         let desired = Desired::parse(0, None, None, None).unwrap();
         let record = new_record(&desired, token.hash(), IssueReason::Initial, Timestamp::now());
-        let mut secret = desired_secret(&dir, &token, &record);
+        let mut secret = ObservedSecret::of(&desired_secret(&dir, &token, &record));
+        assert!(is_directory_controlled(&secret.metadata));
 
         let mut other = dir.clone();
         other.metadata.uid = Some("uid-2".into());
         other.metadata.name = Some("other".into());
-        assert_eq!(
-            observe(&other, Some(&secret)),
-            SecretState::Foreign { controller: Some("ScimDirectory/acme".into()) }
-        );
+        assert_eq!(observe(&other, Some(&secret)), SecretState::Foreign, "another directory's Secret");
         assert_eq!(observe(&dir, None), SecretState::Missing);
 
         secret.metadata.annotations = None;
         assert!(metadata_drifted(&dir, &secret, &record));
-        assert_eq!(observe(&dir, Some(&secret)), SecretState::Owned { token_hash: Some(token.hash()), record: None });
+        assert_eq!(
+            observe(&dir, Some(&secret)),
+            SecretState::Owned { token_hash: Some(token.hash()), record: RecordState::Absent }
+        );
 
         secret.metadata.owner_references = None;
-        assert_eq!(observe(&dir, Some(&secret)), SecretState::Foreign { controller: None });
+        assert_eq!(observe(&dir, Some(&secret)), SecretState::Foreign);
+        assert!(!is_directory_controlled(&secret.metadata));
+        // A controller reference to something else is not a directory's.
+        let mut deployment_owned = dir.controller_owner_ref(&()).unwrap();
+        deployment_owned.api_version = "apps/v1".into();
+        deployment_owned.kind = "Deployment".into();
+        secret.metadata.owner_references = Some(vec![deployment_owned]);
+        assert!(!is_directory_controlled(&secret.metadata));
+    }
+
+    #[test]
+    fn the_cached_view_holds_a_hash_never_the_token_nor_other_data() {
+        let token = Token::generate();
+        let json = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": { "name": "acme-scim-token", "namespace": "tenants" },
+            "type": "Opaque",
+            "data": {
+                "big": ByteString(vec![b'x'; 4096]),
+                "token": ByteString(token.expose().as_bytes().to_vec()),
+            },
+        });
+        let observed: ObservedSecret = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(observed.token_hash, Some(token.hash()));
+        assert_eq!(observed.metadata.name.as_deref(), Some("acme-scim-token"));
+        assert!(!format!("{observed:?}").contains(token.expose()));
+        assert_eq!(observed, ObservedSecret::of(&serde_json::from_value::<Secret>(json).unwrap()));
+        // No data, null data, an empty token: no hash.
+        for data in [serde_json::json!(null), serde_json::json!({}), serde_json::json!({ "token": "" })] {
+            let s: ObservedSecret =
+                serde_json::from_value(serde_json::json!({ "metadata": {}, "data": data })).unwrap();
+            assert_eq!(s.token_hash, None, "{data}");
+        }
+        let s: ObservedSecret = serde_json::from_value(serde_json::json!({ "metadata": {} })).unwrap();
+        assert_eq!(s.token_hash, None);
+    }
+
+    #[test]
+    fn the_expiry_is_derived_and_a_forged_one_is_caught() {
+        let dir = directory();
+        let desired = Desired::parse(0, Some("90d"), None, None).unwrap();
+        let record = new_record(&desired, Token::generate().hash(), IssueReason::Initial, Timestamp::now());
+        let annotations = record_annotations(&dir, &record);
+        assert_eq!(read_record(&annotations), RecordState::Valid(record.clone()));
+
+        let with = |key: &str, value: Option<&str>| {
+            let mut a = annotations.clone();
+            match value {
+                Some(v) => a.insert(key.to_owned(), v.to_owned()),
+                None => a.remove(key),
+            };
+            read_record(&a)
+        };
+        // Pushed out: caught, whatever the format.
+        assert!(matches!(with(EXPIRES_AT_ANNOTATION, Some("2099-01-01T00:00:00Z")), RecordState::Forged(_)));
+        assert!(matches!(with(EXPIRES_AT_ANNOTATION, Some("soon")), RecordState::Forged(_)));
+        // An expiry on a perpetual token.
+        assert!(matches!(with(EXPIRES_IN_ANNOTATION, Some("never")), RecordState::Forged(_)));
+        // Missing: derived, and the annotation restored as metadata drift.
+        assert_eq!(with(EXPIRES_AT_ANNOTATION, None), RecordState::Valid(record.clone()));
+        // Unreadable parts make the record absent (the status may vouch for the token).
+        assert_eq!(with(ISSUED_AT_ANNOTATION, Some("yesterday")), RecordState::Absent);
+        assert_eq!(with(EXPIRES_IN_ANNOTATION, Some("1.5s")), RecordState::Absent);
+        assert_eq!(with(HASH_ANNOTATION, None), RecordState::Absent);
     }
 }
