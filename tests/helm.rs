@@ -1,6 +1,7 @@
 //! The Helm chart on the real control plane: lint, schema refusals, server-side dry-run of the rendered
 //! manifests, install/upgrade/uninstall, and the operator binary running with exactly the chart's RBAC
-//! (its client impersonates the chart's ServiceAccount) through the core flow, refused where it must be.
+//! and under its ValidatingAdmissionPolicy (its client impersonates the chart's ServiceAccount) through
+//! the core flow, refused where it must be.
 //!
 //! Pods never run here (no kubelet): the Deployment is checked as an object, and the operator binary
 //! runs on the host with the Deployment's own args and environment.
@@ -14,12 +15,15 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use envtest::ControlPlane;
+use k8s_openapi::api::admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding};
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::authorization::v1::SelfSubjectAccessReview;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::api::rbac::v1::{ClusterRole, Role};
+use k8s_openapi::api::rbac::v1::{ClusterRole, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::Resource;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use scim_token_operator::api::ScimDirectory;
 use serde::Deserialize;
@@ -124,7 +128,9 @@ async fn lint_is_clean_and_the_values_table_is_fresh() {
             "serviceMonitor.enabled=true",
             "prometheusRule.enabled=true",
             "image.digest=sha256:0000000000000000000000000000000000000000000000000000000000000000",
+            "networkPolicy.apiServer.cidrs={10.96.0.1/32,fd00::1/128}",
         ],
+        vec!["secretWritePolicy.enabled=false", "networkPolicy.enabled=false", "rbac.create=false"],
     ] {
         let mut args = vec!["lint", "--strict", CHART];
         for set in &sets {
@@ -152,6 +158,12 @@ async fn bad_values_fail_with_a_message_naming_them() {
         ("watchNamespaces={a,a}", "watchNamespaces"),
         ("watchNamespaces={Team}", "watchNamespaces"),
         ("image.digest=latest", "digest"),
+        ("secretWritePolicy.enabled=yes", "secretWritePolicy"),
+        ("secretWritePolicy.enable=true", "enable"),
+        ("networkPolicy.apiServer.cidrs={10.0.0.300/32}", "cidrs"),
+        ("networkPolicy.apiServer.cidrs={kubernetes.default.svc}", "cidrs"),
+        ("networkPolicy.apiServer.ports={0}", "ports"),
+        ("networkPolicy.metrics.namespaceSelector.matchLabel.team=obs", "matchLabel"),
     ] {
         let (ok, out, err) = helm(cp, &["template", "bad", CHART, "--set", set]);
         assert!(!ok, "--set {set} must fail, rendered:\n{out}");
@@ -182,13 +194,25 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
     let team = cp.create_namespace("render-team").await.unwrap();
     let team2 = cp.create_namespace("render-team").await.unwrap();
 
-    // All namespaces, one replica: cluster-wide RBAC, no PodDisruptionBudget.
+    // All namespaces, one replica: cluster-wide RBAC, no PodDisruptionBudget; the secret-write policy and
+    // the NetworkPolicy (ingress only) are on by default.
     let objects = render(cp, "all", &ns, &[]);
     assert_eq!(
         kinds(&objects),
-        ["ClusterRole", "ClusterRoleBinding", "Deployment", "Role", "RoleBinding", "Service", "ServiceAccount"]
-            .map(String::from)
-            .into(),
+        [
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Deployment",
+            "NetworkPolicy",
+            "Role",
+            "RoleBinding",
+            "Service",
+            "ServiceAccount",
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding"
+        ]
+        .map(String::from)
+        .into(),
     );
     let cluster_role = find(&objects, "ClusterRole");
     assert_eq!(rules(cluster_role), OPERATOR_RULES.map(String::from).into());
@@ -203,6 +227,8 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
         .into()
     );
     check_deployment(find(&objects, "Deployment"), None);
+    check_secret_write_policy(&objects, &ns, "all-scim-token-operator");
+    check_network_policy(&objects, &[]);
     dry_run(cp, &objects);
 
     // One namespace, two replicas, monitoring: Roles only, a PDB, the monitoring objects.
@@ -215,19 +241,23 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
             "replicas=2",
             "serviceMonitor.enabled=true",
             "prometheusRule.enabled=true",
+            "networkPolicy.apiServer.cidrs={10.0.0.1/32,127.0.0.1/32}",
         ],
     );
     assert_eq!(
         kinds(&objects),
         [
             "Deployment",
+            "NetworkPolicy",
             "PodDisruptionBudget",
             "PrometheusRule",
             "Role",
             "RoleBinding",
             "Service",
             "ServiceAccount",
-            "ServiceMonitor"
+            "ServiceMonitor",
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding"
         ]
         .map(String::from)
         .into(),
@@ -262,7 +292,31 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
     for metric in ["scim_token_operator_token_expiry_timestamp_seconds", "scim_token_operator_reconcile_errors_total"] {
         assert!(alerts.contains(metric), "the alerts use the operator's metric {metric}");
     }
+    check_secret_write_policy(&objects, &ns, "one-scim-token-operator");
+    check_network_policy(&objects, &["10.0.0.1/32", "127.0.0.1/32"]);
     dry_run(cp, &objects);
+
+    // Both switched off; an existing ServiceAccount is the one the policy confines; scrapers narrowed to
+    // some pods of the monitoring namespaces.
+    let objects = render(cp, "off", &ns, &["secretWritePolicy.enabled=false", "networkPolicy.enabled=false"]);
+    for kind in ["NetworkPolicy", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"] {
+        assert!(!kinds(&objects).contains(kind), "no {kind} when switched off");
+    }
+    let objects = render(
+        cp,
+        "byo",
+        &ns,
+        &[
+            "serviceAccount.create=false",
+            "serviceAccount.name=custom",
+            "networkPolicy.metrics.podSelector.matchLabels.app=prometheus",
+        ],
+    );
+    check_secret_write_policy(&objects, &ns, "custom");
+    assert_eq!(
+        find(&objects, "NetworkPolicy")["spec"]["ingress"][0]["from"][0]["podSelector"],
+        json!({ "matchLabels": { "app": "prometheus" } })
+    );
 
     // The dry-run created nothing.
     let deployments: Api<Deployment> = Api::namespaced(admin.clone(), &ns);
@@ -290,6 +344,73 @@ fn check_deployment(deployment: &Value, watch_namespace: Option<&str>) {
     let env = container_env(deployment, "pod", "ns");
     let watch = env.iter().find(|(k, _)| k == "WATCH_NAMESPACE").map(|(_, v)| v.as_str());
     assert_eq!(watch, watch_namespace);
+}
+
+/// The secret-write ValidatingAdmissionPolicy and its binding: enforced (Deny), failing closed, for the
+/// release's ServiceAccount only. What it refuses is shown on the API server by
+/// `operator_works_with_exactly_the_charts_rbac`.
+fn check_secret_write_policy(objects: &[Value], namespace: &str, service_account: &str) {
+    let policy = find(objects, "ValidatingAdmissionPolicy");
+    let binding = find(objects, "ValidatingAdmissionPolicyBinding");
+    let name = policy["metadata"]["name"].as_str().unwrap();
+    assert!(name.contains(namespace), "the cluster-scoped policy's name carries the release namespace: {name}");
+    assert_eq!(binding["metadata"]["name"], name);
+    assert_eq!(binding["spec"]["policyName"], name);
+    assert_eq!(binding["spec"]["validationActions"], json!(["Deny"]));
+    assert_eq!(policy["spec"]["failurePolicy"], "Fail");
+    assert_eq!(
+        policy["spec"]["matchConstraints"]["resourceRules"],
+        json!([{
+            "apiGroups": [""],
+            "apiVersions": ["v1"],
+            "resources": ["secrets"],
+            "operations": ["CREATE", "UPDATE", "DELETE"]
+        }])
+    );
+    assert_eq!(
+        policy["spec"]["matchConditions"],
+        json!([{
+            "name": "scim-token-operator-service-account",
+            "expression": format!("request.userInfo.username == 'system:serviceaccount:{namespace}:{service_account}'")
+        }])
+    );
+}
+
+/// The NetworkPolicy: metrics only from the `monitoring` namespace; egress restricted to the API server's
+/// CIDRs and DNS when those CIDRs are given, else left open.
+fn check_network_policy(objects: &[Value], api_server_cidrs: &[&str]) {
+    let deployment = find(objects, "Deployment");
+    let spec = &find(objects, "NetworkPolicy")["spec"];
+    assert_eq!(spec["podSelector"]["matchLabels"], deployment["spec"]["selector"]["matchLabels"]);
+    assert_eq!(
+        spec["ingress"],
+        json!([{
+            "from": [{ "namespaceSelector": { "matchLabels": { "kubernetes.io/metadata.name": "monitoring" } } }],
+            "ports": [{ "port": "http-metrics", "protocol": "TCP" }]
+        }])
+    );
+    let ports = deployment["spec"]["template"]["spec"]["containers"][0]["ports"].as_array().unwrap();
+    assert!(ports.iter().any(|p| p["name"] == "http-metrics"), "the port the NetworkPolicy names exists");
+    if api_server_cidrs.is_empty() {
+        assert_eq!(spec["policyTypes"], json!(["Ingress"]), "egress stays open without the API server's CIDRs");
+        assert!(spec.get("egress").is_none());
+        return;
+    }
+    assert_eq!(spec["policyTypes"], json!(["Ingress", "Egress"]));
+    let blocks: Vec<Value> = api_server_cidrs.iter().map(|c| json!({ "ipBlock": { "cidr": c } })).collect();
+    assert_eq!(
+        spec["egress"],
+        json!([
+            { "to": blocks, "ports": [{ "port": 443, "protocol": "TCP" }, { "port": 6443, "protocol": "TCP" }] },
+            {
+                "to": [{
+                    "namespaceSelector": { "matchLabels": { "kubernetes.io/metadata.name": "kube-system" } },
+                    "podSelector": { "matchLabels": { "k8s-app": "kube-dns" } }
+                }],
+                "ports": [{ "port": 53, "protocol": "UDP" }, { "port": 53, "protocol": "TCP" }]
+            }
+        ])
+    );
 }
 
 /// `kubectl apply --dry-run=server` of rendered objects: schema, admission and RBAC escalation checks.
@@ -338,6 +459,11 @@ async fn install_upgrade_uninstall() {
     assert!(cluster_roles.get_opt(name).await.unwrap().is_some());
     let pdbs: Api<PodDisruptionBudget> = Api::namespaced(admin.clone(), &ns);
     assert!(pdbs.get_opt(name).await.unwrap().is_none(), "no PDB with one replica");
+    let policy_name = format!("{name}-{ns}-secret-writes");
+    let policies: Api<ValidatingAdmissionPolicy> = Api::all(admin.clone());
+    let bindings: Api<ValidatingAdmissionPolicyBinding> = Api::all(admin.clone());
+    assert!(policies.get_opt(&policy_name).await.unwrap().is_some(), "the secret-write policy");
+    assert!(bindings.get_opt(&policy_name).await.unwrap().is_some(), "its binding");
 
     let (ok, out, err) =
         helm(cp, &["upgrade", "lifecycle", CHART, "--namespace", &ns, "--reuse-values", "--set", "replicas=2"]);
@@ -357,6 +483,8 @@ async fn install_upgrade_uninstall() {
     assert!(deployments.get_opt(name).await.unwrap().is_none());
     assert!(cluster_roles.get_opt(name).await.unwrap().is_none());
     assert!(pdbs.get_opt(name).await.unwrap().is_none());
+    assert!(policies.get_opt(&policy_name).await.unwrap().is_none(), "the policy goes with the release");
+    assert!(bindings.get_opt(&policy_name).await.unwrap().is_none());
     // Helm never deletes a CRD: every directory and token Secret survives an uninstall.
     let crds: Api<CustomResourceDefinition> = Api::all(admin);
     assert!(crds.get_opt("scimdirectories.scim.tokenops.dev").await.unwrap().is_some());
@@ -392,6 +520,56 @@ fn forbidden<T: std::fmt::Debug>(result: kube::Result<T>, what: &str) {
     }
 }
 
+// Why the chart's secret-write policy refuses a write (its messages, templates/validatingadmissionpolicy.yaml).
+const NOT_LABELLED: &str = "the Secret must carry the label app.kubernetes.io/managed-by=scim-token-operator";
+const NOT_OWNED: &str = "the Secret must have a controller ownerReference (controller: true) to a ScimDirectory";
+const TAKEOVER: &str = "the existing Secret has no controller ownerReference to a ScimDirectory";
+const MOVED: &str = "the Secret's controller ownerReference may not change";
+const DELETED: &str = "scim-token-operator never deletes Secrets";
+
+/// Asserts that the API server refused a request through the chart's ValidatingAdmissionPolicy, for
+/// `reason`; returns the refusal's message.
+fn refused_by_policy<T: std::fmt::Debug>(result: kube::Result<T>, reason: &str, what: &str) -> String {
+    match result {
+        Err(kube::Error::Api(status))
+            if status.code == 403
+                && status.message.contains("ValidatingAdmissionPolicy")
+                && status.message.contains(reason) =>
+        {
+            status.message
+        }
+        other => panic!("{what} must be refused by the chart's ValidatingAdmissionPolicy ({reason:?}), got {other:?}"),
+    }
+}
+
+/// A Secret named `name` with `labels` and, when given, `owner` as its only ownerReference.
+fn test_secret(name: &str, labels: Value, owner: Option<&Value>) -> Secret {
+    serde_json::from_value(json!({
+        "metadata": { "name": name, "labels": labels, "ownerReferences": owner.map(|o| vec![o]) },
+        "stringData": { "token": "planted" }
+    }))
+    .unwrap()
+}
+
+/// Waits until the API server enforces the chart's secret-write policy, which it loads asynchronously
+/// after the policy and its binding are created: until a dry-run create of an unlabelled Secret, made
+/// with the ServiceAccount's identity, is refused.
+async fn wait_until_policy_enforced(secrets: &Api<Secret>) {
+    let dry_run = PostParams { dry_run: true, ..PostParams::default() };
+    let probe = test_secret("policy-probe", json!({}), None);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match secrets.create(&dry_run, &probe).await {
+            Err(kube::Error::Api(status)) if status.code == 403 && status.message.contains(NOT_LABELLED) => return,
+            other => assert!(
+                std::time::Instant::now() < deadline,
+                "the secret-write policy is not enforced after 30 s; the probe got {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test]
 async fn operator_works_with_exactly_the_charts_rbac() {
     let cp = ControlPlane::shared();
@@ -403,9 +581,23 @@ async fn operator_works_with_exactly_the_charts_rbac() {
     let release = "tokens";
     let fullname = "tokens-scim-token-operator";
 
+    // A stripped label (below) takes the Secret out of the operator's label-filtered cache; the operator
+    // takes that for a deleted Secret, an automatic issue, and defers it while the last issue is younger
+    // than --min-issue-interval (1m) before it looks the Secret up and restores the label. Shorten the
+    // interval through the chart's extraEnv, so that the test does not wait a minute.
     let (ok, out, err) = helm(
         cp,
-        &["install", release, CHART, "-n", &release_ns, "--set", &format!("watchNamespaces={{{team_ns},{team2_ns}}}")],
+        &[
+            "install",
+            release,
+            CHART,
+            "-n",
+            &release_ns,
+            "--set",
+            &format!("watchNamespaces={{{team_ns},{team2_ns}}}"),
+            "--set",
+            "extraEnv[0].name=MIN_ISSUE_INTERVAL,extraEnv[0].value=1s",
+        ],
     );
     assert!(ok, "helm install: {err}{out}");
 
@@ -415,6 +607,9 @@ async fn operator_works_with_exactly_the_charts_rbac() {
     let kubeconfig = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{release_ns}.kubeconfig"));
     impersonating_kubeconfig(cp, &user, &groups, &kubeconfig);
     let as_operator = cp.impersonating_client(&user, &groups).await;
+    // The operator runs under the chart's secret-write policy from its first request.
+    let team_secrets: Api<Secret> = Api::namespaced(as_operator.clone(), &team_ns);
+    wait_until_policy_enforced(&team_secrets).await;
 
     let team = Env { cp, client: admin.clone(), ns: team_ns.clone(), log: fresh_log(&team_ns) };
     let (mut op, pod) = start_as_deployed(cp, release, &release_ns, &kubeconfig, &team.log);
@@ -450,12 +645,34 @@ async fn operator_works_with_exactly_the_charts_rbac() {
     let requested = team.token("acme-scim-token").await.unwrap();
     assert_ne!(requested, rotated);
 
+    // A stripped managed-by label is restored, without a re-issue: an update whose old object lacks the
+    // label (the policy requires the controller ownerReference there, not the label).
+    let (ok, _, err) = team.kubectl(&["label", "secret", "acme-scim-token", "app.kubernetes.io/managed-by-"]);
+    assert!(ok, "{err}");
+    wait_for("the managed-by label restored", Duration::from_secs(30), || async {
+        let labels = team.secrets().get("acme-scim-token").await.ok()?.metadata.labels?;
+        (labels.get("app.kubernetes.io/managed-by")? == "scim-token-operator").then_some(())
+    })
+    .await;
+    assert_eq!(team.token("acme-scim-token").await.unwrap(), requested, "restoring the label never re-issues");
+
     // The second watched namespace is served too.
     let team2 = Env { cp, client: admin.clone(), ns: team2_ns.clone(), log: team.log.clone() };
     let (ok, _, err) = team2.apply(BASIC);
     assert!(ok, "{err}");
     team2.wait_ready_reason("acme", "TokenIssued").await;
     team2.token("acme-scim-token").await.expect("a token in the second namespace");
+    // A secretTemplate: a create, then a server-side apply of the template onto the new Secret.
+    let (ok, _, err) = team2.apply(
+        "apiVersion: scim.tokenops.dev/v1alpha1\nkind: ScimDirectory\nmetadata:\n  name: templated\nspec:\n  secretTemplate:\n    labels:\n      tenant: initech\n",
+    );
+    assert!(ok, "{err}");
+    team2.wait_ready_reason("templated", "TokenIssued").await;
+    wait_for("the template's label on the Secret", Duration::from_secs(30), || async {
+        let labels = team2.secrets().get("templated-scim-token").await.ok()?.metadata.labels?;
+        (labels.get("tenant")? == "initech").then_some(())
+    })
+    .await;
 
     // Conflict: a Secret the operator does not own is never touched.
     let foreign: Secret =
@@ -519,7 +736,6 @@ async fn operator_works_with_exactly_the_charts_rbac() {
         Api::<Secret>::all(as_operator.clone()).list(&ListParams::default()).await,
         "listing Secrets cluster-wide",
     );
-    let team_secrets: Api<Secret> = Api::namespaced(as_operator.clone(), &team_ns);
     forbidden(team_secrets.delete("taken", &DeleteParams::default()).await, "deleting a Secret");
     let mut replaced = team_secrets.get("taken").await.unwrap();
     replaced.string_data = Some([("token".to_string(), "mine".to_string())].into());
@@ -544,6 +760,142 @@ async fn operator_works_with_exactly_the_charts_rbac() {
         "reading RBAC",
     );
 
+    // The secret-write policy: RBAC lets the ServiceAccount create and patch every Secret of a watched
+    // namespace (of the cluster, below); the policy lets it write the operator's own Secrets only.
+    let managed = json!({ "app.kubernetes.io/managed-by": "scim-token-operator" });
+    let owner_of = |dir: &ScimDirectory| serde_json::to_value(dir.controller_owner_ref(&()).unwrap()).unwrap();
+    let acme_ref = owner_of(&team.dirs().get("acme").await.unwrap());
+    let create = PostParams::default();
+    let message = refused_by_policy(
+        team_secrets.create(&create, &test_secret("planted", json!({}), None)).await,
+        NOT_LABELLED,
+        "creating an unlabelled Secret",
+    );
+    assert!(message.contains(&format!("refused CREATE of Secret {team_ns}/planted by {user}: ")), "{message}");
+    refused_by_policy(
+        team_secrets.create(&create, &test_secret("planted", json!({}), Some(&acme_ref))).await,
+        NOT_LABELLED,
+        "creating an unlabelled Secret a directory controls",
+    );
+    refused_by_policy(
+        team_secrets.create(&create, &test_secret("planted", managed.clone(), None)).await,
+        NOT_OWNED,
+        "creating a labelled Secret without an ownerReference",
+    );
+    let mut not_controller = acme_ref.clone();
+    not_controller["controller"] = json!(false);
+    refused_by_policy(
+        team_secrets.create(&create, &test_secret("planted", managed.clone(), Some(&not_controller))).await,
+        NOT_OWNED,
+        "creating a labelled Secret a directory owns but does not control",
+    );
+    let mut other_group = acme_ref.clone();
+    other_group["apiVersion"] = json!("scim.example.com/v1alpha1");
+    refused_by_policy(
+        team_secrets.create(&create, &test_secret("planted", managed.clone(), Some(&other_group))).await,
+        NOT_OWNED,
+        "creating a labelled Secret controlled by another group's ScimDirectory",
+    );
+    let dry_run = PostParams { dry_run: true, ..PostParams::default() };
+    team_secrets
+        .create(&dry_run, &test_secret("planted", managed.clone(), Some(&acme_ref)))
+        .await
+        .expect("the policy admits a labelled Secret a directory controls (dry run)");
+
+    // Deleting, re-parenting and dropping ownerReferences are already refused by RBAC (no delete) and, on
+    // this control plane, by OwnerReferencesPermissionEnforcement (changing ownerReferences needs delete).
+    // A cluster without that plugin, or with a broader Role, has neither: grant delete on Secrets for a
+    // moment, so that the policy alone stands in the way.
+    let grant_roles: Api<Role> = Api::namespaced(admin.clone(), &team_ns);
+    let grant_bindings: Api<RoleBinding> = Api::namespaced(admin.clone(), &team_ns);
+    let grant: Role = serde_json::from_value(json!({
+        "metadata": { "name": "test-delete-secrets" },
+        "rules": [{ "apiGroups": [""], "resources": ["secrets"], "verbs": ["delete"] }]
+    }))
+    .unwrap();
+    grant_roles.create(&create, &grant).await.unwrap();
+    let grant_binding: RoleBinding = serde_json::from_value(json!({
+        "metadata": { "name": "test-delete-secrets" },
+        "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "test-delete-secrets" },
+        "subjects": [{ "kind": "ServiceAccount", "name": fullname, "namespace": release_ns }]
+    }))
+    .unwrap();
+    grant_bindings.create(&create, &grant_binding).await.unwrap();
+    let reviews: Api<SelfSubjectAccessReview> = Api::all(as_operator.clone());
+    let review: SelfSubjectAccessReview = serde_json::from_value(json!({
+        "spec": { "resourceAttributes": { "namespace": team_ns, "verb": "delete", "resource": "secrets" } }
+    }))
+    .unwrap();
+    wait_for("the ServiceAccount may delete Secrets", Duration::from_secs(30), || async {
+        reviews.create(&create, &review).await.unwrap().status?.allowed.then_some(())
+    })
+    .await;
+    let versions = || async {
+        let taken = team.secrets().get("taken").await.unwrap().metadata.resource_version;
+        let acme = team.secrets().get("acme-scim-token").await.unwrap().metadata.resource_version;
+        (taken, acme)
+    };
+    let before = versions().await;
+    refused_by_policy(
+        team_secrets.delete("taken", &DeleteParams::default()).await,
+        DELETED,
+        "deleting a foreign Secret",
+    );
+    refused_by_policy(
+        team_secrets.delete("acme-scim-token", &DeleteParams::default()).await,
+        DELETED,
+        "deleting the operator's own Secret",
+    );
+    let takeover = json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": { "name": "taken", "labels": managed, "ownerReferences": [acme_ref] }
+    });
+    refused_by_policy(
+        team_secrets.patch("taken", &PatchParams::apply("intruder").force(), &Patch::Apply(&takeover)).await,
+        TAKEOVER,
+        "taking over a foreign Secret by applying the label and a controller ownerReference",
+    );
+    refused_by_policy(
+        team_secrets.patch("taken", &PatchParams::default(), &Patch::Merge(&takeover)).await,
+        TAKEOVER,
+        "taking over a foreign Secret with a merge patch",
+    );
+    let thief_ref = owner_of(&team.dirs().get("thief").await.unwrap());
+    refused_by_policy(
+        team_secrets
+            .patch(
+                "acme-scim-token",
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "metadata": { "ownerReferences": [thief_ref] } })),
+            )
+            .await,
+        MOVED,
+        "moving the operator's Secret to another directory",
+    );
+    refused_by_policy(
+        team_secrets
+            .patch(
+                "acme-scim-token",
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "metadata": { "ownerReferences": null } })),
+            )
+            .await,
+        NOT_OWNED,
+        "dropping the ownerReference of the operator's Secret",
+    );
+    team_secrets
+        .patch(
+            "acme-scim-token",
+            &PatchParams { dry_run: true, ..PatchParams::default() },
+            &Patch::Merge(json!({ "metadata": { "annotations": { "example.com/checked": "yes" } } })),
+        )
+        .await
+        .expect("the policy admits an update of the operator's own Secret (dry run)");
+    assert_eq!(versions().await, before, "the refused writes changed nothing");
+    grant_bindings.delete("test-delete-secrets", &DeleteParams::default()).await.unwrap();
+    grant_roles.delete("test-delete-secrets", &DeleteParams::default()).await.unwrap();
+
     assert!(others.get("acme").await.unwrap().status.is_none(), "the outsider was never reconciled");
     let log = std::fs::read_to_string(&team.log).unwrap();
     assert!(!log.to_lowercase().contains("forbidden"), "the operator was never refused:\n{log}");
@@ -562,6 +914,19 @@ async fn operator_works_with_exactly_the_charts_rbac() {
     let other = Env { cp, client: admin.clone(), ns: other_ns.clone(), log: team.log.clone() };
     other.wait_ready_reason("acme", "TokenIssued").await;
     other.token("acme-scim-token").await.expect("the outsider's token");
+    // Cluster-wide RBAC lets the ServiceAccount create a Secret in any namespace: the policy still
+    // refuses it any Secret but the operator's own.
+    let other_secrets: Api<Secret> = Api::namespaced(as_operator.clone(), &other_ns);
+    refused_by_policy(
+        other_secrets.create(&create, &test_secret("planted", json!({}), None)).await,
+        NOT_LABELLED,
+        "creating an unlabelled Secret, cluster-wide",
+    );
+    refused_by_policy(
+        other_secrets.create(&create, &test_secret("planted", managed.clone(), None)).await,
+        NOT_OWNED,
+        "creating a labelled Secret without an ownerReference, cluster-wide",
+    );
     // The restarted operator re-derived everything from the cluster and wrote nothing for the team.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(team.dirs().get("acme").await.unwrap().metadata.resource_version, team_rv);

@@ -93,3 +93,18 @@ Exactly the requests the operator makes (src/controller.rs):
   resources: ["events"]
   verbs: ["create", "patch"]
 {{- end }}
+
+{{/*
+The ServiceAccount's user name, as the API server sees it in request.userInfo.username.
+*/}}
+{{- define "scim-token-operator.serviceAccountUser" -}}
+{{- printf "system:serviceaccount:%s:%s" .Release.Namespace (include "scim-token-operator.serviceAccountName" .) }}
+{{- end }}
+
+{{/*
+Name of the cluster-scoped ValidatingAdmissionPolicy and its binding. It carries the release namespace:
+two releases of the same name in different namespaces must not share (or fight over) one policy.
+*/}}
+{{- define "scim-token-operator.secretWritePolicyName" -}}
+{{- printf "%s-%s-secret-writes" (include "scim-token-operator.fullname" .) .Release.Namespace }}
+{{- end }}
