@@ -22,6 +22,10 @@ pub const GROUP: &str = "scim.tokenops.dev";
 /// without the annotation) neither repeats nor undoes the rotation.
 pub const ROTATE_ANNOTATION: &str = "scim.tokenops.dev/rotate";
 
+/// Annotation on a `ScimDirectory` that ends the current overlap window at once: any new value ends
+/// it once (the previous token is refused from then on), like the rotate annotation.
+pub const END_OVERLAP_ANNOTATION: &str = "scim.tokenops.dev/end-overlap";
+
 /// `tokenExpiresIn - renewBefore >= max(1h, tokenExpiresIn / 10)`, where CEL can read both durations.
 const RENEWAL_WINDOW_RULE: &str = "!has(self.renewBefore) || !has(self.tokenExpiresIn) \
     || self.tokenExpiresIn.contains('d') || self.renewBefore.contains('d') \
@@ -96,6 +100,22 @@ pub struct ScimDirectorySpec {
     #[schemars(regex(pattern = DURATION_PATTERN), length(min = 2, max = 32))]
     pub renew_before: Option<String>,
 
+    /// Keep accepting the previous token this long after a rotation (same format as tokenExpiresIn; at
+    /// most 24h), so the identity provider can be switched to the new token without failed requests.
+    /// Absent: the previous token is invalid at once. Repairs (a deleted or tampered Secret) never open
+    /// an overlap. The Secret holds only the new token; the verifier accepts the previous one by hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        regex(pattern = DURATION_PATTERN),
+        length(min = 2, max = 32),
+        extend("x-kubernetes-validations" = [{
+            // Values with days are checked by the operator (CEL's duration() has no day unit).
+            "rule": "self.contains('d') || (duration(self) > duration('0s') && duration(self) <= duration('24h'))",
+            "message": "rotationOverlap must be between 1s and 24h",
+        }])
+    )]
+    pub rotation_overlap: Option<String>,
+
     /// Name of the Secret that receives the token (key `token`). Defaults to `<metadata.name>-scim-token`.
     /// Immutable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -159,6 +179,12 @@ pub struct ScimDirectoryStatus {
     /// The last value of the `scim.tokenops.dev/rotate` annotation that was acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_rotation_request: Option<String>,
+    /// Hash of the previous token while a rotation overlap (spec.rotationOverlap) keeps it valid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_token_hash: Option<String>,
+    /// Until when the previous token stays valid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_token_valid_until: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -179,12 +205,16 @@ impl ScimDirectory {
 
     /// The pending imperative rotation request, if any.
     pub fn rotation_request(&self) -> Option<&str> {
-        self.metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(ROTATE_ANNOTATION))
-            .map(String::as_str)
-            .filter(|v| !v.is_empty())
+        self.annotation(ROTATE_ANNOTATION)
+    }
+
+    /// The latest request to end an overlap window early, if any.
+    pub fn end_overlap_request(&self) -> Option<&str> {
+        self.annotation(END_OVERLAP_ANNOTATION)
+    }
+
+    fn annotation(&self, key: &str) -> Option<&str> {
+        self.metadata.annotations.as_ref().and_then(|a| a.get(key)).map(String::as_str).filter(|v| !v.is_empty())
     }
 
     pub fn ready_condition(&self) -> Option<&Condition> {

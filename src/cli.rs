@@ -35,6 +35,9 @@ pub enum Command {
     Run(RunArgs),
     /// Print the ScimDirectory CustomResourceDefinition as YAML.
     Crd,
+    /// Run the verifier: an external-auth endpoint for proxies that authenticates SCIM requests by
+    /// token hash. Read-only, no access to Secrets, every replica serves.
+    Verify(crate::verify::VerifyArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -80,7 +83,7 @@ fn interval(value: &str) -> Result<std::time::Duration, String> {
 /// A namespace name as Kubernetes accepts it (an RFC 1123 label), so a typo in `--namespace` fails at
 /// start-up with a message instead of as a stream of 404s.
 /// An empty entry is ignored, so `WATCH_NAMESPACE=""` means all namespaces, as operators usually read it.
-fn namespace_name(value: &str) -> Result<String, String> {
+pub(crate) fn namespace_name(value: &str) -> Result<String, String> {
     let valid = value.is_empty()
         || (value.len() <= 63
             && value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
@@ -95,7 +98,7 @@ fn namespace_name(value: &str) -> Result<String, String> {
     }
 }
 
-fn dedup(namespaces: &[String]) -> Vec<String> {
+pub(crate) fn dedup(namespaces: &[String]) -> Vec<String> {
     let mut seen = std::collections::BTreeSet::new();
     namespaces.iter().filter(|n| !n.is_empty() && seen.insert(n.as_str())).cloned().collect()
 }
@@ -120,6 +123,7 @@ pub async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Some(Command::Run(args)) => run(args).await,
+        Some(Command::Verify(args)) => crate::verify::run(args).await,
         None => run(cli.run).await,
     }
 }
@@ -131,15 +135,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         format!("{}-{}", host.trim(), std::process::id())
     });
-    let config = kube::Config::infer().await?;
-    let client = ClientBuilder::try_from(config)
-        .map_err(explain_client_error)?
-        .with_layer(&tower::limit::ConcurrencyLimitLayer::new(args.max_inflight_requests.max(1)))
-        .build();
+    let client = client(args.max_inflight_requests).await?;
 
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
-    let health = Health { metrics: metrics.clone(), ready: ready.clone() };
+    let encode = metrics.clone();
+    let health = Health { encode: Arc::new(move || encode.encode()), ready: ready.clone() };
     let server = tokio::spawn(server::serve(args.metrics_addr, health));
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -229,6 +230,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A client from the kubeconfig or the in-cluster config, with at most `max_inflight` requests at once.
+pub(crate) async fn client(max_inflight: usize) -> anyhow::Result<kube::Client> {
+    let config = kube::Config::infer().await?;
+    Ok(ClientBuilder::try_from(config)
+        .map_err(explain_client_error)?
+        .with_layer(&tower::limit::ConcurrencyLimitLayer::new(max_inflight.max(1)))
+        .build())
+}
+
 /// Turns the TLS library's terse refusal of an X.509 v1 client certificate (which kubectl accepts)
 /// into what is wrong and how to fix it.
 fn explain_client_error(error: kube::Error) -> anyhow::Error {
@@ -246,7 +256,7 @@ fn explain_client_error(error: kube::Error) -> anyhow::Error {
 
 /// The process holds plaintext tokens while it writes them: no core dump may carry them to disk, and
 /// no other process of the same user may attach to it or read its memory (non-dumpable).
-fn disable_core_dumps() {
+pub(crate) fn disable_core_dumps() {
     let no_core = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: plain system calls with valid arguments; they touch no memory of ours but `no_core`.
     let (limited, undumpable) =
@@ -256,7 +266,7 @@ fn disable_core_dumps() {
     }
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
         _ = term.recv() => {}

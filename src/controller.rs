@@ -19,7 +19,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{debug, info, warn};
 
-use crate::api::{ScimDirectory, ScimDirectoryStatus};
+use crate::api::{END_OVERLAP_ANNOTATION, ScimDirectory, ScimDirectoryStatus};
 use crate::metrics::{DirectoryLabels, ErrorLabels, Metrics, ReasonLabels, ScopeLabels};
 use crate::policy::{self, Decision, Desired, IssueReason, IssueRecord, SecretState};
 use crate::secret::{self, ObservedSecret};
@@ -141,6 +141,7 @@ fn directory_trigger(dir: &ScimDirectory) -> Option<u64> {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     dir.metadata.generation.hash(&mut h);
     dir.rotation_request().hash(&mut h);
+    dir.end_overlap_request().hash(&mut h);
     Some(h.finish())
 }
 
@@ -331,7 +332,8 @@ async fn reconcile_inner(dir: &ScimDirectory, ctx: &Context) -> Result<Action> {
         dir.spec.token_expires_in.as_deref(),
         dir.spec.renew_before.as_deref(),
         dir.rotation_request(),
-    );
+    )
+    .and_then(|d| d.with_overlap(dir.spec.rotation_overlap.as_deref(), dir.end_overlap_request()));
     let status_view = status::view(dir);
     let mut observed: Option<ObservedSecret> =
         ctx.secrets.get(&ObjectRef::new(&secret_name).within(&ns)).map(|s| (*s).clone());
@@ -345,6 +347,22 @@ async fn reconcile_inner(dir: &ScimDirectory, ctx: &Context) -> Result<Action> {
         let now = Timestamp::now();
         let state = secret::observe(dir, observed.as_ref());
         let decision = policy::decide(desired.as_ref().map_err(String::as_str), &status_view, &state, now);
+        if matches!(decision, Decision::Issue(_)) && !confirmed {
+            // Confirmed before anything is throttled or generated: the Secret may well be there (its
+            // label stripped, or someone else's), and then nothing is to be issued at all.
+            confirmed = true;
+            // Metadata only: a foreign Secret's data is none of our business.
+            match secrets.get_metadata_opt(&secret_name).await? {
+                None => {}
+                Some(found) if secret::is_controlled_by(dir, &found.metadata) => {
+                    observed = observed_secrets(ctx, &ns).get_opt(&secret_name).await?;
+                }
+                Some(found) => {
+                    observed = Some(ObservedSecret { metadata: found.metadata, ..ObservedSecret::default() });
+                }
+            }
+            continue;
+        }
         let decision = policy::throttle(decision, &status_view, &state, now, ctx.min_issue_interval);
         debug!(namespace = %ns, name = %name, ?decision, "decided");
         match decision {
@@ -381,24 +399,13 @@ async fn reconcile_inner(dir: &ScimDirectory, ctx: &Context) -> Result<Action> {
                 warn!(namespace = %ns, name = %name, reason = reason.as_str(), %until, "automatic issue deferred");
                 return Ok(Action::requeue(duration_until(until, now)));
             }
-            Decision::Issue(_) if !confirmed => {
-                confirmed = true;
-                // Metadata only: a foreign Secret's data is none of our business.
-                match secrets.get_metadata_opt(&secret_name).await? {
-                    None => continue,
-                    Some(found) if secret::is_controlled_by(dir, &found.metadata) => {
-                        observed = observed_secrets(ctx, &ns).get_opt(&secret_name).await?;
-                    }
-                    Some(found) => {
-                        observed = Some(ObservedSecret { metadata: found.metadata, ..ObservedSecret::default() });
-                    }
-                }
-                continue;
-            }
             Decision::Issue(reason) => {
                 let desired = desired.as_ref().expect("an Issue decision implies a valid spec");
                 let token = Token::generate();
-                let record = policy::new_record(desired, token.hash(), reason, now);
+                let record = policy::IssueRecord {
+                    previous: policy::overlap(desired, reason, &state, now),
+                    ..policy::new_record(desired, token.hash(), reason, now)
+                };
                 let manifest = secret::desired_secret(dir, &token, &record);
                 let written = match &state {
                     SecretState::Missing => {
@@ -432,18 +439,29 @@ async fn reconcile_inner(dir: &ScimDirectory, ctx: &Context) -> Result<Action> {
                 // The Event's reason names the cause: the Recorder folds Events with equal reasons into one
                 // series that keeps the first note, so one generic reason would hide later causes.
                 let event_reason = if reason == IssueReason::Initial { "TokenIssued" } else { reason.as_str() };
-                let note =
+                let mut note =
                     format!("{} ({}); Secret {secret_name}, {}", reason.describe(), reason.as_str(), record.token_hash);
+                if let Some(previous) = &record.previous {
+                    note.push_str(&format!("; the previous token stays valid until {}", previous.valid_until));
+                }
                 publish(ctx, dir, event_type, event_reason, &note).await;
                 return finish(ctx, dir, desired, &record, false, now).await;
             }
-            Decision::Keep { record, restore_record, expired } => {
+            Decision::Keep { record, restore_record, expired, overlap_ended } => {
                 let desired = desired.as_ref().expect("a Keep decision implies a valid spec");
                 if let Some(current) = &observed
                     && (restore_record || secret::metadata_drifted(dir, current, &record))
                 {
                     restore_metadata(ctx, dir, &secrets, current, &record, now).await?;
-                    info!(namespace = %ns, name = %name, secret = %secret_name, "restored the Secret's labels and annotations");
+                    if overlap_ended {
+                        info!(namespace = %ns, name = %name, secret = %secret_name, "ended the overlap window on request");
+                        let note = format!(
+                            "the previous token is no longer accepted: the overlap was ended with the {END_OVERLAP_ANNOTATION} annotation"
+                        );
+                        publish(ctx, dir, EventType::Normal, "OverlapEnded", &note).await;
+                    } else {
+                        info!(namespace = %ns, name = %name, secret = %secret_name, "restored the Secret's labels and annotations");
+                    }
                 }
                 return finish(ctx, dir, desired, &record, expired, now).await;
             }

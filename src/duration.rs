@@ -38,6 +38,10 @@ pub const MIN_TOKEN_LIFETIME: TokenLifetime = TokenLifetime(Duration::from_secs(
 /// is spelled by leaving the field out.
 pub const MAX_TOKEN_LIFETIME: TokenLifetime = TokenLifetime(Duration::from_secs(3650 * 24 * 60 * 60));
 
+/// The longest rotation overlap: a day, the bound Chainguard's `scim token regenerate --overlap` uses.
+/// Long enough for an identity provider's provisioning cycle (about 40 minutes for Microsoft Entra).
+pub const MAX_ROTATION_OVERLAP: TokenLifetime = TokenLifetime(Duration::from_secs(24 * 60 * 60));
+
 /// Examples shown in every parse error, so the message says how to fix the value.
 const EXPECTED: &str = r#"expected e.g. "15552000s", "4320h", "1h30m" or "180d""#;
 

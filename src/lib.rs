@@ -13,3 +13,4 @@ pub mod server;
 pub mod status;
 pub mod telemetry;
 pub mod token;
+pub mod verify;

@@ -12,7 +12,7 @@
 
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
-use crate::duration::{MIN_TOKEN_LIFETIME, TokenLifetime, check_token_lifetime};
+use crate::duration::{MAX_ROTATION_OVERLAP, MIN_TOKEN_LIFETIME, TokenLifetime, check_token_lifetime};
 use crate::token::TokenHash;
 
 /// What a token was issued for, as recorded on its Secret.
@@ -27,6 +27,18 @@ pub struct IssueRecord {
     pub issued_at: Timestamp,
     pub expires_at: Option<Timestamp>,
     pub reason: IssueReason,
+    /// The token this one replaced, while a rotation overlap keeps it valid.
+    pub previous: Option<PreviousToken>,
+    /// The end-overlap request (annotation value) that was current when this record was written, so
+    /// that only a new value ends an overlap.
+    pub end_overlap_request: Option<String>,
+}
+
+/// A replaced token that stays valid until `valid_until` (a rotation overlap).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PreviousToken {
+    pub token_hash: TokenHash,
+    pub valid_until: Timestamp,
 }
 
 /// How far in the future a recorded `issued-at` may lie before it counts as forged: room for the clock
@@ -40,6 +52,9 @@ pub struct Desired {
     pub expires_in: Option<TokenLifetime>,
     pub renew_before: Option<TokenLifetime>,
     pub rotation_request: Option<String>,
+    /// `spec.rotationOverlap`; `None` ends the previous token at once.
+    pub rotation_overlap: Option<TokenLifetime>,
+    pub end_overlap_request: Option<String>,
 }
 
 impl Desired {
@@ -87,7 +102,27 @@ impl Desired {
             expires_in,
             renew_before,
             rotation_request: rotation_request.map(str::to_owned),
+            rotation_overlap: None,
+            end_overlap_request: None,
         })
+    }
+
+    /// Adds the rotation overlap settings: `spec.rotationOverlap` (at most a day) and the latest
+    /// end-overlap request.
+    pub fn with_overlap(mut self, overlap: Option<&str>, end_request: Option<&str>) -> Result<Desired, String> {
+        self.rotation_overlap = overlap
+            .map(|v| {
+                let overlap: TokenLifetime = v.parse().map_err(|e| format!("spec.rotationOverlap: {e}"))?;
+                if overlap.as_secs() == 0 || overlap > MAX_ROTATION_OVERLAP {
+                    return Err(format!(
+                        "spec.rotationOverlap: must be between 1s and {MAX_ROTATION_OVERLAP}, got {overlap}"
+                    ));
+                }
+                Ok(overlap)
+            })
+            .transpose()?;
+        self.end_overlap_request = end_request.map(str::to_owned);
+        Ok(self)
     }
 
     fn expires_in_canonical(&self) -> Option<String> {
@@ -107,6 +142,8 @@ fn seconds(s: u64) -> String {
 }
 
 /// The managed Secret as observed.
+// One short-lived value per reconcile: boxing the record would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SecretState {
     /// No Secret of that name.
@@ -243,9 +280,10 @@ pub enum Decision {
     /// An automatic issue that would come too soon after the previous one (see [`throttle`]): wait
     /// until `until`, then decide again.
     Deferred { reason: IssueReason, last_issued_at: Timestamp, until: Timestamp },
-    /// The Secret's token stands. `restore_record` is set when its annotations were stripped and are
-    /// rebuilt from the status, which vouches for the same token hash.
-    Keep { record: IssueRecord, restore_record: bool, expired: bool },
+    /// The Secret's token stands. `restore_record` is set when the record on the Secret must be
+    /// rewritten: its annotations were stripped (and are rebuilt from the status, which vouches for
+    /// the same token hash), or an overlap was ended early (`overlap_ended`).
+    Keep { record: IssueRecord, restore_record: bool, expired: bool, overlap_ended: bool },
 }
 
 /// Decides what to do with a directory's token.
@@ -298,7 +336,37 @@ pub fn decide(desired: Result<&Desired, &str>, status: &StatusView, secret: &Sec
         return Decision::Issue(IssueReason::RenewalDue);
     }
     let expired = record.expires_at.is_some_and(|at| now >= at);
-    Decision::Keep { record, restore_record, expired }
+    // A new end-overlap request drops the previous token from the record (and so from the status and
+    // the verifier) now, rather than at the end of the window.
+    let overlap_ended = record.previous.is_some()
+        && desired.end_overlap_request.is_some()
+        && desired.end_overlap_request != record.end_overlap_request;
+    let record = if overlap_ended {
+        IssueRecord { previous: None, end_overlap_request: desired.end_overlap_request.clone(), ..record }
+    } else {
+        record
+    };
+    Decision::Keep { record, restore_record: restore_record || overlap_ended, expired, overlap_ended }
+}
+
+/// The overlap a new token opens for the one it replaces: only for rotations somebody planned (a spec
+/// change, a request, a renewal) and only with `spec.rotationOverlap` set. A repair never opens one:
+/// a token that may have leaked must die at once. The window never outlives the old token's expiry.
+pub fn overlap(desired: &Desired, reason: IssueReason, secret: &SecretState, now: Timestamp) -> Option<PreviousToken> {
+    let window = desired.rotation_overlap.as_ref()?;
+    if reason.is_repair() || reason == IssueReason::Initial {
+        return None;
+    }
+    let SecretState::Owned { token_hash: Some(current), record: RecordState::Valid(record) } = secret else {
+        return None;
+    };
+    if &record.token_hash != current {
+        return None;
+    }
+    let now = Timestamp::from_second(now.as_second()).expect("a valid timestamp truncated stays valid");
+    let end = now.saturating_add(window.as_signed_duration()).expect("a SignedDuration never fails saturating_add");
+    let valid_until = record.expires_at.map_or(end, |expiry| end.min(expiry));
+    (valid_until > now).then(|| PreviousToken { token_hash: current.clone(), valid_until })
 }
 
 /// Rate-limits automatic issues: a renewal or repair within `min_interval` of the previous issue is
@@ -360,6 +428,8 @@ pub fn new_record(desired: &Desired, token_hash: TokenHash, reason: IssueReason,
         issued_at,
         expires_at,
         reason,
+        previous: None,
+        end_overlap_request: desired.end_overlap_request.clone(),
     }
 }
 
@@ -398,6 +468,7 @@ mod tests {
             record: r.clone(),
             restore_record: restore,
             expired,
+            overlap_ended: false,
         };
 
         type Case<'a> = (&'a str, Result<Desired, String>, StatusView, SecretState, &'a str, Decision);
@@ -752,8 +823,68 @@ mod tests {
         }
     }
 
+    #[test]
+    fn planned_rotations_open_an_overlap_repairs_never() {
+        let d = desired(0, Some("90d"), None, None).with_overlap(Some("1h"), None).unwrap();
+        let rec = record(&d, hash('a'), T0);
+        let secret = owned(Some(hash('a')), Some(rec.clone()));
+        let at = |s: &str| ts(s);
+        let prev = |until: &str| Some(PreviousToken { token_hash: hash('a'), valid_until: at(until) });
+        let now = "2026-01-02T00:00:00.5Z";
+        assert_eq!(overlap(&d, IssueReason::RotationRequested, &secret, at(now)), prev("2026-01-02T01:00:00Z"));
+        assert_eq!(overlap(&d, IssueReason::RotationGenerationChanged, &secret, at(now)), prev("2026-01-02T01:00:00Z"));
+        assert_eq!(overlap(&d, IssueReason::RenewalDue, &secret, at(now)), prev("2026-01-02T01:00:00Z"));
+        for repair in
+            [IssueReason::TokenChanged, IssueReason::SecretDeleted, IssueReason::RecordTampered, IssueReason::Initial]
+        {
+            assert_eq!(overlap(&d, repair, &secret, at(now)), None, "{repair:?}");
+        }
+        // Never past the old token's own expiry; nothing for an expired one.
+        assert_eq!(
+            overlap(&d, IssueReason::RotationRequested, &secret, at("2026-03-31T23:30:00Z")),
+            prev("2026-04-01T00:00:00Z")
+        );
+        assert_eq!(overlap(&d, IssueReason::RotationRequested, &secret, at("2026-04-01T00:00:00Z")), None);
+        // No overlap configured, or a Secret whose token is not the recorded one.
+        let without = desired(0, Some("90d"), None, None);
+        assert_eq!(overlap(&without, IssueReason::RotationRequested, &secret, at(now)), None);
+        let changed = owned(Some(hash('b')), Some(rec.clone()));
+        assert_eq!(overlap(&d, IssueReason::RotationRequested, &changed, at(now)), None);
+        // Bounds.
+        assert!(desired(0, None, None, None).with_overlap(Some("24h"), None).is_ok());
+        assert!(desired(0, None, None, None).with_overlap(Some("1d"), None).is_ok());
+        for bad in ["24h1s", "2d", "0s", "1.5s"] {
+            let err = desired(0, None, None, None).with_overlap(Some(bad), None).unwrap_err();
+            assert!(err.starts_with("spec.rotationOverlap"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_new_end_overlap_request_ends_the_window_once() {
+        let d = desired(0, None, None, None).with_overlap(Some("1h"), Some("old")).unwrap();
+        let mut rec = record(&d, hash('b'), T0);
+        rec.previous = Some(PreviousToken { token_hash: hash('a'), valid_until: ts("2026-01-01T01:00:00Z") });
+        let secret = owned(Some(hash('b')), Some(rec.clone()));
+        let status = StatusView { token_hash: Some(hash('b')), record: Some(rec.clone()) };
+        // The request that was current at the rotation does not end the overlap it opened.
+        assert_eq!(decide(Ok(&d), &status, &secret, ts(T0)), keep_of(&rec));
+        // A new value does, once.
+        let ended = d.clone().with_overlap(Some("1h"), Some("new")).unwrap();
+        let want = IssueRecord { previous: None, end_overlap_request: Some("new".into()), ..rec.clone() };
+        assert_eq!(
+            decide(Ok(&ended), &status, &secret, ts(T0)),
+            Decision::Keep { record: want.clone(), restore_record: true, expired: false, overlap_ended: true }
+        );
+        let after = owned(Some(hash('b')), Some(want.clone()));
+        assert_eq!(decide(Ok(&ended), &status, &after, ts(T0)), keep_of(&want));
+        // Without a previous token there is nothing to end and nothing to write.
+        let plain = record(&d, hash('b'), T0);
+        let secret = owned(Some(hash('b')), Some(plain.clone()));
+        assert_eq!(decide(Ok(&ended), &status, &secret, ts(T0)), keep_of(&plain));
+    }
+
     fn keep_of(r: &IssueRecord) -> Decision {
-        Decision::Keep { record: r.clone(), restore_record: false, expired: false }
+        Decision::Keep { record: r.clone(), restore_record: false, expired: false, overlap_ended: false }
     }
 
     #[test]

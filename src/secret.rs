@@ -14,8 +14,8 @@ use serde::Deserialize;
 use zeroize::Zeroize;
 
 use crate::api::{GROUP, ScimDirectory};
-use crate::duration::TokenLifetime;
-use crate::policy::{IssueReason, IssueRecord, RecordState, SecretState};
+use crate::duration::{MAX_ROTATION_OVERLAP, TokenLifetime};
+use crate::policy::{IssueReason, IssueRecord, PreviousToken, RecordState, SecretState};
 use crate::token::{Token, TokenHash};
 
 /// Data key holding the plaintext token.
@@ -33,6 +33,9 @@ pub const EXPIRES_IN_ANNOTATION: &str = "scim.tokenops.dev/token-expires-in";
 pub const ISSUED_AT_ANNOTATION: &str = "scim.tokenops.dev/issued-at";
 pub const EXPIRES_AT_ANNOTATION: &str = "scim.tokenops.dev/expires-at";
 pub const REASON_ANNOTATION: &str = "scim.tokenops.dev/issue-reason";
+pub const PREVIOUS_HASH_ANNOTATION: &str = "scim.tokenops.dev/previous-token-hash";
+pub const PREVIOUS_VALID_UNTIL_ANNOTATION: &str = "scim.tokenops.dev/previous-valid-until";
+pub const END_OVERLAP_REQUEST_ANNOTATION: &str = "scim.tokenops.dev/end-overlap-request";
 /// A digest of the `secretTemplate` last applied to the Secret: when the template changes (a key
 /// removed, say), the Secret is re-applied and server-side apply prunes what the template dropped.
 pub const TEMPLATE_ANNOTATION: &str = "scim.tokenops.dev/template-hash";
@@ -182,9 +185,26 @@ pub fn read_record(annotations: &BTreeMap<String, String>) -> RecordState {
             issued_at,
             expires_at,
             reason: IssueReason::parse(get(REASON_ANNOTATION)?)?,
+            previous: match (get(PREVIOUS_HASH_ANNOTATION), get(PREVIOUS_VALID_UNTIL_ANNOTATION)) {
+                (None, None) => None,
+                (hash, until) => {
+                    Some(PreviousToken { token_hash: TokenHash::parse(hash?)?, valid_until: until?.parse().ok()? })
+                }
+            },
+            end_overlap_request: get(END_OVERLAP_REQUEST_ANNOTATION).map(str::to_owned),
         })
     })();
     let Some(record) = parsed else { return RecordState::Absent };
+    // An overlap can keep the previous token alive for at most a day after the new one was issued,
+    // and never for the token itself.
+    if let Some(previous) = &record.previous {
+        let latest = record.issued_at.saturating_add(MAX_ROTATION_OVERLAP.as_signed_duration()).expect("in range");
+        if previous.valid_until > latest || previous.token_hash == record.token_hash {
+            return RecordState::Forged(format!(
+                "{PREVIOUS_VALID_UNTIL_ANNOTATION} extends the previous token beyond what any overlap allows"
+            ));
+        }
+    }
     let written = get(EXPIRES_AT_ANNOTATION).map(|v| v.parse::<Timestamp>());
     match (written, record.expires_at) {
         // A missing expires-at is restored like any stripped annotation.
@@ -213,6 +233,13 @@ fn record_annotations(dir: &ScimDirectory, record: &IssueRecord) -> BTreeMap<Str
     }
     if let Some(at) = record.expires_at {
         a.insert(EXPIRES_AT_ANNOTATION.to_owned(), at.to_string());
+    }
+    if let Some(previous) = &record.previous {
+        a.insert(PREVIOUS_HASH_ANNOTATION.to_owned(), previous.token_hash.to_string());
+        a.insert(PREVIOUS_VALID_UNTIL_ANNOTATION.to_owned(), previous.valid_until.to_string());
+    }
+    if let Some(request) = &record.end_overlap_request {
+        a.insert(END_OVERLAP_REQUEST_ANNOTATION.to_owned(), request.clone());
     }
     a
 }
@@ -489,5 +516,19 @@ mod tests {
         assert_eq!(with(ISSUED_AT_ANNOTATION, Some("yesterday")), RecordState::Absent);
         assert_eq!(with(EXPIRES_IN_ANNOTATION, Some("1.5s")), RecordState::Absent);
         assert_eq!(with(HASH_ANNOTATION, None), RecordState::Absent);
+
+        // An overlap round-trips; one extended beyond a day after the issue is forged.
+        let mut overlapping = record.clone();
+        let until = Timestamp::from_second(record.issued_at.as_second() + 3600).unwrap();
+        overlapping.previous = Some(PreviousToken { token_hash: TokenHash::of_bytes(b"old"), valid_until: until });
+        overlapping.end_overlap_request = Some("e1".into());
+        let annotations = record_annotations(&dir, &overlapping);
+        assert_eq!(read_record(&annotations), RecordState::Valid(overlapping.clone()));
+        let mut extended = annotations.clone();
+        extended.insert(PREVIOUS_VALID_UNTIL_ANNOTATION.into(), "2099-01-01T00:00:00Z".into());
+        assert!(matches!(read_record(&extended), RecordState::Forged(_)));
+        let mut half = annotations.clone();
+        half.remove(PREVIOUS_VALID_UNTIL_ANNOTATION);
+        assert_eq!(read_record(&half), RecordState::Absent);
     }
 }

@@ -10,11 +10,10 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 
-use crate::metrics::Metrics;
-
+/// What the endpoints serve: the Prometheus text of a registry, and readiness.
 #[derive(Clone)]
 pub struct Health {
-    pub metrics: Arc<Metrics>,
+    pub encode: Arc<dyn Fn() -> String + Send + Sync>,
     /// True once the caches are synced (leader) or while waiting as a standby replica.
     pub ready: Arc<AtomicBool>,
 }
@@ -31,7 +30,7 @@ pub async fn serve(addr: SocketAddr, health: Health) -> std::io::Result<()> {
 }
 
 async fn metrics(State(h): State<Health>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], h.metrics.encode())
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], (h.encode)())
 }
 
 async fn readyz(State(h): State<Health>) -> impl IntoResponse {

@@ -5,7 +5,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
 use crate::api::{ScimDirectory, ScimDirectoryStatus};
-use crate::policy::{IssueReason, IssueRecord, StatusView};
+use crate::policy::{IssueReason, IssueRecord, PreviousToken, StatusView};
 use crate::token::TokenHash;
 
 /// The issue record the status vouches for, used to restore a Secret's stripped annotations.
@@ -22,6 +22,13 @@ pub fn view(dir: &ScimDirectory) -> StatusView {
             rotation_request: status.last_rotation_request.clone(),
             issued_at,
             expires_at,
+            previous: (|| {
+                Some(PreviousToken {
+                    token_hash: status.previous_token_hash.as_deref().and_then(TokenHash::parse)?,
+                    valid_until: status.previous_token_valid_until.as_ref()?.0,
+                })
+            })(),
+            end_overlap_request: None,
             reason: match dir.ready_condition().map(|c| c.reason.as_str()) {
                 Some("TokenIssued") | None => IssueReason::Initial,
                 _ => status_reason(dir).unwrap_or(IssueReason::RotationGenerationChanged),
@@ -47,6 +54,8 @@ pub fn with(dir: &ScimDirectory, record: Option<&IssueRecord>, ready: Condition)
             token_expires_at: r.expires_at.map(Time),
             observed_rotation_generation: Some(r.rotation_generation),
             last_rotation_request: r.rotation_request.clone(),
+            previous_token_hash: r.previous.as_ref().map(|p| p.token_hash.to_string()),
+            previous_token_valid_until: r.previous.as_ref().map(|p| Time(p.valid_until)),
             ..ScimDirectoryStatus::default()
         },
         None => {
@@ -75,5 +84,40 @@ pub fn condition(dir: &ScimDirectory, ready: bool, reason: &str, message: &str, 
         message: message.into(),
         observed_generation: dir.metadata.generation,
         last_transition_time,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::ScimDirectorySpec;
+    use crate::policy::{Desired, new_record};
+
+    #[test]
+    fn the_status_reads_back_as_the_record_it_was_derived_from() {
+        let mut dir = ScimDirectory::new("acme", ScimDirectorySpec::default());
+        let now: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let desired = Desired::parse(2, Some("90d"), None, Some("r1")).unwrap();
+        let mut record = new_record(&desired, TokenHash::of_bytes(b"new"), IssueReason::RotationRequested, now);
+        record.previous = Some(PreviousToken {
+            token_hash: TokenHash::of_bytes(b"old"),
+            valid_until: "2026-01-01T01:00:00Z".parse().unwrap(),
+        });
+        let message = format!("{} ({})", record.reason.describe(), record.reason.as_str());
+        dir.status = Some(with(&dir, Some(&record), condition(&dir, true, "TokenRotated", &message, now)));
+        let status = dir.status.as_ref().unwrap();
+        assert_eq!(status.previous_token_hash.as_deref(), Some(TokenHash::of_bytes(b"old").as_str()));
+        assert_eq!(status.secret_name.as_deref(), Some("acme-scim-token"));
+
+        let view = view(&dir);
+        assert_eq!(view.token_hash, Some(record.token_hash.clone()));
+        // Everything but the end-overlap request (which the status does not carry) reads back.
+        assert_eq!(view.record, Some(IssueRecord { end_overlap_request: None, ..record.clone() }));
+
+        // A status for a directory that cannot be acted on keeps the token fields.
+        let kept = with(&dir, None, condition(&dir, false, "SecretConflict", "x", now));
+        assert_eq!(kept.token_hash, status.token_hash);
+        assert_eq!(kept.previous_token_valid_until, status.previous_token_valid_until);
+        assert_eq!(kept.conditions[0].reason, "SecretConflict");
     }
 }

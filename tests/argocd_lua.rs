@@ -782,7 +782,7 @@ async fn health_and_rotate_on_live_directories() {
     assert!(conflict.message.contains("taken"), "{}", conflict.message);
 
     let (ok, _, err) = env.apply(
-        "apiVersion: scim.tokenops.dev/v1alpha1\nkind: ScimDirectory\nmetadata:\n  name: odd\nspec:\n  tokenExpiresIn: 2h\n  renewBefore: 3h\n",
+        "apiVersion: scim.tokenops.dev/v1alpha1\nkind: ScimDirectory\nmetadata:\n  name: odd\nspec:\n  tokenExpiresIn: 1d\n  renewBefore: 23h\n",
     );
     assert!(ok, "{err}");
     env.wait_ready_reason("odd", "InvalidSpec").await;

@@ -260,3 +260,93 @@ impl Operator {
         Operator { child, metrics_port }
     }
 }
+
+/// `scim-token-operator verify` as a child process, watching the test's namespace; killed on drop.
+/// Its output goes to the namespace's log, which the suite searches for plaintext tokens.
+pub struct Verifier {
+    child: Child,
+    pub port: u16,
+    pub metrics_port: u16,
+}
+
+impl Env {
+    pub fn verifier(&self) -> Verifier {
+        let log = OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let (port, metrics_port) = (free_port(), free_port());
+        let child = Command::new(BIN)
+            .args(["verify", "--namespace", &self.ns])
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+            .env("KUBECONFIG", self.cp.kubeconfig_path())
+            .env("RUST_LOG", "debug,kube=info,hyper=info,tower=info,rustls=info,h2=info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start the verifier");
+        Verifier { child, port, metrics_port }
+    }
+}
+
+impl Verifier {
+    /// Waits until /readyz says the index holds the initial list.
+    pub async fn wait_ready(&self) {
+        wait_for("the verifier to be ready", Duration::from_secs(30), || async {
+            http_request(self.metrics_port, "GET", "/readyz", &[]).filter(|r| r.status == 200).map(|_| ())
+        })
+        .await
+    }
+
+    pub fn verify(&self, path: &str, headers: &[(&str, &str)]) -> HttpResponse {
+        http_request(self.port, "GET", path, headers).expect("the verifier answers")
+    }
+
+    pub fn metrics(&self) -> String {
+        http_request(self.metrics_port, "GET", "/metrics", &[]).map(|r| r.body).unwrap_or_default()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Verifier {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    /// Lower-cased names.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// One HTTP/1.0 request to 127.0.0.1:`port` (no client library needed); `None` if nothing listens.
+pub fn http_request(port: u16, method: &str, path: &str, headers: &[(&str, &str)]) -> Option<HttpResponse> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    let mut request = format!("{method} {path} HTTP/1.0\r\nHost: localhost\r\n");
+    for (k, v) in headers {
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).ok()?;
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let mut lines = head.lines();
+    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Some(HttpResponse { status, headers, body: body.to_owned() })
+}

@@ -1,0 +1,160 @@
+//! `scim-token-operator verify`: the verifier. A stateless, read-only server that authenticates SCIM
+//! requests for proxies, holding only token hashes.
+//!
+//! It watches ScimDirectories (never Secrets: it has no access to them), keeps an [`index::Index`]
+//! from token hash to directory, and answers external-auth requests over it ([`http`]). Every
+//! replica serves (no leader election); a replica is ready once its initial list is in. It makes no
+//! writes to the API server.
+
+pub mod http;
+pub mod index;
+pub mod metrics;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+use clap::Args;
+use futures::TryStreamExt;
+use kube::api::Api;
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+use tracing::{info, warn};
+
+use self::http::Verifier;
+use self::index::{DirectoryId, Index};
+use self::metrics::{DirectoryLabels, VerifierMetrics};
+use crate::api::ScimDirectory;
+use crate::server::{self, Health};
+use crate::telemetry::{self, LogFormat};
+
+#[derive(Args, Debug, Clone)]
+pub struct VerifyArgs {
+    /// Address of the external-auth endpoint (`/verify`).
+    #[arg(long, env = "VERIFY_LISTEN", default_value = "0.0.0.0:8081")]
+    pub listen: SocketAddr,
+    /// Address of the /metrics, /healthz and /readyz endpoints.
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    pub metrics_addr: SocketAddr,
+    /// Only watch these namespaces, comma-separated or repeated (default: all namespaces).
+    #[arg(long = "namespace", env = "WATCH_NAMESPACE", value_delimiter = ',', value_parser = crate::cli::namespace_name)]
+    pub namespaces: Vec<String>,
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+pub async fn run(args: VerifyArgs) -> anyhow::Result<()> {
+    telemetry::init(args.log_format);
+    crate::cli::disable_core_dumps();
+    // A watch per namespace and nothing else: a handful of requests in flight at most.
+    let client = crate::cli::client(16).await?;
+    let metrics = Arc::new(VerifierMetrics::default());
+    let verifier = Verifier { index: Arc::new(RwLock::new(Index::default())), metrics: metrics.clone() };
+    let ready = Arc::new(AtomicBool::new(false));
+
+    let encode = metrics.clone();
+    let health = Health { encode: Arc::new(move || encode.encode()), ready: ready.clone() };
+    let probes = tokio::spawn(server::serve(args.metrics_addr, health));
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    info!(addr = %args.listen, "serving /verify");
+    let app = http::router(verifier.clone());
+    let endpoint =
+        tokio::spawn(
+            async move { axum::serve(listener, app).with_graceful_shutdown(crate::cli::shutdown_signal()).await },
+        );
+
+    let namespaces = crate::cli::dedup(&args.namespaces);
+    info!(?namespaces, "watching ScimDirectories");
+    let scopes: Vec<Option<String>> =
+        if namespaces.is_empty() { vec![None] } else { namespaces.into_iter().map(Some).collect() };
+    let unsynced = Arc::new(AtomicUsize::new(scopes.len()));
+    for scope in scopes {
+        let (client, verifier, ready, unsynced) = (client.clone(), verifier.clone(), ready.clone(), unsynced.clone());
+        tokio::spawn(async move {
+            let mut synced = false;
+            let on_synced = move || {
+                if !synced {
+                    synced = true;
+                    if unsynced.fetch_sub(1, Ordering::SeqCst) == 1 {
+                        ready.store(true, Ordering::SeqCst);
+                        info!("index ready");
+                    }
+                }
+            };
+            watch(client, scope, verifier, on_synced).await;
+        });
+    }
+
+    endpoint.await??;
+    probes.abort();
+    info!("stopped");
+    Ok(())
+}
+
+/// Keeps the index in step with the directories of one scope (a namespace, or all of them).
+async fn watch(client: Client, scope: Option<String>, verifier: Verifier, mut on_synced: impl FnMut()) {
+    let api: Api<ScimDirectory> = match &scope {
+        Some(ns) => Api::namespaced(client, ns),
+        None => Api::all(client),
+    };
+    // A fresh list is indexed on the side and swapped in whole, so requests never see half a list.
+    let mut fresh: Option<Index> = None;
+    let events = watcher(api, watcher::Config::default().any_semantic()).default_backoff();
+    futures::pin_mut!(events);
+    loop {
+        let event = match events.try_next().await {
+            Ok(Some(event)) => event,
+            Ok(None) => return,
+            Err(e) => {
+                warn!(error = %e, "watching ScimDirectories failed; retrying");
+                continue;
+            }
+        };
+        let metrics = &verifier.metrics;
+        match event {
+            watcher::Event::Init => fresh = Some(Index::default()),
+            watcher::Event::InitApply(dir) => {
+                fresh.get_or_insert_with(Index::default).apply(&dir);
+                export_overlap(metrics, &dir);
+            }
+            watcher::Event::InitDone => {
+                let fresh = fresh.take().unwrap_or_default();
+                let mut index = verifier.index.write().expect("poisoned");
+                for gone in index.replace_scope(scope.as_deref(), fresh) {
+                    metrics.forget(&gone);
+                }
+                metrics.directories.set(i64::try_from(index.directories()).unwrap_or(i64::MAX));
+                drop(index);
+                on_synced();
+            }
+            watcher::Event::Apply(dir) => {
+                let mut index = verifier.index.write().expect("poisoned");
+                index.apply(&dir);
+                metrics.directories.set(i64::try_from(index.directories()).unwrap_or(i64::MAX));
+                drop(index);
+                export_overlap(metrics, &dir);
+            }
+            watcher::Event::Delete(dir) => {
+                let id = DirectoryId { namespace: dir.namespace().unwrap_or_default(), name: dir.name_any() };
+                let mut index = verifier.index.write().expect("poisoned");
+                index.remove(&id);
+                metrics.directories.set(i64::try_from(index.directories()).unwrap_or(i64::MAX));
+                drop(index);
+                metrics.forget(&id);
+            }
+        }
+    }
+}
+
+fn export_overlap(metrics: &VerifierMetrics, dir: &ScimDirectory) {
+    let labels = DirectoryLabels { namespace: dir.namespace().unwrap_or_default(), name: dir.name_any() };
+    let status = dir.status.as_ref();
+    match status.and_then(|s| s.previous_token_hash.as_ref().and(s.previous_token_valid_until.as_ref())) {
+        Some(until) => {
+            metrics.previous_valid_until.get_or_create(&labels).set(until.0.as_second());
+        }
+        None => {
+            metrics.previous_valid_until.remove(&labels);
+        }
+    }
+}
