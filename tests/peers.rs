@@ -1,0 +1,233 @@
+//! The whole loop with real parts: the operator issues and rotates tokens on a real control plane, the
+//! verifier authenticates by hash, **Debian's nginx** gates **PyPI's scim2-server** with
+//! `auth_request`, and **PyPI's scim2-cli / scim2-tester** plays the identity provider.
+//!
+//! `hack/test-peers.sh` installs nginx and the Python tools into the cache (or fails saying what is
+//! missing); tests/peers/ holds the nginx configuration, docs/test-peers.md what was found about them.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kube::api::{Patch, PatchParams};
+use scim_token_operator::token::Token;
+use serde_json::json;
+use support::{Env, HttpResponse, free_port, http_request, wait_for};
+
+const PEERS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers");
+
+/// Paths printed by hack/test-peers.sh (NGINX, SCIM2_SERVER, SCIM, ...).
+fn peers() -> BTreeMap<String, String> {
+    let out = Command::new("bash")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/hack/test-peers.sh"))
+        .output()
+        .expect("run hack/test-peers.sh");
+    assert!(
+        out.status.success(),
+        "hack/test-peers.sh could not provide nginx and the SCIM tools:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+/// A child process killed (and reaped) on drop.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(mut cmd: Command, log: &Path) -> Process {
+    let log = std::fs::File::create(log).unwrap();
+    Process(cmd.stdout(log.try_clone().unwrap()).stderr(log).spawn().expect("start a peer"))
+}
+
+async fn wait_port(port: u16, what: &str) {
+    wait_for(what, Duration::from_secs(30), || async {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())
+    })
+    .await;
+}
+
+/// nginx with the proven configuration: tenant-a bound to directory `ns/acme`, tenant-b to `ns/globex`.
+fn nginx_config(prefix: &Path, listen: u16, verifier: u16, scim: u16, ns: &str) -> String {
+    let tenant = std::fs::read_to_string(format!("{PEERS}/tenant-location.conf.template")).unwrap();
+    let locations: String = [("tenant-a", "acme"), ("tenant-b", "globex")]
+        .iter()
+        .map(|(t, d)| {
+            tenant.replace("{{TENANT}}", t).replace("{{DIRECTORY_NAMESPACE}}", ns).replace("{{DIRECTORY_NAME}}", d)
+        })
+        .collect();
+    let config = std::fs::read_to_string(format!("{PEERS}/nginx.conf.template"))
+        .unwrap()
+        .replace("{{PREFIX}}", prefix.to_str().unwrap())
+        .replace("{{LISTEN}}", &format!("127.0.0.1:{listen}"))
+        .replace("{{VERIFIER}}", &format!("127.0.0.1:{verifier}"))
+        .replace("{{SCIM_SERVER}}", &format!("127.0.0.1:{scim}"))
+        .replace("{{TENANT_LOCATIONS}}", &locations);
+    assert!(!config.contains("{{"), "every placeholder filled");
+    config
+}
+
+/// `scim -u <url> [args]` (scim2-cli) with the token in its header variable (kept out of `ps`).
+fn scim(cli: &str, url: &str, token: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(cli)
+        .args(["-u", url])
+        .args(args)
+        .env("SCIM_CLI_HEADERS", format!("Authorization: Bearer {token}"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run scim2-cli");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+fn get(port: u16, path: &str, token: &str) -> HttpResponse {
+    http_request(port, "GET", path, &[("Authorization", &format!("Bearer {token}"))]).expect("nginx answers")
+}
+
+async fn wait_status(port: u16, path: &str, token: &str, status: u16, what: &str) -> Duration {
+    let started = Instant::now();
+    wait_for(what, Duration::from_secs(30), || async { (get(port, path, token).status == status).then_some(()) })
+        .await;
+    started.elapsed()
+}
+
+async fn next_token(env: &Env, secret: &str, old: &str) -> String {
+    wait_for("a new token", Duration::from_secs(30), || async { env.token(secret).await.filter(|t| t != old) }).await
+}
+
+#[tokio::test]
+async fn nginx_gates_a_real_scim_server_and_a_real_scim_client_follows_rotations() {
+    let peers = peers();
+    let env = Env::new("peers").await;
+    let _op = env.operator(&[("MIN_ISSUE_INTERVAL", "1s")]);
+    let mut verifier = env.verifier();
+    for (name, spec) in [("acme", "  rotationOverlap: 8s\n"), ("globex", "  tokenExpiresIn: 90d\n")] {
+        let (ok, _, err) = env.apply(&format!(
+            "apiVersion: scim.tokenops.dev/v1alpha1\nkind: ScimDirectory\nmetadata:\n  name: {name}\nspec:\n{spec}"
+        ));
+        assert!(ok, "{err}");
+        env.wait_ready_reason(name, "TokenIssued").await;
+    }
+    verifier.wait_ready().await;
+
+    let dir: PathBuf = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("peers-{}", env.ns));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+
+    // scim2-server with no token of its own (the proxy is the only gate) and one tenant per route;
+    // --debug logs each request's headers, so the test sees what reached it. Its environment is
+    // emptied: the debug log prints that too.
+    let scim_port = free_port();
+    let mut server = Command::new(&peers["SCIM2_SERVER"]);
+    server
+        .args(["--hostname", "127.0.0.1", "--port", &scim_port.to_string()])
+        .args(["--tenant", "tenant-a", "--tenant", "tenant-b", "--debug"])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin");
+    let _server = start(server, &dir.join("scim2-server.log"));
+    wait_port(scim_port, "scim2-server").await;
+
+    let nginx_port = free_port();
+    std::fs::write(dir.join("nginx.conf"), nginx_config(&dir, nginx_port, verifier.port, scim_port, &env.ns)).unwrap();
+    let mut nginx = Command::new(&peers["NGINX"]);
+    nginx.arg("-p").arg(format!("{}/", dir.display())).arg("-c").arg(dir.join("nginx.conf"));
+    nginx.arg("-e").arg(dir.join("error.log"));
+    let _nginx = start(nginx, &dir.join("nginx.out"));
+    wait_port(nginx_port, "nginx").await;
+
+    let acme = env.token("acme-scim-token").await.unwrap();
+    let globex = env.token("globex-scim-token").await.unwrap();
+    let tenant_a = format!("http://127.0.0.1:{nginx_port}/tenant-a/v2");
+
+    // The identity provider's compliance run passes with the current token.
+    let (ok, out) = scim(&peers["SCIM"], &tenant_a, &acme, &["test"]);
+    assert!(ok, "scim2-tester through nginx with the current token:\n{out}");
+    assert!(out.contains("SUCCESS") && !out.contains("ERROR"), "{out}");
+
+    // The SCIM server saw the verified directory, never the token.
+    let server_log = std::fs::read_to_string(dir.join("scim2-server.log")).unwrap();
+    assert!(server_log.contains(&format!("'HTTP_X_SCIM_DIRECTORY_NAMESPACE': '{}'", env.ns)), "directory headers upstream");
+    assert!(server_log.contains("'HTTP_X_SCIM_DIRECTORY_NAME': 'acme'"));
+    assert!(!server_log.contains("HTTP_AUTHORIZATION"), "the token stays at the edge");
+
+    // A wrong token: 401 with one RFC 6750 challenge; scim2-cli reports the authorization failure.
+    let wrong = Token::generate();
+    let r = get(nginx_port, "/tenant-a/v2/Users", wrong.expose());
+    assert_eq!(r.status, 401);
+    let challenges: Vec<_> = r.headers.iter().filter(|(k, _)| k == "www-authenticate").collect();
+    assert_eq!(challenges.len(), 1, "{r:?}");
+    assert!(challenges[0].1.contains("invalid_token"));
+    let (ok, out) = scim(&peers["SCIM"], &tenant_a, wrong.expose(), &["query", "user"]);
+    assert!(!ok && out.contains("Authorization failure"), "{out}");
+
+    // Tenant binding: acme's token on globex's route is 403; a client cannot claim another directory.
+    assert_eq!(get(nginx_port, "/tenant-b/v2/Users", &acme).status, 403);
+    let forged = http_request(
+        nginx_port,
+        "GET",
+        "/tenant-b/v2/Users",
+        &[("Authorization", &format!("Bearer {acme}")), ("X-Scim-Expected-Directory", &format!("{}/acme", env.ns))],
+    )
+    .unwrap();
+    assert_eq!(forged.status, 403, "the route's binding wins over the client's header");
+    assert_eq!(get(nginx_port, "/tenant-b/v2/Users", &globex).status, 200);
+    assert_eq!(get(nginx_port, "/elsewhere/v2/Users", &globex).status, 404, "no unbound route reaches the server");
+
+    // Rotation without an overlap: the old token is refused within a second, the new one works.
+    let (ok, _, err) = env.kubectl(&["annotate", "scimdir", "globex", "scim.tokenops.dev/rotate=r1"]);
+    assert!(ok, "{err}");
+    let globex2 = next_token(&env, "globex-scim-token", &globex).await;
+    let took = wait_status(nginx_port, "/tenant-b/v2/Users", &globex, 401, "old token refused").await;
+    assert!(took < Duration::from_secs(1), "refused {took:?} after the rotation");
+    assert_eq!(get(nginx_port, "/tenant-b/v2/Users", &globex2).status, 200);
+
+    // Rotation with an overlap: both tokens work until its end, then only the new one.
+    let (ok, _, err) = env.kubectl(&["annotate", "scimdir", "acme", "scim.tokenops.dev/rotate=r1"]);
+    assert!(ok, "{err}");
+    let acme2 = next_token(&env, "acme-scim-token", &acme).await;
+    wait_status(nginx_port, "/tenant-a/v2/Users", &acme2, 200, "the new token through nginx").await;
+    let (ok, out) = scim(&peers["SCIM"], &tenant_a, &acme, &["query", "user"]);
+    assert!(ok, "the IdP still on the previous token during the overlap: {out}");
+    let (ok, out) = scim(&peers["SCIM"], &tenant_a, &acme2, &["query", "user"]);
+    assert!(ok, "the IdP switched to the new token: {out}");
+    wait_status(nginx_port, "/tenant-a/v2/Users", &acme, 401, "the previous token refused after the overlap").await;
+    assert_eq!(get(nginx_port, "/tenant-a/v2/Users", &acme2).status, 200);
+
+    // An expired token: the record is back-dated so that globex's token expires in 2 s.
+    use k8s_openapi::jiff::Timestamp;
+    let soon = Timestamp::from_second(Timestamp::now().as_second() + 2).unwrap();
+    let issued = Timestamp::from_second(soon.as_second() - 90 * 86_400).unwrap();
+    let backdate = json!({ "metadata": { "annotations": {
+        "scim.tokenops.dev/issued-at": issued.to_string(),
+        "scim.tokenops.dev/expires-at": soon.to_string(),
+    } } });
+    env.secrets().patch("globex-scim-token", &PatchParams::default(), &Patch::Merge(backdate)).await.unwrap();
+    wait_status(nginx_port, "/tenant-b/v2/Users", &globex2, 401, "the expired token refused").await;
+    assert!(Timestamp::now() >= soon);
+
+    // A stopped verifier is a refusal, never an open door.
+    verifier.kill();
+    let r = get(nginx_port, "/tenant-a/v2/Users", &acme2);
+    assert!(r.status >= 500, "nginx fails closed without its verifier: {r:?}");
+
+    // No token in any log: the operator's and the verifier's, nginx's and scim2-server's.
+    env.assert_log_clean().await;
+    for log in ["access.log", "error.log", "nginx.out", "scim2-server.log"] {
+        let text = std::fs::read_to_string(dir.join(log)).unwrap_or_default();
+        for token in [&acme, &acme2, &globex, &globex2] {
+            assert!(!text.contains(&token[5..]), "a token in {log}");
+        }
+    }
+}
