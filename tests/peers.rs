@@ -98,8 +98,7 @@ fn get(port: u16, path: &str, token: &str) -> HttpResponse {
 
 async fn wait_status(port: u16, path: &str, token: &str, status: u16, what: &str) -> Duration {
     let started = Instant::now();
-    wait_for(what, Duration::from_secs(30), || async { (get(port, path, token).status == status).then_some(()) })
-        .await;
+    wait_for(what, Duration::from_secs(30), || async { (get(port, path, token).status == status).then_some(()) }).await;
     started.elapsed()
 }
 
@@ -158,7 +157,10 @@ async fn nginx_gates_a_real_scim_server_and_a_real_scim_client_follows_rotations
 
     // The SCIM server saw the verified directory, never the token.
     let server_log = std::fs::read_to_string(dir.join("scim2-server.log")).unwrap();
-    assert!(server_log.contains(&format!("'HTTP_X_SCIM_DIRECTORY_NAMESPACE': '{}'", env.ns)), "directory headers upstream");
+    assert!(
+        server_log.contains(&format!("'HTTP_X_SCIM_DIRECTORY_NAMESPACE': '{}'", env.ns)),
+        "directory headers upstream"
+    );
     assert!(server_log.contains("'HTTP_X_SCIM_DIRECTORY_NAME': 'acme'"));
     assert!(!server_log.contains("HTTP_AUTHORIZATION"), "the token stays at the edge");
 
