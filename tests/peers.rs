@@ -59,6 +59,54 @@ async fn wait_port(port: u16, what: &str) {
     .await;
 }
 
+/// scim2-server with no token of its own (the proxy is the only gate) and one tenant per route;
+/// --debug logs each request's headers, so the test sees what reached it. Its environment is
+/// emptied: the debug log prints that too.
+async fn scim2_server(peers: &BTreeMap<String, String>, dir: &Path) -> (Process, u16) {
+    let port = free_port();
+    let mut server = Command::new(&peers["SCIM2_SERVER"]);
+    server
+        .args(["--hostname", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--tenant", "tenant-a", "--tenant", "tenant-b", "--debug"])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin");
+    let process = start(server, &dir.join("scim2-server.log"));
+    wait_port(port, "scim2-server").await;
+    (process, port)
+}
+
+/// A fresh scratch directory for this test's peers.
+fn scratch(env: &Env) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("peers-{}", env.ns));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The directories both proxies route to: acme (tenant-a) with an overlap, globex (tenant-b) expiring.
+async fn directories(env: &Env) {
+    for (name, spec) in [("acme", "  rotationOverlap: 8s\n"), ("globex", "  tokenExpiresIn: 90d\n")] {
+        let (ok, _, err) = env.apply(&format!(
+            "apiVersion: scim.tokenops.dev/v1alpha1\nkind: ScimDirectory\nmetadata:\n  name: {name}\nspec:\n{spec}"
+        ));
+        assert!(ok, "{err}");
+        env.wait_ready_reason(name, "TokenIssued").await;
+    }
+}
+
+/// Back-dates globex's issue record so that its token expires two seconds from now.
+async fn expire_soon(env: &Env) -> k8s_openapi::jiff::Timestamp {
+    use k8s_openapi::jiff::Timestamp;
+    let soon = Timestamp::from_second(Timestamp::now().as_second() + 2).unwrap();
+    let issued = Timestamp::from_second(soon.as_second() - 90 * 86_400).unwrap();
+    let backdate = json!({ "metadata": { "annotations": {
+        "scim.tokenops.dev/issued-at": issued.to_string(),
+        "scim.tokenops.dev/expires-at": soon.to_string(),
+    } } });
+    env.secrets().patch("globex-scim-token", &PatchParams::default(), &Patch::Merge(backdate)).await.unwrap();
+    soon
+}
+
 /// nginx with the proven configuration: tenant-a bound to directory `ns/acme`, tenant-b to `ns/globex`.
 fn nginx_config(prefix: &Path, listen: u16, verifier: u16, scim: u16, ns: &str) -> String {
     let tenant = std::fs::read_to_string(format!("{PEERS}/tenant-location.conf.template")).unwrap();
@@ -112,31 +160,11 @@ async fn nginx_gates_a_real_scim_server_and_a_real_scim_client_follows_rotations
     let env = Env::new("peers").await;
     let _op = env.operator(&[("MIN_ISSUE_INTERVAL", "1s")]);
     let mut verifier = env.verifier();
-    for (name, spec) in [("acme", "  rotationOverlap: 8s\n"), ("globex", "  tokenExpiresIn: 90d\n")] {
-        let (ok, _, err) = env.apply(&format!(
-            "apiVersion: scim.tokenops.dev/v1alpha1\nkind: ScimDirectory\nmetadata:\n  name: {name}\nspec:\n{spec}"
-        ));
-        assert!(ok, "{err}");
-        env.wait_ready_reason(name, "TokenIssued").await;
-    }
+    directories(&env).await;
     verifier.wait_ready().await;
+    let dir = scratch(&env);
 
-    let dir: PathBuf = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("peers-{}", env.ns));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-
-    // scim2-server with no token of its own (the proxy is the only gate) and one tenant per route;
-    // --debug logs each request's headers, so the test sees what reached it. Its environment is
-    // emptied: the debug log prints that too.
-    let scim_port = free_port();
-    let mut server = Command::new(&peers["SCIM2_SERVER"]);
-    server
-        .args(["--hostname", "127.0.0.1", "--port", &scim_port.to_string()])
-        .args(["--tenant", "tenant-a", "--tenant", "tenant-b", "--debug"])
-        .env_clear()
-        .env("PATH", "/usr/bin:/bin");
-    let _server = start(server, &dir.join("scim2-server.log"));
-    wait_port(scim_port, "scim2-server").await;
+    let (_server, scim_port) = scim2_server(&peers, &dir).await;
 
     let nginx_port = free_port();
     std::fs::write(dir.join("nginx.conf"), nginx_config(&dir, nginx_port, verifier.port, scim_port, &env.ns)).unwrap();
@@ -207,17 +235,10 @@ async fn nginx_gates_a_real_scim_server_and_a_real_scim_client_follows_rotations
     wait_status(nginx_port, "/tenant-a/v2/Users", &acme, 401, "the previous token refused after the overlap").await;
     assert_eq!(get(nginx_port, "/tenant-a/v2/Users", &acme2).status, 200);
 
-    // An expired token: the record is back-dated so that globex's token expires in 2 s.
-    use k8s_openapi::jiff::Timestamp;
-    let soon = Timestamp::from_second(Timestamp::now().as_second() + 2).unwrap();
-    let issued = Timestamp::from_second(soon.as_second() - 90 * 86_400).unwrap();
-    let backdate = json!({ "metadata": { "annotations": {
-        "scim.tokenops.dev/issued-at": issued.to_string(),
-        "scim.tokenops.dev/expires-at": soon.to_string(),
-    } } });
-    env.secrets().patch("globex-scim-token", &PatchParams::default(), &Patch::Merge(backdate)).await.unwrap();
+    // An expired token: refused from its expiry on.
+    let soon = expire_soon(&env).await;
     wait_status(nginx_port, "/tenant-b/v2/Users", &globex2, 401, "the expired token refused").await;
-    assert!(Timestamp::now() >= soon);
+    assert!(k8s_openapi::jiff::Timestamp::now() >= soon);
 
     // A stopped verifier is a refusal, never an open door.
     verifier.kill();
@@ -227,6 +248,110 @@ async fn nginx_gates_a_real_scim_server_and_a_real_scim_client_follows_rotations
     // No token in any log: the operator's and the verifier's, nginx's and scim2-server's.
     env.assert_log_clean().await;
     for log in ["access.log", "error.log", "nginx.out", "scim2-server.log"] {
+        let text = std::fs::read_to_string(dir.join(log)).unwrap_or_default();
+        for token in [&acme, &acme2, &globex, &globex2] {
+            assert!(!text.contains(&token[5..]), "a token in {log}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn envoy_ext_authz_over_grpc_gates_the_same_scim_server() {
+    let peers = peers();
+    let env = Env::new("envoy").await;
+    let _op = env.operator(&[("MIN_ISSUE_INTERVAL", "1s")]);
+    let mut verifier = env.verifier_with(&[("VERIFY_STRIP_AUTHORIZATION", "true")]);
+    directories(&env).await;
+    verifier.wait_ready().await;
+    let dir = scratch(&env);
+    let (_server, scim_port) = scim2_server(&peers, &dir).await;
+
+    let envoy_port = free_port();
+    let config = std::fs::read_to_string(format!("{PEERS}/envoy.yaml.template"))
+        .unwrap()
+        .replace("{{LISTEN}}", &envoy_port.to_string())
+        .replace("{{VERIFIER_GRPC}}", &verifier.grpc_port.to_string())
+        .replace("{{SCIM_SERVER}}", &scim_port.to_string())
+        .replace("{{NAMESPACE}}", &env.ns);
+    assert!(!config.contains("{{"), "every placeholder filled");
+    std::fs::write(dir.join("envoy.yaml"), config).unwrap();
+    let mut envoy = Command::new(&peers["ENVOY"]);
+    envoy.arg("-c").arg(dir.join("envoy.yaml")).args(["--disable-hot-restart", "--log-level", "warn"]);
+    let _envoy = start(envoy, &dir.join("envoy.log"));
+    wait_port(envoy_port, "envoy").await;
+
+    let acme = env.token("acme-scim-token").await.unwrap();
+    let globex = env.token("globex-scim-token").await.unwrap();
+    let tenant_a = format!("http://127.0.0.1:{envoy_port}/tenant-a/v2");
+
+    // The current token passes (the IdP's client, a real SCIM request), and the SCIM server sees the
+    // directory, never the token (the verifier has Envoy strip it), even when the client claims another.
+    let (ok, out) = scim(&peers["SCIM"], &tenant_a, &acme, &["query", "user"]);
+    assert!(ok, "scim2-cli through Envoy with the current token: {out}");
+    let smuggled = http_request(
+        envoy_port,
+        "GET",
+        "/tenant-a/v2/Users",
+        &[("Authorization", &format!("Bearer {acme}")), ("X-Scim-Directory-Name", "globex")],
+    )
+    .unwrap();
+    assert_eq!(smuggled.status, 200);
+    let server_log = std::fs::read_to_string(dir.join("scim2-server.log")).unwrap();
+    assert!(
+        server_log.contains(&format!("'HTTP_X_SCIM_DIRECTORY_NAMESPACE': '{}'", env.ns)),
+        "directory headers upstream"
+    );
+    assert!(server_log.contains("'HTTP_X_SCIM_DIRECTORY_NAME': 'acme'"));
+    assert!(
+        !server_log.contains("'HTTP_X_SCIM_DIRECTORY_NAME': 'globex'"),
+        "the verifier's value replaces the client's"
+    );
+    assert!(!server_log.contains("HTTP_AUTHORIZATION"), "Authorization removed before the backend");
+
+    // Wrong token: 401 with the verifier's challenge and a SCIM error body.
+    let wrong = Token::generate();
+    let r = get(envoy_port, "/tenant-a/v2/Users", wrong.expose());
+    assert_eq!(r.status, 401);
+    assert!(r.header("www-authenticate").is_some_and(|c| c.contains("invalid_token")), "{r:?}");
+    assert!(r.body.contains("urn:ietf:params:scim:api:messages:2.0:Error"));
+    // Another directory's token on a route: 403, whatever header the client adds.
+    let r = http_request(
+        envoy_port,
+        "GET",
+        "/tenant-b/v2/Users",
+        &[("Authorization", &format!("Bearer {acme}")), ("X-Scim-Expected-Directory", &format!("{}/acme", env.ns))],
+    )
+    .unwrap();
+    assert_eq!(r.status, 403);
+    assert!(r.header("www-authenticate").is_some_and(|c| c.contains("insufficient_scope")), "{r:?}");
+    assert_eq!(get(envoy_port, "/tenant-b/v2/Users", &globex).status, 200);
+
+    // Rotation: the old token refused within a second; with an overlap both work until its end.
+    let (ok, _, err) = env.kubectl(&["annotate", "scimdir", "globex", "scim.tokenops.dev/rotate=r1"]);
+    assert!(ok, "{err}");
+    let globex2 = next_token(&env, "globex-scim-token", &globex).await;
+    let took = wait_status(envoy_port, "/tenant-b/v2/Users", &globex, 401, "old token refused").await;
+    assert!(took < Duration::from_secs(1), "refused {took:?} after the rotation");
+    assert_eq!(get(envoy_port, "/tenant-b/v2/Users", &globex2).status, 200);
+    let (ok, _, err) = env.kubectl(&["annotate", "scimdir", "acme", "scim.tokenops.dev/rotate=r1"]);
+    assert!(ok, "{err}");
+    let acme2 = next_token(&env, "acme-scim-token", &acme).await;
+    wait_status(envoy_port, "/tenant-a/v2/Users", &acme2, 200, "the new token through Envoy").await;
+    assert_eq!(get(envoy_port, "/tenant-a/v2/Users", &acme).status, 200, "the previous token during the overlap");
+    wait_status(envoy_port, "/tenant-a/v2/Users", &acme, 401, "the previous token refused after the overlap").await;
+
+    // Expired: refused from its expiry on.
+    let soon = expire_soon(&env).await;
+    wait_status(envoy_port, "/tenant-b/v2/Users", &globex2, 401, "the expired token refused").await;
+    assert!(k8s_openapi::jiff::Timestamp::now() >= soon);
+
+    // failure_mode_allow is false: a stopped verifier is a refusal (Envoy's 403), never an open door.
+    verifier.kill();
+    let r = get(envoy_port, "/tenant-a/v2/Users", &acme2);
+    assert!(r.status == 403 || r.status >= 500, "Envoy fails closed without its verifier: {r:?}");
+
+    env.assert_log_clean().await;
+    for log in ["envoy.log", "scim2-server.log"] {
         let text = std::fs::read_to_string(dir.join(log)).unwrap_or_default();
         for token in [&acme, &acme2, &globex, &globex2] {
             assert!(!text.contains(&token[5..]), "a token in {log}");

@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use k8s_openapi::jiff::Timestamp;
 
-use super::index::{Denial, DirectoryId, Index, Verdict};
+use super::index::{Denial, DirectoryId, Index, MalformedBinding, Verdict};
 use super::metrics::VerifierMetrics;
 
 /// Response headers naming the directory of an accepted token.
@@ -39,66 +39,75 @@ pub fn router(verifier: Verifier) -> Router {
 
 async fn handle(State(v): State<Verifier>, request: Request) -> Response {
     let headers = request.headers();
-    let expected = match expected_directory(headers, request.uri().query()) {
-        Ok(expected) => expected,
-        // A route bound to a malformed directory name is the proxy's mistake: refuse, never open.
-        Err(()) => return refuse(&v, Denial::Malformed, "the expected directory is not <namespace>/<name>"),
-    };
+    let expected = expected_directory(headers, request.uri().query());
     let authorization = headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
-    let verdict = v.index.read().expect("poisoned").verify(authorization, expected.as_ref(), Timestamp::now());
-    match verdict {
-        Verdict::Allowed { directory, kind } => {
-            v.metrics.allowed(&directory, kind);
+    let verdict = v.check(authorization, expected);
+    let mut response = match &verdict {
+        Verdict::Allowed { directory, .. } => {
             let mut response = StatusCode::OK.into_response();
-            let h = response.headers_mut();
             // Namespace and name are DNS labels/subdomains: always valid header values.
             if let (Ok(ns), Ok(name)) =
                 (HeaderValue::from_str(&directory.namespace), HeaderValue::from_str(&directory.name))
             {
-                h.insert(NAMESPACE_HEADER, ns);
-                h.insert(NAME_HEADER, name);
+                response.headers_mut().insert(NAMESPACE_HEADER, ns);
+                response.headers_mut().insert(NAME_HEADER, name);
             }
-            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
             response
         }
-        Verdict::Denied(denial) => refuse(&v, denial, description(denial)),
-        Verdict::WrongDirectory { .. } => {
-            v.metrics.result("wrong_directory");
-            let challenge = r#"Bearer realm="scim", error="insufficient_scope", error_description="the token belongs to another directory""#;
-            (StatusCode::FORBIDDEN, [(header::WWW_AUTHENTICATE, challenge), (header::CACHE_CONTROL, "no-store")])
-                .into_response()
-        }
-    }
-}
-
-fn refuse(v: &Verifier, denial: Denial, description: &str) -> Response {
-    v.metrics.result(denial.as_str());
-    // RFC 6750 §3.1: a request without credentials gets a challenge without an error code.
-    let challenge = match denial {
-        Denial::Missing => r#"Bearer realm="scim""#.to_owned(),
-        _ => format!(r#"Bearer realm="scim", error="invalid_token", error_description="{description}""#),
+        Verdict::Denied(_) => StatusCode::UNAUTHORIZED.into_response(),
+        Verdict::WrongDirectory { .. } => StatusCode::FORBIDDEN.into_response(),
     };
-    let mut response = StatusCode::UNAUTHORIZED.into_response();
-    if let Ok(value) = HeaderValue::from_str(&challenge) {
-        response.headers_mut().insert(header::WWW_AUTHENTICATE, value);
+    if let Some(challenge) = challenge(&verdict).and_then(|c| HeaderValue::from_str(&c).ok()) {
+        response.headers_mut().insert(header::WWW_AUTHENTICATE, challenge);
     }
     response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
 }
 
-fn description(denial: Denial) -> &'static str {
-    match denial {
-        Denial::Missing => "",
-        Denial::Malformed => "not a SCIM bearer token",
-        Denial::Unknown => "the token is not valid",
-        Denial::Expired => "the token has expired",
+impl Verifier {
+    /// Decides one request and counts it: the one entry point of every protocol adapter. A route
+    /// bound to a malformed directory name (`expected` is `Err`) is the proxy's mistake: refused,
+    /// never opened.
+    pub fn check(&self, authorization: Option<&[u8]>, expected: Result<Option<DirectoryId>, MalformedBinding>) -> Verdict {
+        let verdict = match expected {
+            Ok(expected) => {
+                self.index.read().expect("poisoned").verify(authorization, expected.as_ref(), Timestamp::now())
+            }
+            Err(MalformedBinding) => Verdict::Denied(Denial::Malformed),
+        };
+        match &verdict {
+            Verdict::Allowed { directory, kind } => self.metrics.allowed(directory, *kind),
+            Verdict::Denied(denial) => self.metrics.result(denial.as_str()),
+            Verdict::WrongDirectory { .. } => self.metrics.result("wrong_directory"),
+        }
+        verdict
     }
+}
+
+/// The RFC 6750 challenge of a refusal (`WWW-Authenticate`); `None` for an allowed request.
+pub fn challenge(verdict: &Verdict) -> Option<String> {
+    let description = match verdict {
+        Verdict::Allowed { .. } => return None,
+        // §3.1: a request without credentials gets a challenge without an error code.
+        Verdict::Denied(Denial::Missing) => return Some(r#"Bearer realm="scim""#.to_owned()),
+        Verdict::WrongDirectory { .. } => {
+            return Some(
+                r#"Bearer realm="scim", error="insufficient_scope", error_description="the token belongs to another directory""#
+                    .to_owned(),
+            );
+        }
+        Verdict::Denied(Denial::Malformed) => "not a SCIM bearer token",
+        Verdict::Denied(Denial::Unknown) => "the token is not valid",
+        Verdict::Denied(Denial::Expired) => "the token has expired",
+    };
+    Some(format!(r#"Bearer realm="scim", error="invalid_token", error_description="{description}""#))
 }
 
 /// The directory the route belongs to, from the header or the query parameter (the header wins);
 /// `Err` when one is given but malformed.
-fn expected_directory(headers: &HeaderMap, query: Option<&str>) -> Result<Option<DirectoryId>, ()> {
-    let from_header = headers.get(EXPECTED_HEADER).map(|v| v.to_str().map(str::to_owned).map_err(|_| ()));
+pub fn expected_directory(headers: &HeaderMap, query: Option<&str>) -> Result<Option<DirectoryId>, MalformedBinding> {
+    let from_header =
+        headers.get(EXPECTED_HEADER).map(|v| v.to_str().map(str::to_owned).map_err(|_| MalformedBinding));
     let from_query = || {
         form_urlencoded::parse(query.unwrap_or_default().as_bytes())
             .find(|(k, _)| k == EXPECTED_PARAM)
@@ -106,7 +115,7 @@ fn expected_directory(headers: &HeaderMap, query: Option<&str>) -> Result<Option
     };
     match from_header.or_else(from_query) {
         None => Ok(None),
-        Some(value) => DirectoryId::parse(value?.trim()).map(Some).ok_or(()),
+        Some(value) => DirectoryId::parse(value?.trim()).map(Some).ok_or(MalformedBinding),
     }
 }
 
@@ -122,10 +131,10 @@ mod tests {
         assert_eq!(expected_directory(&headers, Some("a=b")), Ok(None));
         assert_eq!(expected_directory(&headers, Some("directory=t1%2Fa")), id("t1/a"));
         assert_eq!(expected_directory(&headers, Some("x=1&directory=t1/a")), id("t1/a"));
-        assert_eq!(expected_directory(&headers, Some("directory=nope")), Err(()));
+        assert_eq!(expected_directory(&headers, Some("directory=nope")), Err(MalformedBinding));
         headers.insert(EXPECTED_HEADER, HeaderValue::from_static("t2/b"));
         assert_eq!(expected_directory(&headers, Some("directory=t1/a")), id("t2/b"));
         headers.insert(EXPECTED_HEADER, HeaderValue::from_static("t2"));
-        assert_eq!(expected_directory(&headers, None), Err(()));
+        assert_eq!(expected_directory(&headers, None), Err(MalformedBinding));
     }
 }

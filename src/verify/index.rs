@@ -29,6 +29,11 @@ impl DirectoryId {
     }
 }
 
+/// A route's directory binding that is not `<namespace>/<name>`: the proxy's configuration is wrong,
+/// and its requests are refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MalformedBinding;
+
 impl std::fmt::Display for DirectoryId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.namespace, self.name)

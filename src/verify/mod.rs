@@ -6,6 +6,7 @@
 //! replica serves (no leader election); a replica is ready once its initial list is in. It makes no
 //! writes to the API server.
 
+pub mod grpc;
 pub mod http;
 pub mod index;
 pub mod metrics;
@@ -21,6 +22,8 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use tracing::{info, warn};
 
+use envoy_types::ext_authz::v3::pb::AuthorizationServer;
+
 use self::http::Verifier;
 use self::index::{DirectoryId, Index};
 use self::metrics::{DirectoryLabels, VerifierMetrics};
@@ -33,6 +36,14 @@ pub struct VerifyArgs {
     /// Address of the external-auth endpoint (`/verify`).
     #[arg(long, env = "VERIFY_LISTEN", default_value = "0.0.0.0:8081")]
     pub listen: SocketAddr,
+    /// Address of Envoy's gRPC authorization service (`envoy.service.auth.v3.Authorization`) and the
+    /// gRPC health service.
+    #[arg(long, env = "VERIFY_GRPC_LISTEN", default_value = "0.0.0.0:8082")]
+    pub grpc_listen: SocketAddr,
+    /// gRPC: have Envoy remove the `Authorization` header from an allowed request before it reaches
+    /// the backend (the SCIM server then never sees a token).
+    #[arg(long, env = "VERIFY_STRIP_AUTHORIZATION", default_value_t = false, action = clap::ArgAction::Set)]
+    pub strip_authorization: bool,
     /// Address of the /metrics, /healthz and /readyz endpoints.
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:8080")]
     pub metrics_addr: SocketAddr,
@@ -63,6 +74,29 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<()> {
             async move { axum::serve(listener, app).with_graceful_shutdown(crate::cli::shutdown_signal()).await },
         );
 
+    let grpc = grpc::GrpcVerifier { verifier: verifier.clone(), strip_authorization: args.strip_authorization };
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_not_serving::<AuthorizationServer<grpc::GrpcVerifier>>().await;
+    health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+    info!(addr = %args.grpc_listen, "serving envoy.service.auth.v3.Authorization (gRPC)");
+    let grpc_server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(AuthorizationServer::new(grpc))
+        .serve_with_shutdown(args.grpc_listen, crate::cli::shutdown_signal());
+    let grpc_task = tokio::spawn(grpc_server);
+    {
+        // gRPC health follows readiness: SERVING once the index holds the initial list.
+        let ready = ready.clone();
+        tokio::spawn(async move {
+            while !ready.load(Ordering::SeqCst) {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            health_reporter.set_serving::<AuthorizationServer<grpc::GrpcVerifier>>().await;
+            // Also the overall status ("" service), which most health checkers ask for.
+            health_reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+        });
+    }
+
     let namespaces = crate::cli::dedup(&args.namespaces);
     info!(?namespaces, "watching ScimDirectories");
     let scopes: Vec<Option<String>> =
@@ -86,6 +120,7 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<()> {
     }
 
     endpoint.await??;
+    grpc_task.await??;
     probes.abort();
     info!("stopped");
     Ok(())

@@ -265,24 +265,33 @@ impl Operator {
 /// Its output goes to the namespace's log, which the suite searches for plaintext tokens.
 pub struct Verifier {
     child: Child,
+    /// HTTP external auth (`/verify`).
     pub port: u16,
+    /// gRPC (Envoy's ext_authz and gRPC health).
+    pub grpc_port: u16,
     pub metrics_port: u16,
 }
 
 impl Env {
     pub fn verifier(&self) -> Verifier {
+        self.verifier_with(&[])
+    }
+
+    pub fn verifier_with(&self, extra_env: &[(&str, &str)]) -> Verifier {
         let log = OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let (port, metrics_port) = (free_port(), free_port());
+        let (port, grpc_port, metrics_port) = (free_port(), free_port(), free_port());
         let child = Command::new(BIN)
             .args(["verify", "--namespace", &self.ns])
             .args(["--listen", &format!("127.0.0.1:{port}"), "--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+            .args(["--grpc-listen", &format!("127.0.0.1:{grpc_port}")])
             .env("KUBECONFIG", self.cp.kubeconfig_path())
             .env("RUST_LOG", "debug,kube=info,hyper=info,tower=info,rustls=info,h2=info")
+            .envs(extra_env.iter().copied())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .expect("start the verifier");
-        Verifier { child, port, metrics_port }
+        Verifier { child, port, grpc_port, metrics_port }
     }
 }
 
