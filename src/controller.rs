@@ -351,16 +351,7 @@ async fn reconcile_inner(dir: &ScimDirectory, ctx: &Context) -> Result<Action> {
             // Confirmed before anything is throttled or generated: the Secret may well be there (its
             // label stripped, or someone else's), and then nothing is to be issued at all.
             confirmed = true;
-            // Metadata only: a foreign Secret's data is none of our business.
-            match secrets.get_metadata_opt(&secret_name).await? {
-                None => {}
-                Some(found) if secret::is_controlled_by(dir, &found.metadata) => {
-                    observed = observed_secrets(ctx, &ns).get_opt(&secret_name).await?;
-                }
-                Some(found) => {
-                    observed = Some(ObservedSecret { metadata: found.metadata, ..ObservedSecret::default() });
-                }
-            }
+            observed = look_up(ctx, dir, &secrets).await?;
             continue;
         }
         let decision = policy::throttle(decision, &status_view, &state, now, ctx.min_issue_interval);
@@ -534,8 +525,19 @@ fn resource_version(secret: Option<&ObservedSecret>) -> Option<String> {
     secret.and_then(|s| s.metadata.resource_version.clone())
 }
 
-fn observed_secrets(ctx: &Context, ns: &str) -> Api<ObservedSecret> {
-    Api::namespaced(ctx.client.clone(), ns)
+/// Reads the directory's Secret from the API server, past the cache: metadata first (a foreign
+/// Secret's data is none of our business), then, for one of ours, its token hash.
+async fn look_up(ctx: &Context, dir: &ScimDirectory, secrets: &Api<Secret>) -> Result<Option<ObservedSecret>> {
+    let name = dir.secret_name();
+    Ok(match secrets.get_metadata_opt(&name).await? {
+        None => None,
+        Some(found) if secret::is_controlled_by(dir, &found.metadata) => {
+            let observed: Api<ObservedSecret> =
+                Api::namespaced(ctx.client.clone(), &dir.namespace().unwrap_or_default());
+            observed.get_opt(&name).await?
+        }
+        Some(found) => Some(ObservedSecret { metadata: found.metadata, ..ObservedSecret::default() }),
+    })
 }
 
 /// Writes the status for a token that stands and schedules the next wake-up (renewal or expiry).
