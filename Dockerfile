@@ -13,12 +13,14 @@ WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p scim-token-operator \
+    cargo build --release --locked -p scim-token-operator --bin scim-token-operator \
     && install -D -m 0755 target/release/scim-token-operator /out/scim-token-operator
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=builder /out/scim-token-operator /usr/local/bin/scim-token-operator
 USER 65532:65532
-EXPOSE 8080
+# 8080: metrics and probes (operator and verifier); 8081: the verifier's HTTP external auth;
+# 8082: its gRPC ext_authz (`scim-token-operator verify`).
+EXPOSE 8080 8081 8082
 ENTRYPOINT ["/usr/local/bin/scim-token-operator"]
 CMD ["run"]
