@@ -1,10 +1,11 @@
 //! The Helm chart on the real control plane: lint, schema refusals, server-side dry-run of the rendered
 //! manifests, install/upgrade/uninstall, and the operator binary running with exactly the chart's RBAC
 //! and under its ValidatingAdmissionPolicy (its client impersonates the chart's ServiceAccount) through
-//! the core flow, refused where it must be.
+//! the core flow, refused where it must be; next to it the verifier (`verify`), impersonating its own
+//! ServiceAccount, authenticating the operator's tokens with nothing but list + watch on ScimDirectories.
 //!
-//! Pods never run here (no kubelet): the Deployment is checked as an object, and the operator binary
-//! runs on the host with the Deployment's own args and environment.
+//! Pods never run here (no kubelet): the Deployments are checked as objects, and the binary runs on the
+//! host with each Deployment's own args and environment.
 
 mod support;
 
@@ -17,18 +18,19 @@ use std::time::Duration;
 use envtest::ControlPlane;
 use k8s_openapi::api::admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::authorization::v1::SelfSubjectAccessReview;
+use k8s_openapi::api::authorization::v1::{SelfSubjectAccessReview, SelfSubjectRulesReview};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Resource;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use scim_token_operator::api::ScimDirectory;
+use scim_token_operator::token::Token;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use support::{Env, Operator, fresh_log, sha256, wait_for};
+use support::{Env, HttpResponse, Operator, fresh_log, http_request, sha256, wait_for};
 
 const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/scim-token-operator");
 const BASIC: &str = include_str!("../examples/basic.yaml");
@@ -84,6 +86,32 @@ fn find<'a>(objects: &'a [Value], kind: &str) -> &'a Value {
     found
 }
 
+/// The one object of `kind` belonging to `component` (`operator` or `verifier`, its
+/// `app.kubernetes.io/component` label) outside any watched namespace's RBAC.
+fn find_of<'a>(objects: &'a [Value], kind: &str, component: &str) -> &'a Value {
+    let mut matching = of_component(objects, kind, component);
+    let found = matching.next().unwrap_or_else(|| panic!("no {component} {kind} rendered"));
+    assert!(matching.next().is_none(), "more than one {component} {kind} rendered");
+    found
+}
+
+fn of_component<'a>(objects: &'a [Value], kind: &str, component: &str) -> impl Iterator<Item = &'a Value> + use<'a> {
+    let (kind, component) = (kind.to_owned(), component.to_owned());
+    objects.iter().filter(move |o| {
+        o["kind"] == kind.as_str() && o["metadata"]["labels"]["app.kubernetes.io/component"] == component.as_str()
+    })
+}
+
+/// Whether a label selector (`matchLabels`, and `matchExpressions` with `In`) selects `labels`.
+fn selects(selector: &Value, labels: &Value) -> bool {
+    let by_labels = selector["matchLabels"].as_object().into_iter().flatten().all(|(k, v)| labels.get(k) == Some(v));
+    let by_expressions = selector["matchExpressions"].as_array().into_iter().flatten().all(|e| {
+        assert_eq!(e["operator"], "In", "only In is understood here");
+        e["values"].as_array().unwrap().iter().any(|v| labels.get(e["key"].as_str().unwrap()) == Some(v))
+    });
+    by_labels && by_expressions
+}
+
 fn kinds(objects: &[Value]) -> BTreeSet<String> {
     objects.iter().map(|o| o["kind"].as_str().unwrap().to_string()).collect()
 }
@@ -117,6 +145,9 @@ const OPERATOR_RULES: [&str; 4] = [
     "events.k8s.io/events: create,patch",
 ];
 
+/// What the verifier calls (src/verify/mod.rs: one watcher per scope) and nothing more.
+const VERIFIER_RULES: [&str; 1] = ["scim.tokenops.dev/scimdirectories: list,watch"];
+
 #[tokio::test]
 async fn lint_is_clean_and_the_values_table_is_fresh() {
     let cp = ControlPlane::shared();
@@ -129,8 +160,12 @@ async fn lint_is_clean_and_the_values_table_is_fresh() {
             "prometheusRule.enabled=true",
             "image.digest=sha256:0000000000000000000000000000000000000000000000000000000000000000",
             "networkPolicy.apiServer.cidrs={10.96.0.1/32,fd00::1/128}",
+            "verifier.replicas=3",
+            "verifier.preStopSleepSeconds=0",
+            "minIssueInterval=1h30m",
         ],
         vec!["secretWritePolicy.enabled=false", "networkPolicy.enabled=false", "rbac.create=false"],
+        vec!["verifier.enabled=false", "serviceMonitor.enabled=true", "prometheusRule.enabled=true"],
     ] {
         let mut args = vec!["lint", "--strict", CHART];
         for set in &sets {
@@ -164,6 +199,15 @@ async fn bad_values_fail_with_a_message_naming_them() {
         ("networkPolicy.apiServer.cidrs={kubernetes.default.svc}", "cidrs"),
         ("networkPolicy.apiServer.ports={0}", "ports"),
         ("networkPolicy.metrics.namespaceSelector.matchLabel.team=obs", "matchLabel"),
+        ("minIssueInterval=1.5s", "minIssueInterval"),
+        ("minIssueInterval=1m1h", "minIssueInterval"),
+        ("verifier.enable=true", "enable"),
+        ("verifier.replicas=-1", "replicas"),
+        ("verifier.service.port=0", "port"),
+        ("verifier.serviceAccount.nmae=x", "nmae"),
+        ("verifier.resources.request.cpu=1", "request"),
+        ("verifier.preStopSleepSeconds=-1", "preStopSleepSeconds"),
+        ("prometheusRule.overlapEndsWithinSeconds=0", "overlapEndsWithinSeconds"),
     ] {
         let (ok, out, err) = helm(cp, &["template", "bad", CHART, "--set", set]);
         assert!(!ok, "--set {set} must fail, rendered:\n{out}");
@@ -194,8 +238,9 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
     let team = cp.create_namespace("render-team").await.unwrap();
     let team2 = cp.create_namespace("render-team").await.unwrap();
 
-    // All namespaces, one replica: cluster-wide RBAC, no PodDisruptionBudget; the secret-write policy and
-    // the NetworkPolicy (ingress only) are on by default.
+    // All namespaces, one operator replica: cluster-wide RBAC, no PodDisruptionBudget for the operator;
+    // the secret-write policy, the NetworkPolicy (ingress only) and the verifier (two replicas, so a
+    // PodDisruptionBudget of its own) are on by default.
     let objects = render(cp, "all", &ns, &[]);
     assert_eq!(
         kinds(&objects),
@@ -204,6 +249,7 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
             "ClusterRoleBinding",
             "Deployment",
             "NetworkPolicy",
+            "PodDisruptionBudget",
             "Role",
             "RoleBinding",
             "Service",
@@ -214,9 +260,9 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
         .map(String::from)
         .into(),
     );
-    let cluster_role = find(&objects, "ClusterRole");
+    let cluster_role = find_of(&objects, "ClusterRole", "operator");
     assert_eq!(rules(cluster_role), OPERATOR_RULES.map(String::from).into());
-    let lease_role = find(&objects, "Role");
+    let lease_role = find_of(&objects, "Role", "operator");
     assert_eq!(lease_role["metadata"]["namespace"], ns.as_str(), "the Lease Role is in the release namespace");
     assert_eq!(
         rules(lease_role),
@@ -226,12 +272,15 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
         ]
         .into()
     );
-    check_deployment(find(&objects, "Deployment"), None);
+    assert!(of_component(&objects, "PodDisruptionBudget", "operator").next().is_none(), "one operator replica");
+    check_deployment(find_of(&objects, "Deployment", "operator"), None);
+    check_verifier(&objects, &ns, "all-scim-token-operator-verifier", None);
     check_secret_write_policy(&objects, &ns, "all-scim-token-operator");
     check_network_policy(&objects, &[]);
     dry_run(cp, &objects);
 
-    // One namespace, two replicas, monitoring: Roles only, a PDB, the monitoring objects.
+    // Two namespaces, two replicas, monitoring: Roles only (the operator's and the verifier's in each
+    // watched namespace), a PDB each, the monitoring objects.
     let objects = render(
         cp,
         "one",
@@ -242,6 +291,7 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
             "serviceMonitor.enabled=true",
             "prometheusRule.enabled=true",
             "networkPolicy.apiServer.cidrs={10.0.0.1/32,127.0.0.1/32}",
+            "minIssueInterval=90s",
         ],
     );
     assert_eq!(
@@ -263,28 +313,35 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
         .into(),
         "no cluster-wide RBAC when watchNamespaces is set"
     );
-    for watched in [&team, &team2] {
-        let role = objects
-            .iter()
-            .find(|o| o["kind"] == "Role" && o["metadata"]["namespace"] == watched.as_str())
-            .unwrap_or_else(|| panic!("a Role in the watched namespace {watched}"));
-        assert_eq!(rules(role), OPERATOR_RULES.map(String::from).into());
-        let binding = objects
-            .iter()
-            .find(|o| o["kind"] == "RoleBinding" && o["metadata"]["namespace"] == watched.as_str())
-            .unwrap_or_else(|| panic!("a RoleBinding in the watched namespace {watched}"));
-        assert_eq!(
-            binding["subjects"][0]["namespace"],
-            ns.as_str(),
-            "bound to the ServiceAccount of the release namespace"
-        );
+    for (component, service_account, expected) in [
+        ("operator", "one-scim-token-operator", &OPERATOR_RULES[..]),
+        ("verifier", "one-scim-token-operator-verifier", &VERIFIER_RULES[..]),
+    ] {
+        for watched in [&team, &team2] {
+            let role = of_component(&objects, "Role", component)
+                .find(|o| o["metadata"]["namespace"] == watched.as_str())
+                .unwrap_or_else(|| panic!("a {component} Role in the watched namespace {watched}"));
+            assert_eq!(rules(role), expected.iter().map(|r| r.to_string()).collect());
+            let binding = of_component(&objects, "RoleBinding", component)
+                .find(|o| o["metadata"]["namespace"] == watched.as_str())
+                .unwrap_or_else(|| panic!("a {component} RoleBinding in the watched namespace {watched}"));
+            assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
+            assert_eq!(
+                binding["subjects"],
+                json!([{ "kind": "ServiceAccount", "name": service_account, "namespace": ns }]),
+                "bound to the {component}'s ServiceAccount of the release namespace"
+            );
+        }
     }
-    assert_eq!(objects.iter().filter(|o| o["kind"] == "Role").count(), 3, "two watched namespaces and the Lease");
-    let deployment = find(&objects, "Deployment");
+    assert_eq!(objects.iter().filter(|o| o["kind"] == "Role").count(), 5, "2 watched namespaces × 2, and the Lease");
+    let deployment = find_of(&objects, "Deployment", "operator");
     check_deployment(deployment, Some(&format!("{team},{team2}")));
     assert_eq!(deployment["spec"]["replicas"], 2);
-    let pdb = find(&objects, "PodDisruptionBudget");
+    let env = container_env(deployment, "pod", "ns");
+    assert!(env.contains(&("MIN_ISSUE_INTERVAL".into(), "90s".into())), "minIssueInterval: {env:?}");
+    let pdb = find_of(&objects, "PodDisruptionBudget", "operator");
     assert_eq!(pdb["spec"]["selector"], deployment["spec"]["selector"]);
+    check_verifier(&objects, &ns, "one-scim-token-operator-verifier", Some(&format!("{team},{team2}")));
     let alerts = serde_json::to_string(find(&objects, "PrometheusRule")).unwrap();
     for alert in ["ScimTokenExpiringSoon", "ScimTokenExpired", "ScimTokenOperatorReconcileErrors"] {
         assert!(alerts.contains(alert), "PrometheusRule has {alert}");
@@ -292,6 +349,20 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
     for metric in ["scim_token_operator_token_expiry_timestamp_seconds", "scim_token_operator_reconcile_errors_total"] {
         assert!(alerts.contains(metric), "the alerts use the operator's metric {metric}");
     }
+    check_overlap_alert(find(&objects, "PrometheusRule"));
+    // One ServiceMonitor scrapes both metrics Services, on the port name they share, keeping the
+    // directories' own namespace label.
+    let monitor = find(&objects, "ServiceMonitor");
+    for component in ["operator", "verifier"] {
+        let service = find_of(&objects, "Service", component);
+        assert!(
+            selects(&monitor["spec"]["selector"], &service["metadata"]["labels"]),
+            "the ServiceMonitor selects the {component}'s Service"
+        );
+        assert!(service["spec"]["ports"].as_array().unwrap().iter().any(|p| p["name"] == "http-metrics"));
+    }
+    assert_eq!(monitor["spec"]["endpoints"][0]["port"], "http-metrics");
+    assert_eq!(monitor["spec"]["endpoints"][0]["honorLabels"], true);
     check_secret_write_policy(&objects, &ns, "one-scim-token-operator");
     check_network_policy(&objects, &["10.0.0.1/32", "127.0.0.1/32"]);
     dry_run(cp, &objects);
@@ -310,6 +381,8 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
             "serviceAccount.create=false",
             "serviceAccount.name=custom",
             "networkPolicy.metrics.podSelector.matchLabels.app=prometheus",
+            "verifier.serviceAccount.create=false",
+            "verifier.serviceAccount.name=custom-verifier",
         ],
     );
     check_secret_write_policy(&objects, &ns, "custom");
@@ -317,10 +390,145 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
         find(&objects, "NetworkPolicy")["spec"]["ingress"][0]["from"][0]["podSelector"],
         json!({ "matchLabels": { "app": "prometheus" } })
     );
+    assert!(of_component(&objects, "ServiceAccount", "verifier").next().is_none());
+    assert_eq!(
+        find_of(&objects, "ClusterRoleBinding", "verifier")["subjects"],
+        json!([{ "kind": "ServiceAccount", "name": "custom-verifier", "namespace": ns }])
+    );
+    check_verifier(&objects, &ns, "custom-verifier", None);
+
+    // Without the verifier: not one of its objects, the ServiceMonitor selects the operator only, and
+    // the monitoring objects still render (the overlap alert stays: it needs only the metrics).
+    let objects = render(
+        cp,
+        "noverify",
+        &ns,
+        &["verifier.enabled=false", "serviceMonitor.enabled=true", "prometheusRule.enabled=true"],
+    );
+    assert!(
+        objects.iter().all(|o| o["metadata"]["labels"]["app.kubernetes.io/component"] != "verifier"),
+        "verifier.enabled=false renders nothing of the verifier"
+    );
+    assert_eq!(objects.iter().filter(|o| o["kind"] == "Deployment").count(), 1);
+    assert_eq!(
+        find(&objects, "ServiceMonitor")["spec"]["selector"]["matchExpressions"][0]["values"],
+        json!(["scim-token-operator"])
+    );
+    dry_run(cp, &objects);
 
     // The dry-run created nothing.
     let deployments: Api<Deployment> = Api::namespaced(admin.clone(), &ns);
     assert!(deployments.list(&ListParams::default()).await.unwrap().items.is_empty());
+}
+
+/// The verifier's objects: `scim-token-operator verify` with the operator's image and hardening, two
+/// replicas spread over nodes, no leader election, its own ServiceAccount with list + watch on
+/// ScimDirectories only, a PodDisruptionBudget and a Service with `http-verify` and `http-metrics`; no
+/// selector of the operator's matches its pods, and none of its selectors matches the operator's.
+fn check_verifier(objects: &[Value], namespace: &str, service_account: &str, watch_namespace: Option<&str>) {
+    let deployment = find_of(objects, "Deployment", "verifier");
+    check_deployment(deployment, watch_namespace);
+    let operator = find_of(objects, "Deployment", "operator");
+    assert_eq!(deployment["metadata"]["namespace"], namespace);
+    assert_eq!(deployment["spec"]["replicas"], 2, "two verifier replicas by default");
+    assert_eq!(deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"], 0);
+    let pod = &deployment["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], service_account);
+    assert_eq!(pod["automountServiceAccountToken"], true, "it needs its token to reach the API server");
+    let container = &pod["containers"][0];
+    assert_eq!(container["args"], json!(["verify"]));
+    assert_eq!(container["image"], operator["spec"]["template"]["spec"]["containers"][0]["image"]);
+    assert_eq!(container["securityContext"], operator["spec"]["template"]["spec"]["containers"][0]["securityContext"]);
+    assert_eq!(pod["securityContext"], operator["spec"]["template"]["spec"]["securityContext"]);
+    assert_eq!(container["livenessProbe"]["httpGet"]["port"], "http-metrics");
+    assert_eq!(container["readinessProbe"]["httpGet"]["port"], "http-metrics");
+    assert_eq!(container["lifecycle"]["preStop"]["sleep"]["seconds"], 5);
+    assert_eq!(
+        container["ports"],
+        json!([
+            { "name": "http-verify", "containerPort": 8081, "protocol": "TCP" },
+            { "name": "grpc", "containerPort": 8082, "protocol": "TCP" },
+            { "name": "http-metrics", "containerPort": 8080, "protocol": "TCP" }
+        ])
+    );
+    let env = container_env(deployment, "pod", "ns");
+    assert!(env.contains(&("VERIFY_LISTEN".into(), "0.0.0.0:8081".into())), "{env:?}");
+    assert!(env.contains(&("METRICS_ADDR".into(), "0.0.0.0:8080".into())), "{env:?}");
+    assert!(env.contains(&("VERIFY_GRPC_LISTEN".into(), "0.0.0.0:8082".into())), "{env:?}");
+    assert!(env.contains(&("VERIFY_STRIP_AUTHORIZATION".into(), "false".into())), "{env:?}");
+    assert!(
+        !env.iter().any(|(k, _)| k.starts_with("LEADER_ELECTION") || k == "POD_NAMESPACE"),
+        "no leader election, no Lease: {env:?}"
+    );
+    let pod_labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    let operator_pod_labels = &operator["spec"]["template"]["metadata"]["labels"];
+    let service_selector = |service: &Value| json!({ "matchLabels": service["spec"]["selector"] });
+    for selector in [&operator["spec"]["selector"], &service_selector(find_of(objects, "Service", "operator"))] {
+        assert!(!selects(selector, pod_labels), "an operator selector {selector} selects verifier pods");
+    }
+    if let Some(policy) = objects.iter().find(|o| o["kind"] == "NetworkPolicy") {
+        assert!(
+            !selects(&policy["spec"]["podSelector"], pod_labels),
+            "the operator's NetworkPolicy selects verifier pods"
+        );
+    }
+    let service = find_of(objects, "Service", "verifier");
+    for selector in [&service_selector(service), &deployment["spec"]["selector"]] {
+        assert!(selects(selector, pod_labels), "{selector} selects the verifier pods");
+        assert!(!selects(selector, operator_pod_labels), "{selector} selects operator pods");
+    }
+    assert_eq!(
+        service["spec"]["ports"],
+        json!([
+            { "name": "http-verify", "port": 8081, "targetPort": "http-verify", "protocol": "TCP" },
+            {
+                "name": "grpc",
+                "port": 8082,
+                "targetPort": "grpc",
+                "protocol": "TCP",
+                "appProtocol": "kubernetes.io/h2c"
+            },
+            { "name": "http-metrics", "port": 8080, "targetPort": "http-metrics", "protocol": "TCP" }
+        ])
+    );
+    let pdb = find_of(objects, "PodDisruptionBudget", "verifier");
+    assert_eq!(pdb["spec"]["selector"], deployment["spec"]["selector"]);
+    assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+    // Its RBAC: exactly list + watch on ScimDirectories, wherever the operator has its rules.
+    let roles: Vec<&Value> =
+        ["ClusterRole", "Role"].iter().flat_map(|k| of_component(objects, k, "verifier")).collect();
+    let bindings: Vec<&Value> =
+        ["ClusterRoleBinding", "RoleBinding"].iter().flat_map(|k| of_component(objects, k, "verifier")).collect();
+    assert_eq!(roles.len(), watch_namespace.map_or(1, |n| n.split(',').count()));
+    assert_eq!(bindings.len(), roles.len());
+    for role in roles {
+        assert_eq!(rules(role), VERIFIER_RULES.map(String::from).into());
+    }
+    for binding in bindings {
+        assert_eq!(
+            binding["subjects"],
+            json!([{ "kind": "ServiceAccount", "name": service_account, "namespace": namespace }])
+        );
+    }
+}
+
+/// `ScimPreviousTokenStillInUse`: the previous token authenticated in the last 10 min (at any verifier
+/// replica: max by namespace, name) and its overlap window ends within 15 min, joined per directory.
+fn check_overlap_alert(rule: &Value) {
+    let alert = rule["spec"]["groups"][0]["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["alert"] == "ScimPreviousTokenStillInUse")
+        .expect("the overlap alert");
+    let expr: String = alert["expr"].as_str().unwrap().split_whitespace().collect::<Vec<_>>().join(" ");
+    assert_eq!(
+        expr,
+        "max by (namespace, name) (scim_token_verifier_previous_token_valid_until_timestamp_seconds) < time() + 900 \
+         and on (namespace, name) \
+         max by (namespace, name) (scim_token_verifier_token_last_used_timestamp_seconds{token=\"previous\"}) > time() - 600"
+    );
+    assert_eq!(alert["labels"]["severity"], "warning");
 }
 
 /// The pod-level guarantees of the issue: hardened, probed, bounded, spread.
@@ -379,7 +587,7 @@ fn check_secret_write_policy(objects: &[Value], namespace: &str, service_account
 /// The NetworkPolicy: metrics only from the `monitoring` namespace; egress restricted to the API server's
 /// CIDRs and DNS when those CIDRs are given, else left open.
 fn check_network_policy(objects: &[Value], api_server_cidrs: &[&str]) {
-    let deployment = find(objects, "Deployment");
+    let deployment = find_of(objects, "Deployment", "operator");
     let spec = &find(objects, "NetworkPolicy")["spec"];
     assert_eq!(spec["podSelector"]["matchLabels"], deployment["spec"]["selector"]["matchLabels"]);
     assert_eq!(
@@ -464,6 +672,10 @@ async fn install_upgrade_uninstall() {
     let bindings: Api<ValidatingAdmissionPolicyBinding> = Api::all(admin.clone());
     assert!(policies.get_opt(&policy_name).await.unwrap().is_some(), "the secret-write policy");
     assert!(bindings.get_opt(&policy_name).await.unwrap().is_some(), "its binding");
+    let verifier = format!("{name}-verifier");
+    assert_eq!(deployments.get(&verifier).await.unwrap().spec.unwrap().replicas, Some(2), "two verifiers");
+    assert!(pdbs.get_opt(&verifier).await.unwrap().is_some(), "the verifier's PDB");
+    assert!(cluster_roles.get_opt(&verifier).await.unwrap().is_some(), "the verifier's ClusterRole");
 
     let (ok, out, err) =
         helm(cp, &["upgrade", "lifecycle", CHART, "--namespace", &ns, "--reuse-values", "--set", "replicas=2"]);
@@ -478,6 +690,27 @@ async fn install_upgrade_uninstall() {
     assert!(!ok && err.contains("replica"), "{err}");
     assert_eq!(deployments.get(name).await.unwrap().spec.unwrap().replicas, Some(2));
 
+    // The verifier can be switched off (and every object of it goes) and on again.
+    let services: Api<Service> = Api::namespaced(admin.clone(), &ns);
+    let service_accounts: Api<ServiceAccount> = Api::namespaced(admin.clone(), &ns);
+    let (ok, out, err) = helm(
+        cp,
+        &["upgrade", "lifecycle", CHART, "--namespace", &ns, "--reuse-values", "--set", "verifier.enabled=false"],
+    );
+    assert!(ok, "helm upgrade: {err}{out}");
+    assert!(deployments.get_opt(&verifier).await.unwrap().is_none());
+    assert!(pdbs.get_opt(&verifier).await.unwrap().is_none());
+    assert!(services.get_opt(&verifier).await.unwrap().is_none());
+    assert!(service_accounts.get_opt(&verifier).await.unwrap().is_none());
+    assert!(cluster_roles.get_opt(&verifier).await.unwrap().is_none());
+    assert!(deployments.get_opt(name).await.unwrap().is_some(), "the operator stays");
+    let (ok, out, err) = helm(
+        cp,
+        &["upgrade", "lifecycle", CHART, "--namespace", &ns, "--reuse-values", "--set", "verifier.enabled=true"],
+    );
+    assert!(ok, "helm upgrade: {err}{out}");
+    assert!(deployments.get_opt(&verifier).await.unwrap().is_some());
+
     let (ok, out, err) = helm(cp, &["uninstall", "lifecycle", "--namespace", &ns]);
     assert!(ok, "helm uninstall: {err}{out}");
     assert!(deployments.get_opt(name).await.unwrap().is_none());
@@ -485,6 +718,8 @@ async fn install_upgrade_uninstall() {
     assert!(pdbs.get_opt(name).await.unwrap().is_none());
     assert!(policies.get_opt(&policy_name).await.unwrap().is_none(), "the policy goes with the release");
     assert!(bindings.get_opt(&policy_name).await.unwrap().is_none());
+    assert!(deployments.get_opt(&verifier).await.unwrap().is_none());
+    assert!(cluster_roles.get_opt(&verifier).await.unwrap().is_none());
     // Helm never deletes a CRD: every directory and token Secret survives an uninstall.
     let crds: Api<CustomResourceDefinition> = Api::all(admin);
     assert!(crds.get_opt("scimdirectories.scim.tokenops.dev").await.unwrap().is_some());
@@ -505,12 +740,158 @@ fn start_as_deployed(cp: &ControlPlane, release: &str, ns: &str, kubeconfig: &Pa
     let (ok, manifest, err) = helm(cp, &["get", "manifest", release, "--namespace", ns]);
     assert!(ok, "{err}");
     let objects = parse_docs(&manifest);
-    let deployment = find(&objects, "Deployment");
+    let deployment = find_of(&objects, "Deployment", "operator");
     let pod = format!("{release}-scim-token-operator-7d9f8b6c5-x2x4z");
     let args: Vec<String> =
         serde_json::from_value(deployment["spec"]["template"]["spec"]["containers"][0]["args"].clone()).unwrap();
     let env = container_env(deployment, &pod, ns);
     (Operator::start_with_kubeconfig(kubeconfig, &args, &env, log), pod)
+}
+
+/// `scim-token-operator verify` as the chart's verifier Deployment runs it (its args and environment, from
+/// the installed release's manifest), with `--listen`, `--grpc-listen` and `--metrics-addr` on free
+/// loopback ports and a kubeconfig of the verifier's identity; its output is appended to `log`. Killed
+/// on drop.
+struct DeployedVerifier {
+    child: std::process::Child,
+    port: u16,
+    metrics_port: u16,
+}
+
+impl DeployedVerifier {
+    fn start(cp: &ControlPlane, release: &str, ns: &str, kubeconfig: &Path, log: &Path) -> DeployedVerifier {
+        let (ok, manifest, err) = helm(cp, &["get", "manifest", release, "--namespace", ns]);
+        assert!(ok, "{err}");
+        let objects = parse_docs(&manifest);
+        let deployment = find_of(&objects, "Deployment", "verifier");
+        let args: Vec<String> =
+            serde_json::from_value(deployment["spec"]["template"]["spec"]["containers"][0]["args"].clone()).unwrap();
+        let env = container_env(deployment, &format!("{release}-scim-token-operator-verifier-6f7c9d8b4-k2m9p"), ns);
+        let (port, grpc_port, metrics_port) = (support::free_port(), support::free_port(), support::free_port());
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let child = Command::new(support::BIN)
+            .args(&args)
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--grpc-listen", &format!("127.0.0.1:{grpc_port}")])
+            .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+            .env("KUBECONFIG", kubeconfig)
+            .env("RUST_LOG", "debug,kube=info,hyper=info,tower=info,rustls=info,h2=info")
+            .envs(env)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start the verifier");
+        DeployedVerifier { child, port, metrics_port }
+    }
+
+    /// Waits for /readyz: every watched namespace's initial list is indexed.
+    async fn wait_ready(&self) {
+        wait_for("the verifier to be ready", Duration::from_secs(30), || async {
+            http_request(self.metrics_port, "GET", "/readyz", &[]).filter(|r| r.status == 200).map(|_| ())
+        })
+        .await
+    }
+
+    /// GET /verify with `Authorization: Bearer <token>`, bound to `expected` (`<ns>/<name>`) if given.
+    fn verify_token(&self, token: &str, expected: Option<&str>) -> HttpResponse {
+        let path = expected.map_or("/verify".to_string(), |d| format!("/verify?directory={d}"));
+        http_request(self.port, "GET", &path, &[("Authorization", &format!("Bearer {token}"))])
+            .expect("the verifier answers")
+    }
+
+    /// Waits until `token` gets `status` (the verifier learns of issues and rotations through its watch).
+    async fn wait_status(&self, token: &str, status: u16, what: &str) -> HttpResponse {
+        wait_for(what, Duration::from_secs(10), || async {
+            Some(self.verify_token(token, None)).filter(|r| r.status == status)
+        })
+        .await
+    }
+
+    fn metrics(&self) -> String {
+        http_request(self.metrics_port, "GET", "/metrics", &[]).expect("the verifier's metrics").body
+    }
+
+    /// SIGTERM, then waits for a graceful exit.
+    async fn terminate(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let status = wait_for("the verifier to exit", Duration::from_secs(30), || {
+            let status = self.child.try_wait().unwrap();
+            async move { status }
+        })
+        .await;
+        assert!(status.success(), "the verifier exits cleanly on SIGTERM: {status:?}");
+    }
+}
+
+impl Drop for DeployedVerifier {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What `client`'s identity may do in `namespace`, as the API server's authorizer lists it
+/// (SelfSubjectRulesReview), in the form of [`rules`]; without the self-reviews (who am I, what may I
+/// do) that every authenticated user may make.
+async fn allowed_rules(client: &kube::Client, namespace: &str) -> BTreeSet<String> {
+    let reviews: Api<SelfSubjectRulesReview> = Api::all(client.clone());
+    let review: SelfSubjectRulesReview = serde_json::from_value(json!({ "spec": { "namespace": namespace } })).unwrap();
+    let status = reviews.create(&PostParams::default(), &review).await.unwrap().status.unwrap();
+    assert!(!status.incomplete, "the rules review is complete: {status:?}");
+    let as_role = json!({ "rules": status.resource_rules });
+    rules(&as_role).into_iter().filter(|r| !r.contains("/selfsubject")).collect()
+}
+
+/// The verifier's ServiceAccount (`client`) may not read Secrets, write ScimDirectories or their status,
+/// read a single directory (it only lists and watches), or touch Events and Leases, in `namespace` (where
+/// it may list and watch ScimDirectories) and in `release_ns`.
+async fn refusals_of_the_verifier(client: &kube::Client, namespace: &str, release_ns: &str) {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    forbidden(secrets.get("acme-scim-token").await, "the verifier reading a Secret");
+    forbidden(secrets.list(&ListParams::default()).await, "the verifier listing Secrets");
+    forbidden(
+        Api::<Secret>::all(client.clone()).list(&ListParams::default()).await,
+        "the verifier listing all Secrets",
+    );
+    forbidden(
+        Api::<Secret>::namespaced(client.clone(), release_ns).list(&ListParams::default()).await,
+        "the verifier listing the release namespace's Secrets",
+    );
+    let dirs: Api<ScimDirectory> = Api::namespaced(client.clone(), namespace);
+    dirs.list(&ListParams::default()).await.expect("the verifier lists ScimDirectories");
+    forbidden(dirs.get("acme").await, "the verifier reading one directory (it lists and watches)");
+    let rotate = Patch::Merge(json!({ "spec": { "rotationGeneration": 9 } }));
+    forbidden(dirs.patch("acme", &PatchParams::default(), &rotate).await, "the verifier patching a directory");
+    let forged = Patch::Merge(json!({ "status": { "tokenHash": format!("sha256:{}", "0".repeat(64)) } }));
+    forbidden(dirs.patch_status("acme", &PatchParams::default(), &forged).await, "the verifier patching a status");
+    let mut planted: ScimDirectory = serde_yaml::from_str(BASIC).unwrap();
+    planted.metadata.name = Some("planted".into());
+    forbidden(dirs.create(&PostParams::default(), &planted).await, "the verifier creating a directory");
+    planted.metadata.name = Some("acme".into());
+    forbidden(dirs.replace("acme", &PostParams::default(), &planted).await, "the verifier updating a directory");
+    forbidden(dirs.replace_status("acme", &PostParams::default(), &planted).await, "the verifier updating a status");
+    forbidden(dirs.delete("acme", &DeleteParams::default()).await, "the verifier deleting a directory");
+    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(k8s_openapi::jiff::Timestamp::now());
+    let event: k8s_openapi::api::events::v1::Event = serde_json::from_value(json!({
+        "metadata": { "name": "verifier-probe" },
+        "eventTime": now,
+        "reportingController": "scim.tokenops.dev/verifier",
+        "reportingInstance": "probe",
+        "action": "Verify",
+        "reason": "Probe",
+        "type": "Normal",
+        "regarding": { "apiVersion": "scim.tokenops.dev/v1alpha1", "kind": "ScimDirectory", "name": "acme", "namespace": namespace }
+    }))
+    .unwrap();
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), namespace);
+    forbidden(events.create(&PostParams::default(), &event).await, "the verifier creating an Event");
+    forbidden(events.list(&ListParams::default()).await, "the verifier listing Events");
+    for ns in [namespace, release_ns] {
+        let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
+        let lease: Lease = serde_json::from_value(json!({ "metadata": { "name": "verifier-probe" } })).unwrap();
+        forbidden(leases.create(&PostParams::default(), &lease).await, "the verifier creating a Lease");
+        forbidden(leases.get("tokens-scim-token-operator").await, "the verifier reading the operator's Lease");
+        forbidden(leases.list(&ListParams::default()).await, "the verifier listing Leases");
+    }
 }
 
 fn forbidden<T: std::fmt::Debug>(result: kube::Result<T>, what: &str) {
@@ -584,7 +965,7 @@ async fn operator_works_with_exactly_the_charts_rbac() {
     // A stripped label (below) takes the Secret out of the operator's label-filtered cache; the operator
     // takes that for a deleted Secret, an automatic issue, and defers it while the last issue is younger
     // than --min-issue-interval (1m) before it looks the Secret up and restores the label. Shorten the
-    // interval through the chart's extraEnv, so that the test does not wait a minute.
+    // interval through the chart's minIssueInterval, so that the test does not wait a minute.
     let (ok, out, err) = helm(
         cp,
         &[
@@ -596,7 +977,7 @@ async fn operator_works_with_exactly_the_charts_rbac() {
             "--set",
             &format!("watchNamespaces={{{team_ns},{team2_ns}}}"),
             "--set",
-            "extraEnv[0].name=MIN_ISSUE_INTERVAL,extraEnv[0].value=1s",
+            "minIssueInterval=1s",
         ],
     );
     assert!(ok, "helm install: {err}{out}");
@@ -614,11 +995,57 @@ async fn operator_works_with_exactly_the_charts_rbac() {
     let team = Env { cp, client: admin.clone(), ns: team_ns.clone(), log: fresh_log(&team_ns) };
     let (mut op, pod) = start_as_deployed(cp, release, &release_ns, &kubeconfig, &team.log);
 
+    // The verifier as the chart deploys it, impersonating its own ServiceAccount (list + watch on
+    // ScimDirectories in the watched namespaces, nothing else), next to the operator. Ready before the
+    // first issue, so every token below reaches it through its watch.
+    let verifier_user = format!("system:serviceaccount:{release_ns}:{fullname}-verifier");
+    let verifier_kubeconfig =
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{release_ns}-verifier.kubeconfig"));
+    impersonating_kubeconfig(cp, &verifier_user, &groups, &verifier_kubeconfig);
+    let as_verifier = cp.impersonating_client(&verifier_user, &groups).await;
+    let verifier_log = fresh_log(&format!("{release_ns}-verifier"));
+    let mut verifier = DeployedVerifier::start(cp, release, &release_ns, &verifier_kubeconfig, &verifier_log);
+    verifier.wait_ready().await;
+    assert_eq!(verifier.verify_token(Token::generate().expose(), None).status, 401, "an empty index accepts nothing");
+
     // Issue.
     let (ok, _, err) = team.apply(BASIC);
     assert!(ok, "{err}");
     let d = team.wait_ready_reason("acme", "TokenIssued").await;
     let token = team.token("acme-scim-token").await.expect("a token");
+
+    // The verifier accepts it, naming the directory; refuses an unknown token with a challenge and a
+    // token of this directory on another directory's route.
+    let allowed = verifier.wait_status(&token, 200, "the issued token accepted by the verifier").await;
+    assert_eq!(allowed.header("x-scim-directory-namespace"), Some(team_ns.as_str()), "{allowed:?}");
+    assert_eq!(allowed.header("x-scim-directory-name"), Some("acme"), "{allowed:?}");
+    let unknown = verifier.verify_token(Token::generate().expose(), None);
+    assert_eq!(unknown.status, 401, "{unknown:?}");
+    let challenge = unknown.header("www-authenticate").unwrap_or_default();
+    assert!(challenge.starts_with(r#"Bearer realm="scim", error="invalid_token""#), "{unknown:?}");
+    assert_eq!(http_request(verifier.port, "GET", "/verify", &[]).unwrap().status, 401, "no token");
+    let bound = |directory: &str| {
+        let header = format!("Bearer {token}");
+        let by_query = http_request(
+            verifier.port,
+            "GET",
+            &format!("/verify?directory={directory}"),
+            &[("Authorization", &header)],
+        )
+        .unwrap()
+        .status;
+        let by_header = http_request(
+            verifier.port,
+            "GET",
+            "/verify",
+            &[("Authorization", &header), ("X-Scim-Expected-Directory", directory)],
+        )
+        .unwrap()
+        .status;
+        (by_query, by_header)
+    };
+    assert_eq!(bound(&format!("{team_ns}/acme")), (200, 200), "the directory's own route");
+    assert_eq!(bound(&format!("{team2_ns}/acme")), (403, 403), "another directory's route");
     let owners = team.secrets().get("acme-scim-token").await.unwrap().metadata.owner_references.unwrap();
     assert_eq!(owners.len(), 1);
     assert_eq!(owners[0].controller, Some(true));
@@ -644,6 +1071,11 @@ async fn operator_works_with_exactly_the_charts_rbac() {
     .await;
     let requested = team.token("acme-scim-token").await.unwrap();
     assert_ne!(requested, rotated);
+    // The verifier follows (no rotationOverlap: the replaced tokens die at once).
+    verifier.wait_status(&requested, 200, "the rotated token accepted by the verifier").await;
+    for old in [&token, &rotated] {
+        assert_eq!(verifier.verify_token(old, None).status, 401, "a rotated-out token is refused");
+    }
 
     // A stripped managed-by label is restored, without a re-issue: an update whose old object lacks the
     // label (the policy requires the controller ownerReference there, not the label).
@@ -661,7 +1093,9 @@ async fn operator_works_with_exactly_the_charts_rbac() {
     let (ok, _, err) = team2.apply(BASIC);
     assert!(ok, "{err}");
     team2.wait_ready_reason("acme", "TokenIssued").await;
-    team2.token("acme-scim-token").await.expect("a token in the second namespace");
+    let team2_token = team2.token("acme-scim-token").await.expect("a token in the second namespace");
+    let allowed = verifier.wait_status(&team2_token, 200, "the second namespace's token accepted").await;
+    assert_eq!(allowed.header("x-scim-directory-namespace"), Some(team2_ns.as_str()), "{allowed:?}");
     // A secretTemplate: a create, then a server-side apply of the template onto the new Secret.
     let (ok, _, err) = team2.apply(
         "apiVersion: scim.tokenops.dev/v1alpha1\nkind: ScimDirectory\nmetadata:\n  name: templated\nspec:\n  secretTemplate:\n    labels:\n      tenant: initech\n",
@@ -900,6 +1334,29 @@ async fn operator_works_with_exactly_the_charts_rbac() {
     let log = std::fs::read_to_string(&team.log).unwrap();
     assert!(!log.to_lowercase().contains("forbidden"), "the operator was never refused:\n{log}");
 
+    // The verifier's ServiceAccount: refused everything but list + watch on ScimDirectories.
+    refusals_of_the_verifier(&as_verifier, &team_ns, &release_ns).await;
+    let verifier_rules = [("scim.tokenops.dev/scimdirectories: list,watch".to_string())].into();
+    for watched in [&team_ns, &team2_ns] {
+        assert_eq!(allowed_rules(&as_verifier, watched).await, verifier_rules, "the verifier's rights in {watched}");
+    }
+    for elsewhere in [&release_ns, &other_ns] {
+        assert_eq!(
+            allowed_rules(&as_verifier, elsewhere).await,
+            BTreeSet::new(),
+            "the verifier's rights in {elsewhere}"
+        );
+    }
+    let metrics = verifier.metrics();
+    assert!(
+        metrics.contains(&format!(
+            r#"scim_token_verifier_token_last_used_timestamp_seconds{{namespace="{team_ns}",name="acme",token="current"}}"#
+        )),
+        "{metrics}"
+    );
+    assert!(metrics.contains(r#"scim_token_verifier_requests_total{result="allowed"}"#), "{metrics}");
+    verifier.terminate().await;
+
     // Cluster-wide: upgrade to watch every namespace and restart as the new Deployment would.
     let (team_rv, secret_rv) = (
         team.dirs().get("acme").await.unwrap().metadata.resource_version,
@@ -913,7 +1370,32 @@ async fn operator_works_with_exactly_the_charts_rbac() {
     let (_op, _) = start_as_deployed(cp, release, &release_ns, &kubeconfig, &team.log);
     let other = Env { cp, client: admin.clone(), ns: other_ns.clone(), log: team.log.clone() };
     other.wait_ready_reason("acme", "TokenIssued").await;
-    other.token("acme-scim-token").await.expect("the outsider's token");
+    let outsider_token = other.token("acme-scim-token").await.expect("the outsider's token");
+    // The verifier, restarted from the upgraded release: its ClusterRole lets it see every namespace,
+    // still with nothing but list + watch on ScimDirectories.
+    let mut verifier = DeployedVerifier::start(cp, release, &release_ns, &verifier_kubeconfig, &verifier_log);
+    verifier.wait_ready().await;
+    let allowed = verifier.wait_status(&outsider_token, 200, "the outsider's token accepted cluster-wide").await;
+    assert_eq!(allowed.header("x-scim-directory-namespace"), Some(other_ns.as_str()), "{allowed:?}");
+    assert_eq!(verifier.verify_token(&requested, None).status, 200, "the team's token too");
+    refusals_of_the_verifier(&as_verifier, &other_ns, &release_ns).await;
+    for namespace in [&team_ns, &other_ns, &release_ns] {
+        assert_eq!(allowed_rules(&as_verifier, namespace).await, verifier_rules, "cluster-wide, in {namespace}");
+    }
+    verifier.terminate().await;
+    let log = std::fs::read_to_string(&verifier_log).unwrap();
+    assert_eq!(
+        log.matches("index ready").count(),
+        2,
+        "{} holds both verifiers' output:\n{log}",
+        verifier_log.display()
+    );
+    for refused in ["forbidden", "failed", "error"] {
+        assert!(!log.to_lowercase().contains(refused), "the verifier was never refused ({refused}):\n{log}");
+    }
+    for seen in support::SEEN_TOKENS.lock().unwrap().iter().filter(|t| t.len() > 20) {
+        assert!(!log.contains(&seen[5..]), "a plaintext token appeared in {}", verifier_log.display());
+    }
     // Cluster-wide RBAC lets the ServiceAccount create a Secret in any namespace: the policy still
     // refuses it any Secret but the operator's own.
     let other_secrets: Api<Secret> = Api::namespaced(as_operator.clone(), &other_ns);

@@ -95,6 +95,56 @@ Exactly the requests the operator makes (src/controller.rs):
 {{- end }}
 
 {{/*
+The verifier (`scim-token-operator verify`): its own name, so that no selector of the operator's
+(Deployment, Service, PodDisruptionBudget, NetworkPolicy, topology spread) ever matches a verifier pod,
+and no selector of the verifier's an operator pod. The operator's selector (name + instance) predates
+the verifier and is immutable on an installed Deployment, so the verifier differs by
+`app.kubernetes.io/name` rather than by an added `component` label. The full name is cut to 54
+characters before the suffix, so that it never collides with the operator's (63 at most).
+*/}}
+{{- define "scim-token-operator.verifierName" -}}
+{{- printf "%s-verifier" (include "scim-token-operator.name" . | trunc 54 | trimSuffix "-") }}
+{{- end }}
+
+{{- define "scim-token-operator.verifierFullname" -}}
+{{- printf "%s-verifier" (include "scim-token-operator.fullname" . | trunc 54 | trimSuffix "-") }}
+{{- end }}
+
+{{- define "scim-token-operator.verifierSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "scim-token-operator.verifierName" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "scim-token-operator.verifierLabels" -}}
+helm.sh/chart: {{ include "scim-token-operator.chart" . }}
+{{ include "scim-token-operator.verifierSelectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/component: verifier
+app.kubernetes.io/part-of: {{ include "scim-token-operator.name" . }}
+{{- end }}
+
+{{- define "scim-token-operator.verifierServiceAccountName" -}}
+{{- if .Values.verifier.serviceAccount.create }}
+{{- default (include "scim-token-operator.verifierFullname" .) .Values.verifier.serviceAccount.name }}
+{{- else }}
+{{- required "verifier.serviceAccount.name is required when verifier.serviceAccount.create is false" .Values.verifier.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+Exactly the requests the verifier makes (src/verify/mod.rs): one watcher per scope (a namespace, or all),
+i.e. list + watch on ScimDirectories. Nothing else: it never reads a single directory, never touches
+Secrets (it holds token hashes from the directories' status only), writes nothing (no status, no Events,
+no Lease: every replica serves, without leader election).
+*/}}
+{{- define "scim-token-operator.verifierRules" -}}
+- apiGroups: ["scim.tokenops.dev"]
+  resources: ["scimdirectories"]
+  verbs: ["list", "watch"]
+{{- end }}
+
+{{/*
 The ServiceAccount's user name, as the API server sees it in request.userInfo.username.
 */}}
 {{- define "scim-token-operator.serviceAccountUser" -}}
