@@ -125,7 +125,7 @@ mod tests {
             ..Default::default()
         });
         let mut index = Index::default();
-        index.apply(&dir);
+        index.apply(&crate::verify::directory::WatchedDirectory::from(&dir));
         let grpc = GrpcVerifier {
             verifier: Verifier { index: Arc::new(RwLock::new(index)), metrics: Arc::new(VerifierMetrics::default()) },
             strip_authorization: true,

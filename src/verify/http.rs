@@ -68,7 +68,11 @@ impl Verifier {
     /// Decides one request and counts it: the one entry point of every protocol adapter. A route
     /// bound to a malformed directory name (`expected` is `Err`) is the proxy's mistake: refused,
     /// never opened.
-    pub fn check(&self, authorization: Option<&[u8]>, expected: Result<Option<DirectoryId>, MalformedBinding>) -> Verdict {
+    pub fn check(
+        &self,
+        authorization: Option<&[u8]>,
+        expected: Result<Option<DirectoryId>, MalformedBinding>,
+    ) -> Verdict {
         let verdict = match expected {
             Ok(expected) => {
                 self.index.read().expect("poisoned").verify(authorization, expected.as_ref(), Timestamp::now())
@@ -106,8 +110,7 @@ pub fn challenge(verdict: &Verdict) -> Option<String> {
 /// The directory the route belongs to, from the header or the query parameter (the header wins);
 /// `Err` when one is given but malformed.
 pub fn expected_directory(headers: &HeaderMap, query: Option<&str>) -> Result<Option<DirectoryId>, MalformedBinding> {
-    let from_header =
-        headers.get(EXPECTED_HEADER).map(|v| v.to_str().map(str::to_owned).map_err(|_| MalformedBinding));
+    let from_header = headers.get(EXPECTED_HEADER).map(|v| v.to_str().map(str::to_owned).map_err(|_| MalformedBinding));
     let from_query = || {
         form_urlencoded::parse(query.unwrap_or_default().as_bytes())
             .find(|(k, _)| k == EXPECTED_PARAM)

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use k8s_openapi::jiff::Timestamp;
 use sha2::{Digest, Sha256};
 
-use crate::api::ScimDirectory;
+use super::directory::WatchedDirectory;
 use crate::token::{TOKEN_LEN, TOKEN_PREFIX, TokenHash, has_valid_checksum};
 
 /// A directory, as named in allow responses and tenant bindings (`<namespace>/<name>`).
@@ -128,8 +128,8 @@ impl Index {
     }
 
     /// Puts a directory's tokens (from its status) in the index, replacing what it had.
-    pub fn apply(&mut self, dir: &ScimDirectory) {
-        let Some(id) = directory_id(dir) else { return };
+    pub fn apply(&mut self, dir: &WatchedDirectory) {
+        let Some(id) = dir.id() else { return };
         self.remove(&id);
         let Some(status) = &dir.status else { return };
         let id = Arc::new(id);
@@ -228,10 +228,6 @@ fn bearer_token(header: &[u8]) -> Option<&str> {
     (token.len() == TOKEN_LEN && token.starts_with(TOKEN_PREFIX) && has_valid_checksum(token)).then_some(token)
 }
 
-fn directory_id(dir: &ScimDirectory) -> Option<DirectoryId> {
-    Some(DirectoryId { namespace: dir.metadata.namespace.clone()?, name: dir.metadata.name.clone()? })
-}
-
 fn digest_of(hash: &str) -> Option<Digest32> {
     let hex = TokenHash::parse(hash)?.as_str().strip_prefix("sha256:")?.to_owned();
     hex::decode(hex).ok()?.try_into().ok()
@@ -242,7 +238,7 @@ mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
     use super::*;
-    use crate::api::{ScimDirectorySpec, ScimDirectoryStatus};
+    use crate::api::{ScimDirectory, ScimDirectorySpec, ScimDirectoryStatus};
     use crate::token::Token;
 
     fn ts(s: &str) -> Timestamp {
@@ -278,8 +274,8 @@ mod tests {
         let status = dir_a.status.as_mut().unwrap();
         status.previous_token_hash = Some(old.hash().to_string());
         status.previous_token_valid_until = Some(Time(ts("2026-06-01T00:30:00Z")));
-        index.apply(&dir_a);
-        index.apply(&directory("t2", "b", &b, None));
+        index.apply(&WatchedDirectory::from(&dir_a));
+        index.apply(&WatchedDirectory::from(&directory("t2", "b", &b, None)));
         assert_eq!(index.directories(), 2);
 
         let allowed = |dir: &str, kind| Verdict::Allowed { directory: Arc::new(id(dir)), kind };
@@ -367,19 +363,19 @@ mod tests {
     fn rotations_and_deletions_update_the_index() {
         let (a, a2) = (Token::generate(), Token::generate());
         let mut index = Index::default();
-        index.apply(&directory("t1", "a", &a, None));
+        index.apply(&WatchedDirectory::from(&directory("t1", "a", &a, None)));
         let now = ts(NOW);
         assert!(matches!(index.verify(Some(&bearer(&a)), None, now), Verdict::Allowed { .. }));
         // Rotated without overlap: the old token is unknown at once.
-        index.apply(&directory("t1", "a", &a2, None));
+        index.apply(&WatchedDirectory::from(&directory("t1", "a", &a2, None)));
         assert_eq!(index.verify(Some(&bearer(&a)), None, now), Verdict::Denied(Denial::Unknown));
         assert!(matches!(index.verify(Some(&bearer(&a2)), None, now), Verdict::Allowed { .. }));
         // A status without a token (a conflict) removes it; deletion too.
         let mut empty = directory("t1", "a", &a2, None);
         empty.status = None;
-        index.apply(&empty);
+        index.apply(&WatchedDirectory::from(&empty));
         assert_eq!(index.verify(Some(&bearer(&a2)), None, now), Verdict::Denied(Denial::Unknown));
-        index.apply(&directory("t1", "a", &a2, None));
+        index.apply(&WatchedDirectory::from(&directory("t1", "a", &a2, None)));
         index.remove(&id("t1/a"));
         assert_eq!(index.verify(Some(&bearer(&a2)), None, now), Verdict::Denied(Denial::Unknown));
         assert_eq!(index.directories(), 0);
@@ -390,8 +386,8 @@ mod tests {
     fn a_token_two_statuses_claim_authenticates_nobody() {
         let a = Token::generate();
         let mut index = Index::default();
-        index.apply(&directory("t1", "a", &a, None));
-        index.apply(&directory("t2", "copycat", &a, None));
+        index.apply(&WatchedDirectory::from(&directory("t1", "a", &a, None)));
+        index.apply(&WatchedDirectory::from(&directory("t2", "copycat", &a, None)));
         assert_eq!(index.verify(Some(&bearer(&a)), None, ts(NOW)), Verdict::Denied(Denial::Unknown));
         index.remove(&id("t2/copycat"));
         assert!(matches!(index.verify(Some(&bearer(&a)), None, ts(NOW)), Verdict::Allowed { .. }));
@@ -401,10 +397,10 @@ mod tests {
     fn a_fresh_list_replaces_its_scope_only() {
         let (a, b, c) = (Token::generate(), Token::generate(), Token::generate());
         let mut index = Index::default();
-        index.apply(&directory("t1", "a", &a, None));
-        index.apply(&directory("t2", "b", &b, None));
+        index.apply(&WatchedDirectory::from(&directory("t1", "a", &a, None)));
+        index.apply(&WatchedDirectory::from(&directory("t2", "b", &b, None)));
         let mut fresh = Index::default();
-        fresh.apply(&directory("t1", "c", &c, None));
+        fresh.apply(&WatchedDirectory::from(&directory("t1", "c", &c, None)));
         assert_eq!(index.replace_scope(Some("t1"), fresh), vec![id("t1/a")]);
         let now = ts(NOW);
         assert_eq!(index.verify(Some(&bearer(&a)), None, now), Verdict::Denied(Denial::Unknown));

@@ -6,6 +6,7 @@
 //! replica serves (no leader election); a replica is ready once its initial list is in. It makes no
 //! writes to the API server.
 
+pub mod directory;
 pub mod grpc;
 pub mod http;
 pub mod index;
@@ -17,17 +18,17 @@ use std::sync::{Arc, RwLock};
 
 use clap::Args;
 use futures::TryStreamExt;
+use kube::Client;
 use kube::api::Api;
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Client, ResourceExt};
 use tracing::{info, warn};
 
 use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 
+use self::directory::WatchedDirectory;
 use self::http::Verifier;
-use self::index::{DirectoryId, Index};
+use self::index::Index;
 use self::metrics::{DirectoryLabels, VerifierMetrics};
-use crate::api::ScimDirectory;
 use crate::server::{self, Health};
 use crate::telemetry::{self, LogFormat};
 
@@ -128,7 +129,7 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<()> {
 
 /// Keeps the index in step with the directories of one scope (a namespace, or all of them).
 async fn watch(client: Client, scope: Option<String>, verifier: Verifier, mut on_synced: impl FnMut()) {
-    let api: Api<ScimDirectory> = match &scope {
+    let api: Api<WatchedDirectory> = match &scope {
         Some(ns) => Api::namespaced(client, ns),
         None => Api::all(client),
     };
@@ -170,7 +171,7 @@ async fn watch(client: Client, scope: Option<String>, verifier: Verifier, mut on
                 export_overlap(metrics, &dir);
             }
             watcher::Event::Delete(dir) => {
-                let id = DirectoryId { namespace: dir.namespace().unwrap_or_default(), name: dir.name_any() };
+                let Some(id) = dir.id() else { continue };
                 let mut index = verifier.index.write().expect("poisoned");
                 index.remove(&id);
                 metrics.directories.set(i64::try_from(index.directories()).unwrap_or(i64::MAX));
@@ -181,8 +182,9 @@ async fn watch(client: Client, scope: Option<String>, verifier: Verifier, mut on
     }
 }
 
-fn export_overlap(metrics: &VerifierMetrics, dir: &ScimDirectory) {
-    let labels = DirectoryLabels { namespace: dir.namespace().unwrap_or_default(), name: dir.name_any() };
+fn export_overlap(metrics: &VerifierMetrics, dir: &WatchedDirectory) {
+    let Some(id) = dir.id() else { return };
+    let labels = DirectoryLabels { namespace: id.namespace, name: id.name };
     let status = dir.status.as_ref();
     match status.and_then(|s| s.previous_token_hash.as_ref().and(s.previous_token_valid_until.as_ref())) {
         Some(until) => {
