@@ -107,19 +107,25 @@ pub fn challenge(verdict: &Verdict) -> Option<String> {
     Some(format!(r#"Bearer realm="scim", error="invalid_token", error_description="{description}""#))
 }
 
-/// The directory the route belongs to, from the header or the query parameter (the header wins);
-/// `Err` when one is given but malformed.
+/// The directory the route belongs to, from the header and/or the query parameter. Every binding
+/// given must name the same directory: proxies that pass client headers (or the client's query) on to
+/// the auth request would otherwise let a client re-bind a route to its own directory. `Err` when one
+/// is malformed or they disagree: the request is refused.
 pub fn expected_directory(headers: &HeaderMap, query: Option<&str>) -> Result<Option<DirectoryId>, MalformedBinding> {
-    let from_header = headers.get(EXPECTED_HEADER).map(|v| v.to_str().map(str::to_owned).map_err(|_| MalformedBinding));
-    let from_query = || {
-        form_urlencoded::parse(query.unwrap_or_default().as_bytes())
-            .find(|(k, _)| k == EXPECTED_PARAM)
-            .map(|(_, v)| Ok(v.into_owned()))
-    };
-    match from_header.or_else(from_query) {
-        None => Ok(None),
-        Some(value) => DirectoryId::parse(value?.trim()).map(Some).ok_or(MalformedBinding),
+    let from_headers =
+        headers.get_all(EXPECTED_HEADER).iter().map(|v| v.to_str().map(str::to_owned).map_err(|_| MalformedBinding));
+    let from_query = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+        .filter(|(k, _)| k == EXPECTED_PARAM)
+        .map(|(_, v)| Ok(v.into_owned()));
+    let mut bound: Option<DirectoryId> = None;
+    for value in from_headers.chain(from_query) {
+        let id = DirectoryId::parse(value?.trim()).ok_or(MalformedBinding)?;
+        match &bound {
+            Some(earlier) if *earlier != id => return Err(MalformedBinding),
+            _ => bound = Some(id),
+        }
     }
+    Ok(bound)
 }
 
 #[cfg(test)]
@@ -135,8 +141,15 @@ mod tests {
         assert_eq!(expected_directory(&headers, Some("directory=t1%2Fa")), id("t1/a"));
         assert_eq!(expected_directory(&headers, Some("x=1&directory=t1/a")), id("t1/a"));
         assert_eq!(expected_directory(&headers, Some("directory=nope")), Err(MalformedBinding));
+        assert_eq!(expected_directory(&headers, Some("directory=t1/a&directory=t1/a")), id("t1/a"));
+        // Two bindings that disagree (a client adding its own): refused, whichever came from where.
+        assert_eq!(expected_directory(&headers, Some("directory=t1/a&directory=t2/b")), Err(MalformedBinding));
         headers.insert(EXPECTED_HEADER, HeaderValue::from_static("t2/b"));
-        assert_eq!(expected_directory(&headers, Some("directory=t1/a")), id("t2/b"));
+        assert_eq!(expected_directory(&headers, Some("directory=t1/a")), Err(MalformedBinding));
+        assert_eq!(expected_directory(&headers, Some("directory=t2/b")), id("t2/b"));
+        assert_eq!(expected_directory(&headers, None), id("t2/b"));
+        headers.append(EXPECTED_HEADER, HeaderValue::from_static("t1/a"));
+        assert_eq!(expected_directory(&headers, None), Err(MalformedBinding));
         headers.insert(EXPECTED_HEADER, HeaderValue::from_static("t2"));
         assert_eq!(expected_directory(&headers, None), Err(MalformedBinding));
     }
