@@ -197,7 +197,7 @@ impl Report {
     }
 }
 
-fn start_operator(
+pub(crate) fn start_operator(
     cp: &ControlPlane,
     bin: &Path,
     ns: &str,
@@ -218,7 +218,7 @@ fn start_operator(
     Ok((child, port))
 }
 
-fn http_get(port: u16, path: &str) -> Option<String> {
+pub(crate) fn http_get(port: u16, path: &str) -> Option<String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes()).ok()?;
@@ -227,7 +227,7 @@ fn http_get(port: u16, path: &str) -> Option<String> {
     Some(body)
 }
 
-async fn wait_leader(port: &u16) -> anyhow::Result<()> {
+pub(crate) async fn wait_leader(port: &u16) -> anyhow::Result<()> {
     poll("operator leadership", Duration::from_secs(60), || async {
         http_get(*port, "/metrics").is_some_and(|m| m.contains("scim_token_operator_leader 1"))
     })
@@ -248,7 +248,7 @@ async fn wait_reconciled(port: &u16, n: usize) -> anyhow::Result<()> {
     .await
 }
 
-async fn poll<F, Fut>(what: &str, timeout: Duration, mut f: F) -> anyhow::Result<()>
+pub(crate) async fn poll<F, Fut>(what: &str, timeout: Duration, mut f: F) -> anyhow::Result<()>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -261,7 +261,7 @@ where
     Ok(())
 }
 
-async fn create_directories(api: &Api<ScimDirectory>, n: usize, concurrency: usize) -> anyhow::Result<()> {
+pub(crate) async fn create_directories(api: &Api<ScimDirectory>, n: usize, concurrency: usize) -> anyhow::Result<()> {
     stream::iter(0..n)
         .map(|i| {
             let api = api.clone();
@@ -281,7 +281,7 @@ async fn create_directories(api: &Api<ScimDirectory>, n: usize, concurrency: usi
 
 /// Waits until `n` directories are Ready, through one watch: polling LISTs of thousands of objects
 /// would load the API server and distort the very time being measured.
-async fn wait_all_ready(api: &Api<ScimDirectory>, n: usize, timeout: Duration) -> anyhow::Result<()> {
+pub(crate) async fn wait_all_ready(api: &Api<ScimDirectory>, n: usize, timeout: Duration) -> anyhow::Result<()> {
     let mut ready = std::collections::HashSet::new();
     let mut events = std::pin::pin!(watcher(api.clone(), watcher::Config::default()).applied_objects());
     let wait = async {
@@ -415,7 +415,7 @@ fn hash_of(s: &Secret) -> String {
 }
 
 /// Peak resident set (VmHWM) of a process, in KiB.
-fn peak_rss_kib(pid: u32) -> u64 {
+pub(crate) fn peak_rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok())

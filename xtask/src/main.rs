@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask demo [--once]` and `cargo xtask bench [...]`.
+//! Project tasks: `cargo xtask demo [--once]`, `cargo xtask bench [...]` and `cargo xtask bench-verify [...]`.
 //!
 //! `demo` is the operator's main job end to end on a fresh machine: it builds (or finds) a local
 //! kube-apiserver + etcd, installs the CRD, runs the operator, applies an example with the real
@@ -12,12 +12,16 @@ use anyhow::{Context, bail};
 use envtest::ControlPlane;
 
 mod bench;
+mod bench_verify;
 
 pub(crate) const USAGE: &str = "usage:
   cargo xtask demo [--once]
       --once  exit after the example is Ready (used by the test command)
   cargo xtask bench [--n N] [--client-concurrency C] [--idle-secs S] [--rotations R] [--release] [--check] [-- OPERATOR FLAGS]
-      defaults: --n 1000 --client-concurrency 16 --idle-secs 120 --rotations 100; see BENCHMARKS.md";
+      defaults: --n 1000 --client-concurrency 16 --idle-secs 120 --rotations 100; see BENCHMARKS.md
+  cargo xtask bench-verify [--n N] [--client-concurrency C] [--load-secs S] [--connections C] [--rotations R] [--release] [--check]
+      the verifier under oha (hack/oha.sh) and behind nginx auth_request;
+      defaults: --n 1000 --client-concurrency 16 --load-secs 20 --connections 32 --rotations 100; see BENCHMARKS.md";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -26,6 +30,7 @@ async fn main() -> anyhow::Result<()> {
         ["demo"] => demo(false).await,
         ["demo", "--once"] => demo(true).await,
         ["bench", ..] => bench::run(bench::parse(&args[1..])?).await,
+        ["bench-verify", ..] => bench_verify::run(bench_verify::parse(&args[1..])?).await,
         _ => {
             eprintln!("{USAGE}");
             std::process::exit(2);
