@@ -4,14 +4,19 @@
 --
 --   no Ready condition                                      Progressing  "Waiting for token"
 --   Ready written for an older metadata.generation          Progressing
---   Ready=False, InvalidSpec or SecretConflict              Degraded     (the operator cannot act)
+--   Ready=False, InvalidSpec, SecretConflict,               Degraded     (no token can be issued
+--     SecretWriteFailed or IssueDeferred                                  until a human looks)
 --   scim.tokenops.dev/rotate != status.lastRotationRequest  Progressing  (rotation pending)
---   Ready=True (TokenIssued, TokenRotated)                  Healthy
+--   Ready=True (TokenIssued, TokenRotated)                  Healthy      (+ "; the previous token is
+--                                                                         still valid until T" while
+--                                                                         a rotation overlap lasts)
 --   Ready=False, TokenExpired                               Degraded
 --   anything else (Ready=Unknown, an unknown reason)        Progressing
 --
--- Lua 5.1 base library only: Argo CD runs custom checks without the string, math, io and os
--- libraries unless resource.customizations.useOpenLibs is set, so no string.* and no s:method().
+-- Lua 5.1 base and table libraries and require("os") (date and time) only: Argo CD runs custom
+-- checks without the string, math and io libraries unless resource.customizations.useOpenLibs is
+-- set, so no string.* and no s:method().
+local os = require("os")
 local hs = {}
 
 local ready = nil
@@ -52,9 +57,20 @@ if generation ~= nil and observed ~= nil and observed < generation then
   return hs
 end
 
--- Failures the operator cannot resolve on its own; it does not act on a rotation request while they
--- last, so they win over a pending one.
-if ready.status == "False" and (ready.reason == "InvalidSpec" or ready.reason == "SecretConflict") then
+-- Failures that stop the operator from issuing any token, a requested one included, so they win over
+-- a pending rotation request:
+--   InvalidSpec, SecretConflict  the spec or someone else's Secret must change;
+--   SecretWriteFailed            the API server refuses the Secret write (403/422: RBAC, an admission
+--                                policy, an immutable or oversized Secret); retried, but it fails the
+--                                same way until a human changes something;
+--   IssueDeferred                a repair or renewal came within the minimum interval of the last
+--                                issue and waits: the Secret does not hold a usable token meanwhile
+--                                (it was deleted or rewritten), and it usually means another writer
+--                                keeps rewriting the Secret. It ends by itself after the interval,
+--                                but only to recur while that writer runs, so it is reported, not
+--                                shown as progress.
+if ready.status == "False" and (ready.reason == "InvalidSpec" or ready.reason == "SecretConflict"
+    or ready.reason == "SecretWriteFailed" or ready.reason == "IssueDeferred") then
   hs.status = "Degraded"
   hs.message = describe(ready)
   return hs
@@ -77,6 +93,13 @@ end
 if ready.status == "True" then
   hs.status = "Healthy"
   hs.message = describe(ready)
+  -- A rotation overlap (spec.rotationOverlap): the replaced token is still accepted until then. The
+  -- status keeps the field after the window, so compare with the clock: both are RFC 3339 UTC
+  -- seconds, which order like strings (no string library needed).
+  local previousUntil = obj.status.previousTokenValidUntil
+  if type(previousUntil) == "string" and previousUntil > os.date("!%Y-%m-%dT%H:%M:%SZ") then
+    hs.message = hs.message .. "; the previous token is still valid until " .. previousUntil
+  end
   return hs
 end
 
