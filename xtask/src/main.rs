@@ -89,20 +89,118 @@ async fn demo(once: bool) -> anyhow::Result<()> {
     let secret = kubectl_out(&cp, &["get", "scimdir", "acme", "-n", ns, "-o", "jsonpath={.status.secretName}"])?;
     println!("Secret: {ns}/{secret} (key `token`; the plaintext is only in the Secret)");
 
-    if once {
+    // The other half: the verifier authenticates the identity provider's requests by hash.
+    let verifier_log_path = cp.tmp_dir().join("verifier.log");
+    let verify_port = free_port()?;
+    step(&format!("running the verifier on 127.0.0.1:{verify_port} (log: {})", verifier_log_path.display()));
+    let verifier_log = std::fs::File::create(&verifier_log_path)?;
+    let mut verifier = Command::new(&operator_bin)
+        .args(["verify", "--namespace", ns, "--listen", &format!("127.0.0.1:{verify_port}")])
+        .args(["--grpc-listen", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
+        .env("KUBECONFIG", cp.kubeconfig_path())
+        .stdout(verifier_log.try_clone()?)
+        .stderr(verifier_log)
+        .spawn()
+        .with_context(|| format!("starting {} verify", operator_bin.display()))?;
+    let loop_result = whole_loop(&cp, ns, &secret, verify_port).await;
+    if loop_result.is_err() || once {
+        terminate(&mut verifier);
         terminate(&mut operator);
+    }
+    loop_result.with_context(|| format!("see {} and {}", log_path.display(), verifier_log_path.display()))?;
+
+    if once {
         step("done (--once)");
         return Ok(());
     }
     println!(
-        "\nTry it:\n  export KUBECONFIG={kc}\n  kubectl get scimdir -n {ns}\n  kubectl get secret {secret} -n {ns} -o jsonpath='{{.data.token}}' | base64 -d | sha256sum\n  kubectl annotate scimdir acme -n {ns} scim.tokenops.dev/rotate=\"$(date +%s)\" --overwrite   # rotate\n  kubectl patch scimdir acme -n {ns} --type merge -p '{{\"spec\":{{\"rotationGeneration\":1}}}}'   # rotate declaratively\n\nOperator log: {log}\nPress Ctrl-C to stop the operator and the control plane.",
+        "\nTry it:\n  export KUBECONFIG={kc}\n  kubectl get scimdir -n {ns}\n  kubectl get secret {secret} -n {ns} -o jsonpath='{{.data.token}}' | base64 -d | sha256sum\n  TOKEN=$(kubectl get secret {secret} -n {ns} -o jsonpath='{{.data.token}}' | base64 -d)\n  curl -i -H \"Authorization: Bearer $TOKEN\" http://127.0.0.1:{verify_port}/verify/scim/v2/Users   # what a proxy asks: 200 + X-Scim-Directory-*\n  kubectl annotate scimdir acme -n {ns} scim.tokenops.dev/rotate=\"$(date +%s)\" --overwrite   # rotate: the curl above now gets 401\n  kubectl patch scimdir acme -n {ns} --type merge -p '{{\"spec\":{{\"rotationGeneration\":1}}}}'   # rotate declaratively\n  kubectl patch scimdir acme -n {ns} --type merge -p '{{\"spec\":{{\"rotationOverlap\":\"10m\"}}}}'   # then the previous token keeps working 10 min after a rotation\n\nOperator log: {log}\nVerifier log: {vlog}\nPress Ctrl-C to stop the operator, the verifier and the control plane.",
         kc = cp.kubeconfig_path().display(),
         log = log_path.display(),
+        vlog = verifier_log_path.display(),
     );
     tokio::signal::ctrl_c().await?;
+    terminate(&mut verifier);
     terminate(&mut operator);
     step("stopped");
     Ok(())
+}
+
+/// The loop the verifier closes: a request with the Secret's token is authenticated (as the proxy's
+/// auth request sees it), a rotation replaces the token, and the old one is refused at once.
+async fn whole_loop(cp: &ControlPlane, ns: &str, secret: &str, port: u16) -> anyhow::Result<()> {
+    let token = secret_token(cp, ns, secret)?;
+    let answer = wait_answer(port, &token, 200).await.context("the verifier did not accept the Secret's token")?;
+    step("a SCIM request with the Secret's token, as the proxy's auth request (GET /verify/scim/v2/Users)");
+    println!("  {answer}");
+    step("kubectl annotate scimdir acme scim.tokenops.dev/rotate=demo (an imperative rotation)");
+    kubectl(cp, &["annotate", "scimdir", "acme", "-n", ns, "scim.tokenops.dev/rotate=demo", "--overwrite"])?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let rotated = loop {
+        let now = secret_token(cp, ns, secret)?;
+        if now != token {
+            break now;
+        }
+        if Instant::now() > deadline {
+            bail!("the token was not rotated within 30s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let old = wait_answer(port, &token, 401).await.context("the verifier kept accepting the rotated-out token")?;
+    let new = wait_answer(port, &rotated, 200).await.context("the verifier did not accept the new token")?;
+    step("the same request after the rotation");
+    println!("  old token: {old}\n  new token: {new}");
+    Ok(())
+}
+
+/// The token in the Secret (never printed: only its hash is).
+fn secret_token(cp: &ControlPlane, ns: &str, secret: &str) -> anyhow::Result<String> {
+    let json = kubectl_out(cp, &["get", "secret", secret, "-n", ns, "-o", "json"])?;
+    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_str(&json)?;
+    let bytes = secret.data.and_then(|d| d.get("token").cloned()).context("the Secret has no token")?;
+    Ok(String::from_utf8(bytes.0)?)
+}
+
+/// Asks the verifier until it answers `want` (10 s at most); returns a one-line summary of the answer.
+async fn wait_answer(port: u16, token: &str, want: u16) -> anyhow::Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok((status, headers)) = verify_request(port, token)
+            && status == want
+        {
+            let hash = scim_token_operator::token::TokenHash::of_bytes(token.as_bytes());
+            let shown: Vec<&str> = headers
+                .iter()
+                .map(String::as_str)
+                .filter(|h| {
+                    let h = h.to_ascii_lowercase();
+                    h.starts_with("x-scim-directory-") || h.starts_with("www-authenticate")
+                })
+                .collect();
+            return Ok(format!("token {hash}: {status} {}", shown.join("; ")));
+        }
+        if Instant::now() > deadline {
+            bail!("no {want} from the verifier within 10s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One HTTP/1.0 request to the verifier; returns the status and the header lines.
+fn verify_request(port: u16, token: &str) -> anyhow::Result<(u16, Vec<String>)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    write!(stream, "GET /verify/scim/v2/Users HTTP/1.0\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n\r\n")?;
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw)?;
+    let head = raw.split("\r\n\r\n").next().unwrap_or_default();
+    let mut lines = head.lines();
+    let status = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|s| s.parse().ok()).context("no status")?;
+    Ok((status, lines.map(str::to_owned).collect()))
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// Builds the operator binary with cargo and returns its path.
