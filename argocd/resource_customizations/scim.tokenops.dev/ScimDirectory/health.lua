@@ -63,12 +63,12 @@ end
 --   SecretWriteFailed            the API server refuses the Secret write (403/422: RBAC, an admission
 --                                policy, an immutable or oversized Secret); retried, but it fails the
 --                                same way until a human changes something;
---   IssueDeferred                a repair or renewal came within the minimum interval of the last
---                                issue and waits: the Secret does not hold a usable token meanwhile
---                                (it was deleted or rewritten), and it usually means another writer
---                                keeps rewriting the Secret. It ends by itself after the interval,
---                                but only to recur while that writer runs, so it is reported, not
---                                shown as progress.
+--   IssueDeferred                a repair (or, rarely, a renewal) came within the minimum interval
+--                                of the last issue and waits. For a repair the Secret holds no usable
+--                                token meanwhile (it was deleted or rewritten), and a deferral
+--                                usually means another writer keeps rewriting the Secret: it ends
+--                                by itself after the interval, but recurs while that writer runs,
+--                                so it is reported, not shown as progress.
 if ready.status == "False" and (ready.reason == "InvalidSpec" or ready.reason == "SecretConflict"
     or ready.reason == "SecretWriteFailed" or ready.reason == "IssueDeferred") then
   hs.status = "Degraded"
