@@ -19,9 +19,9 @@ pub(crate) const USAGE: &str = "usage:
       --once  exit after the example is Ready (used by the test command)
   cargo xtask bench [--n N] [--client-concurrency C] [--idle-secs S] [--rotations R] [--release] [--check] [-- OPERATOR FLAGS]
       defaults: --n 1000 --client-concurrency 16 --idle-secs 120 --rotations 100; see BENCHMARKS.md
-  cargo xtask bench-verify [--n N] [--client-concurrency C] [--load-secs S] [--connections C] [--rotations R] [--release] [--check]
+  cargo xtask bench-verify [--n N] [--client-concurrency C] [--load-secs S] [--connections C] [--rounds R] [--rotations R] [--release] [--check]
       the verifier under oha (hack/oha.sh) and behind nginx auth_request;
-      defaults: --n 1000 --client-concurrency 16 --load-secs 20 --connections 32 --rotations 100; see BENCHMARKS.md";
+      defaults: --n 1000 --client-concurrency 16 --load-secs 20 --connections 32 --rounds 3 --rotations 100; see BENCHMARKS.md";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
