@@ -1003,7 +1003,8 @@ impl Report {
             ms(visible),
             goal(visible <= Duration::from_secs(1))
         );
-        let added = |a: &Run, b: &Run| ms(a.p50.saturating_sub(b.p50));
+        // Signed: on a noisy machine the route with auth can come out faster at a low rate.
+        let added = |a: &Run, b: &Run| format!("{:+.2} ms", (a.p50.as_secs_f64() - b.p50.as_secs_f64()) * 1000.0);
         println!(
             "| (context) nginx auth_request adds | {} at p50 at {:.0}/s; throughput {:.2} × no auth | |",
             added(&self.auth_half, &self.plain_half),
