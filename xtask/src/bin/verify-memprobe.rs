@@ -8,7 +8,7 @@
 //!
 //! - what is deserialized: `full` (the whole `ScimDirectory`, as the verifier does) or `slim` (only
 //!   the name, namespace, resourceVersion and the four status fields the index reads; every other
-//!   field, managedFields included, is skipped while parsing);
+//!   field, managedFields included, is skipped while parsing: the verifier's own `WatchedDirectory`);
 //! - how the initial list is fetched: `any` (`watcher::Config::any_semantic()`, the verifier's
 //!   choice: resourceVersion=0, served from the API server's cache), `paged` (the default: pages
 //!   of 500) or `streaming` (`streaming_lists()`: the list arrives as watch events, one object each).
@@ -18,15 +18,16 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+
+use scim_token_operator::verify::directory::WatchedDirectory;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
 use futures::TryStreamExt;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::Api;
 use kube::runtime::watcher;
 use scim_token_operator::api::ScimDirectory;
-use serde::Deserialize;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -44,7 +45,7 @@ async fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let index = match kind.as_str() {
         "full" => build(Api::<ScimDirectory>::namespaced(client, ns), config, full_entry).await?,
-        "slim" => build(Api::<SlimDirectory>::namespaced(client, ns), config, slim_entry).await?,
+        "slim" => build(Api::<WatchedDirectory>::namespaced(client, ns), config, slim_entry).await?,
         other => bail!("unknown kind {other}"),
     };
     let millis = started.elapsed().as_millis();
@@ -96,7 +97,7 @@ fn full_entry(d: ScimDirectory) -> Entry {
     (id, [(s.token_hash, s.token_expires_at), (s.previous_token_hash, s.previous_token_valid_until)])
 }
 
-fn slim_entry(d: SlimDirectory) -> Entry {
+fn slim_entry(d: WatchedDirectory) -> Entry {
     let s = d.status.unwrap_or_default();
     let id = (d.metadata.namespace.unwrap_or_default(), d.metadata.name.unwrap_or_default());
     (id, [(s.token_hash, s.token_expires_at), (s.previous_token_hash, s.previous_token_valid_until)])
@@ -128,60 +129,4 @@ fn status_kib(field: &str) -> anyhow::Result<u64> {
         .find(|l| l.starts_with(field))
         .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         .with_context(|| format!("no {field} in /proc/self/status"))
-}
-
-/// A ScimDirectory as the verifier needs it, nothing else deserialized (the expiry times are parsed
-/// as the verifier would, though this index does not keep them).
-#[derive(Clone, Debug, Deserialize)]
-struct SlimDirectory {
-    #[serde(deserialize_with = "slim_meta")]
-    metadata: ObjectMeta,
-    #[serde(default)]
-    status: Option<SlimStatus>,
-}
-
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct SlimStatus {
-    token_hash: Option<String>,
-    token_expires_at: Option<Time>,
-    previous_token_hash: Option<String>,
-    previous_token_valid_until: Option<Time>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct SlimMeta {
-    name: Option<String>,
-    namespace: Option<String>,
-    resource_version: Option<String>,
-}
-
-fn slim_meta<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
-    let m = SlimMeta::deserialize(d)?;
-    Ok(ObjectMeta {
-        name: m.name,
-        namespace: m.namespace,
-        resource_version: m.resource_version,
-        ..ObjectMeta::default()
-    })
-}
-
-impl k8s_openapi::Resource for SlimDirectory {
-    const API_VERSION: &'static str = "scim.tokenops.dev/v1alpha1";
-    const GROUP: &'static str = "scim.tokenops.dev";
-    const KIND: &'static str = "ScimDirectory";
-    const VERSION: &'static str = "v1alpha1";
-    const URL_PATH_SEGMENT: &'static str = "scimdirectories";
-    type Scope = k8s_openapi::NamespaceResourceScope;
-}
-
-impl k8s_openapi::Metadata for SlimDirectory {
-    type Ty = ObjectMeta;
-    fn metadata(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn metadata_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
 }
