@@ -1,0 +1,135 @@
+//! The control plane: its state, its accessors and its teardown. Starting it is in `start.rs`, the
+//! shared instance in `shared.rs`, clients and command-line tools in `tools.rs`.
+
+mod shared;
+mod start;
+mod tools;
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use crate::processes::{Processes, lock};
+
+/// How long each phase of [`ControlPlane::start`] took.
+#[derive(Clone, Copy, Debug)]
+pub struct StartupTimings {
+    /// From spawning etcd until its `/health` reported true.
+    pub etcd_ready: Duration,
+    /// From spawning kube-apiserver until `/readyz` answered `ok` and the `default` namespace existed.
+    pub apiserver_ready: Duration,
+    /// From spawning kube-controller-manager until its `/healthz` answered `ok` (it starts after the
+    /// CRDs are installed, so the garbage collector's first discovery already sees them).
+    pub controller_manager_ready: Duration,
+    /// The whole of `start()`, including locating assets, certificates and CRD installation.
+    pub total: Duration,
+}
+
+/// A running etcd + kube-apiserver + kube-controller-manager (garbage collector only) with an admin
+/// kubeconfig.
+pub struct ControlPlane {
+    // Declared first so the processes are stopped before anything else is dropped.
+    processes: Processes,
+    tmp: Mutex<Option<tempfile::TempDir>>,
+    root: PathBuf,
+    assets_dir: PathBuf,
+    server_url: String,
+    kubeconfig_path: PathBuf,
+    apiserver_log_path: PathBuf,
+    etcd_log_path: PathBuf,
+    controller_manager_log_path: PathBuf,
+    /// Why kube-controller-manager is not running, when it is not.
+    no_garbage_collector: Option<String>,
+    config: kube::Config,
+    ns_counter: AtomicU64,
+    timings: StartupTimings,
+}
+
+impl std::fmt::Debug for ControlPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlPlane")
+            .field("server_url", &self.server_url)
+            .field("root", &self.root)
+            .field("assets_dir", &self.assets_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ControlPlane {
+    /// The admin `kube::Config` (clone it to tweak timeouts or impersonation).
+    pub fn config(&self) -> &kube::Config {
+        &self.config
+    }
+
+    /// A kubeconfig file (admin credentials embedded) usable by kubectl, helm and `kube::Config`.
+    pub fn kubeconfig_path(&self) -> &Path {
+        &self.kubeconfig_path
+    }
+
+    /// The directory holding kube-apiserver, etcd, kubectl (and usually helm).
+    pub fn assets_dir(&self) -> &Path {
+        &self.assets_dir
+    }
+
+    /// `https://127.0.0.1:<port>`.
+    pub fn server_url(&self) -> &str {
+        &self.server_url
+    }
+
+    /// The temporary directory holding certificates, logs, etcd data and the kubeconfig.
+    pub fn tmp_dir(&self) -> &Path {
+        &self.root
+    }
+
+    /// How long starting took.
+    pub fn startup_timings(&self) -> StartupTimings {
+        self.timings
+    }
+
+    /// kube-apiserver's stdout and stderr.
+    pub fn apiserver_log_path(&self) -> &Path {
+        &self.apiserver_log_path
+    }
+
+    /// etcd's stdout and stderr.
+    pub fn etcd_log_path(&self) -> &Path {
+        &self.etcd_log_path
+    }
+
+    /// Whether the garbage collector (kube-controller-manager) runs: `Err` says why not, e.g. assets
+    /// from `KUBEBUILDER_ASSETS` without kube-controller-manager and no Go to build one. Tests that
+    /// depend on garbage collection must fail with that reason, never pass without it.
+    pub fn garbage_collector(&self) -> std::result::Result<(), &str> {
+        match &self.no_garbage_collector {
+            None => Ok(()),
+            Some(why) => Err(why),
+        }
+    }
+
+    /// kube-controller-manager's stdout and stderr (the garbage collector's log).
+    pub fn controller_manager_log_path(&self) -> &Path {
+        &self.controller_manager_log_path
+    }
+
+    /// Stop the processes and remove the temporary directory. Idempotent; also done on drop and,
+    /// for [`ControlPlane::shared`], at process exit.
+    fn shutdown(&self) {
+        self.processes.stop_all();
+        let tmp = lock(&self.tmp).take();
+        if let Some(tmp) = tmp {
+            if std::env::var_os("SCIM_ENVTEST_KEEP_TMPDIR").is_some() {
+                let kept = tmp.keep();
+                eprintln!("scim-envtest: kept {}", kept.display());
+            } else {
+                let _ = tmp.close();
+            }
+        }
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
