@@ -1,5 +1,6 @@
 //! The throw-away PKI: a serving CA and certificate for kube-apiserver, a client CA with an admin
-//! certificate in `system:masters`, and the service-account signing key pair.
+//! certificate in `system:masters` (and more users on request), and the service-account signing key
+//! pair.
 
 use anyhow::Result;
 use rcgen::{
@@ -15,6 +16,8 @@ pub(crate) struct Pki {
     pub(crate) admin_key: String,
     pub(crate) sa_public: String,
     pub(crate) sa_private: String,
+    /// Kept to sign further client certificates ([`Pki::client_certificate`]).
+    client_ca_issuer: Issuer<'static, KeyPair>,
 }
 
 fn new_ca(common_name: &str) -> Result<(String, Issuer<'static, KeyPair>)> {
@@ -53,14 +56,7 @@ impl Pki {
         let serving_key = KeyPair::generate()?;
         let serving_cert = serving.signed_by(&serving_key, &ca_issuer)?;
 
-        let mut admin = CertificateParams::new(Vec::<String>::new())?;
-        admin.distinguished_name.push(DnType::CommonName, "admin");
-        admin.distinguished_name.push(DnType::OrganizationName, "system:masters");
-        admin.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        admin.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        admin.use_authority_key_identifier_extension = true;
-        let admin_key = KeyPair::generate()?;
-        let admin_cert = admin.signed_by(&admin_key, &client_ca_issuer)?;
+        let (admin_cert, admin_key) = client_certificate(&client_ca_issuer, "admin", Some("system:masters"))?;
 
         // ECDSA P-256: the service-account token issuer signs ES256 tokens.
         let sa = KeyPair::generate()?;
@@ -70,15 +66,37 @@ impl Pki {
             serving_cert: serving_cert.pem(),
             serving_key: serving_key.serialize_pem(),
             client_ca,
-            admin_cert: admin_cert.pem(),
-            admin_key: admin_key.serialize_pem(),
+            admin_cert,
+            admin_key,
             sa_public: sa.public_key_pem(),
             sa_private: sa.serialize_pem(),
+            client_ca_issuer,
         })
+    }
+
+    /// A client certificate and key (PEM) for `user` (in `group`), signed by the client CA.
+    pub(crate) fn client_certificate(&self, user: &str, group: Option<&str>) -> Result<(String, String)> {
+        client_certificate(&self.client_ca_issuer, user, group)
     }
 
     /// An admin kubeconfig for `server_url`.
     pub(crate) fn kubeconfig(&self, server_url: &str) -> String {
         crate::kubeconfig::render(server_url, &self.ca, &self.admin_cert, &self.admin_key)
     }
+}
+
+/// kube-apiserver maps the common name to the user name and the organization to a group (rcgen's
+/// distinguished names hold one value per attribute, hence one group).
+fn client_certificate(issuer: &Issuer<'static, KeyPair>, user: &str, group: Option<&str>) -> Result<(String, String)> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name.push(DnType::CommonName, user);
+    if let Some(group) = group {
+        params.distinguished_name.push(DnType::OrganizationName, group);
+    }
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.use_authority_key_identifier_extension = true;
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, issuer)?;
+    Ok((cert.pem(), key.serialize_pem()))
 }

@@ -35,7 +35,7 @@ mod processes;
 
 use std::path::{Path, PathBuf};
 
-pub use control_plane::{ControlPlane, StartupTimings};
+pub use control_plane::{ControlPlane, Options, StartupTimings};
 
 /// Prefix of the temporary directories (also used to clean up after killed test processes).
 const TMP_PREFIX: &str = "scim-envtest-";

@@ -92,7 +92,12 @@ fn spawn_from_long_lived_thread(cmd: Command) -> io::Result<Child> {
 
 impl Processes {
     pub(crate) fn spawn(&self, name: &'static str, mut cmd: Command, log: &Path) -> Result<()> {
-        let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        // Appended to: a process restarted in place keeps one log across its lives.
+        let out = File::options()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("opening {}", log.display()))?;
         cmd.stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
@@ -135,6 +140,25 @@ impl Processes {
             }
         }
         Ok(())
+    }
+
+    /// SIGKILL the process group of the process named `name` and reap it (a crash, not a shutdown).
+    /// Returns whether one was running.
+    pub(crate) fn kill(&self, name: &str) -> bool {
+        let mut procs = lock(&self.0);
+        let Some(i) = procs.iter().position(|p| p.name == name) else { return false };
+        let mut p = procs.remove(i);
+        drop(procs);
+        // SAFETY: plain kill(2) of the child's own process group.
+        unsafe { libc::kill(-(p.child.id() as libc::pid_t), libc::SIGKILL) };
+        let _ = p.child.kill();
+        let _ = p.child.wait();
+        true
+    }
+
+    /// The pid of the process named `name`, if it runs.
+    pub(crate) fn pid(&self, name: &str) -> Option<u32> {
+        lock(&self.0).iter().find(|p| p.name == name).map(|p| p.child.id())
     }
 
     /// SIGTERM each process group (newest first), SIGKILL after [`STOP_GRACE`], reap.

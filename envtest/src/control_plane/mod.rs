@@ -1,6 +1,9 @@
 //! The control plane: its state, its accessors and its teardown. Starting it is in `start.rs`, the
-//! shared instance in `shared.rs`, clients and command-line tools in `tools.rs`.
+//! commands of etcd and kube-apiserver in `components.rs`, restarting them in place in
+//! `restart.rs`, the shared instance in `shared.rs`, clients and command-line tools in `tools.rs`.
 
+mod components;
+mod restart;
 mod shared;
 mod start;
 mod tools;
@@ -10,7 +13,20 @@ use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
+use self::components::Components;
+use crate::certificates::Pki;
 use crate::processes::{Processes, lock};
+
+/// What [`ControlPlane::start_with`] sets up beyond the defaults.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// An audit policy (YAML, `audit.k8s.io/v1` `Policy`): kube-apiserver then writes one JSON
+    /// event per line to [`ControlPlane::audit_log_path`], across restarts.
+    pub audit_policy: Option<String>,
+    /// Extra kube-apiserver flags, after the harness's own (for a repeated flag the last one wins);
+    /// they are kept across restarts.
+    pub apiserver_args: Vec<String>,
+}
 
 /// How long each phase of [`ControlPlane::start`] took.
 #[derive(Clone, Copy, Debug)]
@@ -38,6 +54,11 @@ pub struct ControlPlane {
     kubeconfig_path: PathBuf,
     apiserver_log_path: PathBuf,
     etcd_log_path: PathBuf,
+    audit_log_path: Option<PathBuf>,
+    /// How to start etcd and kube-apiserver again in place.
+    components: Components,
+    /// Signs client certificates for more users ([`ControlPlane::user_kubeconfig`]).
+    pki: Pki,
     controller_manager_log_path: PathBuf,
     /// Why kube-controller-manager is not running, when it is not.
     no_garbage_collector: Option<String>,
@@ -90,6 +111,11 @@ impl ControlPlane {
     /// kube-apiserver's stdout and stderr.
     pub fn apiserver_log_path(&self) -> &Path {
         &self.apiserver_log_path
+    }
+
+    /// The audit log (JSON lines), when [`Options::audit_policy`] was given.
+    pub fn audit_log_path(&self) -> Option<&Path> {
+        self.audit_log_path.as_deref()
     }
 
     /// etcd's stdout and stderr.

@@ -12,9 +12,9 @@ use kube::{
     Api,
     config::{KubeConfigOptions, Kubeconfig},
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{ControlPlane, StartupTimings};
+use super::components::{APISERVER, Components, ETCD, apiserver_ready};
+use super::{ControlPlane, Options, StartupTimings};
 use crate::assets::{Assets, locate_assets};
 use crate::certificates::Pki;
 use crate::crds::{read_crds, wait_for_create_delay};
@@ -22,9 +22,9 @@ use crate::processes::{Processes, free_ports, remove_stale_tmpdirs, wait_until};
 use crate::{TMP_PREFIX, workspace_root};
 
 /// How long etcd may take to report healthy.
-const ETCD_TIMEOUT: Duration = Duration::from_secs(60);
+pub(super) const ETCD_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long kube-apiserver may take until `/readyz` answers `ok` (two cores, cold page cache).
-const APISERVER_TIMEOUT: Duration = Duration::from_secs(120);
+pub(super) const APISERVER_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long kube-controller-manager may take until `/healthz` answers `ok` (two cores, cold page
 /// cache, other builds running).
 const CONTROLLER_MANAGER_TIMEOUT: Duration = Duration::from_secs(120);
@@ -38,6 +38,11 @@ impl ControlPlane {
     /// every `*.yaml` CRD in `<workspace>/crds/` and wait until each is Established, then start
     /// kube-controller-manager with only the garbage collector and wait for its `/healthz`.
     pub async fn start() -> Result<ControlPlane> {
+        ControlPlane::start_with(Options::default()).await
+    }
+
+    /// [`ControlPlane::start`] with [`Options`] (an audit log, extra kube-apiserver flags).
+    pub async fn start_with(options: Options) -> Result<ControlPlane> {
         let started = Instant::now();
         let Assets { dir: assets_dir, controller_manager: controller_manager_bin } = locate_assets()?;
         let (etcd_bin, apiserver_bin) = (assets_dir.join("etcd"), assets_dir.join("kube-apiserver"));
@@ -60,71 +65,45 @@ impl ControlPlane {
         };
         let serving_cert = write("apiserver.crt", &pki.serving_cert)?;
         let serving_key = write("apiserver.key", &pki.serving_key)?;
-        let client_ca = write("client-ca.crt", &pki.client_ca)?;
+        write("client-ca.crt", &pki.client_ca)?;
         write("ca.crt", &pki.ca)?;
         write("admin.crt", &pki.admin_cert)?;
         write("admin.key", &pki.admin_key)?;
-        let sa_pub = write("sa.pub", &pki.sa_public)?;
-        let sa_key = write("sa.key", &pki.sa_private)?;
+        write("sa.pub", &pki.sa_public)?;
+        write("sa.key", &pki.sa_private)?;
+
+        let audit_policy = match &options.audit_policy {
+            Some(policy) => {
+                let path = root.join("audit-policy.yaml");
+                std::fs::write(&path, policy).context("writing the audit policy")?;
+                Some(path)
+            }
+            None => None,
+        };
 
         let [etcd_client_port, etcd_peer_port, apiserver_port, controller_manager_port] = free_ports()?;
-        let etcd_url = format!("http://127.0.0.1:{etcd_client_port}");
-        let etcd_peer_url = format!("http://127.0.0.1:{etcd_peer_port}");
         let server_url = format!("https://127.0.0.1:{apiserver_port}");
+        let components = Components {
+            etcd_bin,
+            apiserver_bin,
+            root: root.clone(),
+            pki_dir,
+            etcd_client_port,
+            etcd_peer_port,
+            apiserver_port,
+            audit_policy,
+            extra_apiserver_args: options.apiserver_args.clone(),
+        };
 
         let processes = Processes::default();
 
-        // etcd
-        let etcd_log_path = root.join("etcd.log");
-        let mut etcd = Command::new(&etcd_bin);
-        etcd.arg(format!("--data-dir={}", root.join("etcd-data").display()))
-            .arg(format!("--listen-client-urls={etcd_url}"))
-            .arg(format!("--advertise-client-urls={etcd_url}"))
-            .arg(format!("--listen-peer-urls={etcd_peer_url}"))
-            .arg(format!("--initial-advertise-peer-urls={etcd_peer_url}"))
-            .arg(format!("--initial-cluster=default={etcd_peer_url}"))
-            // Test data: no need to survive power loss, and fsync dominates on slow disks.
-            .arg("--unsafe-no-fsync=true")
-            .arg("--quota-backend-bytes=2147483648")
-            .current_dir(&root);
         let etcd_started = Instant::now();
-        processes.spawn("etcd", etcd, &etcd_log_path)?;
-        wait_until("etcd to report healthy", ETCD_TIMEOUT, &processes, || etcd_healthy(etcd_client_port)).await?;
+        processes.spawn(ETCD, components.etcd(), &components.etcd_log())?;
+        wait_until("etcd to report healthy", ETCD_TIMEOUT, &processes, || components.etcd_healthy()).await?;
         let etcd_ready = etcd_started.elapsed();
 
-        // kube-apiserver
-        let apiserver_log_path = root.join("kube-apiserver.log");
-        let mut apiserver = Command::new(&apiserver_bin);
-        apiserver
-            .arg(format!("--etcd-servers={etcd_url}"))
-            .arg(format!("--secure-port={apiserver_port}"))
-            .arg("--bind-address=127.0.0.1")
-            .arg("--advertise-address=127.0.0.1")
-            .arg(format!("--cert-dir={}", root.join("apiserver-certs").display()))
-            .arg(format!("--tls-cert-file={}", serving_cert.display()))
-            .arg(format!("--tls-private-key-file={}", serving_key.display()))
-            .arg(format!("--client-ca-file={}", client_ca.display()))
-            .arg("--authorization-mode=RBAC")
-            .arg("--service-cluster-ip-range=10.0.0.0/24")
-            .arg("--allow-privileged=true")
-            // The controller-manager runs only the garbage collector, so nothing would create the
-            // token the ServiceAccount admission plugin waits for.
-            .arg("--disable-admission-plugins=ServiceAccount")
-            // As on OpenShift and other hardened clusters: setting blockOwnerDeletion on an
-            // ownerReference requires permission to update the owner's finalizers, so RBAC tests
-            // prove that rule is needed rather than assume it.
-            .arg("--enable-admission-plugins=OwnerReferencesPermissionEnforcement")
-            .arg(format!("--service-account-key-file={}", sa_pub.display()))
-            .arg(format!("--service-account-signing-key-file={}", sa_key.display()))
-            .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
-            // 127.0.0.1 is not a valid Endpoints address, so the default lease reconciler would log
-            // an error every 10 s; nothing here consumes the `kubernetes` Endpoints anyway.
-            .arg("--endpoint-reconciler-type=none")
-            .arg("--enable-priority-and-fairness=false")
-            .arg("--profiling=false")
-            .current_dir(&root);
         let apiserver_started = Instant::now();
-        processes.spawn("kube-apiserver", apiserver, &apiserver_log_path)?;
+        processes.spawn(APISERVER, components.apiserver(), &components.apiserver_log())?;
 
         let kubeconfig_path = root.join("kubeconfig");
         std::fs::write(&kubeconfig_path, pki.kubeconfig(&server_url)).context("writing the kubeconfig")?;
@@ -138,14 +117,7 @@ impl ControlPlane {
         probe_config.connect_timeout = Some(Duration::from_secs(2));
         probe_config.read_timeout = Some(Duration::from_secs(5));
         let probe = kube::Client::try_from(probe_config).context("building a kube client")?;
-        wait_until("kube-apiserver /readyz", APISERVER_TIMEOUT, &processes, || {
-            let probe = probe.clone();
-            async move {
-                let req = http::Request::get("/readyz").body(Vec::new())?;
-                Ok(probe.request_text(req).await.map(|body| body.trim() == "ok")?)
-            }
-        })
-        .await?;
+        wait_until("kube-apiserver /readyz", APISERVER_TIMEOUT, &processes, || apiserver_ready(&probe)).await?;
         let namespaces: Api<Namespace> = Api::all(probe.clone());
         wait_until("the default namespace", APISERVER_TIMEOUT, &processes, || {
             let namespaces = namespaces.clone();
@@ -162,8 +134,11 @@ impl ControlPlane {
             assets_dir,
             server_url,
             kubeconfig_path,
-            apiserver_log_path,
-            etcd_log_path,
+            apiserver_log_path: components.apiserver_log(),
+            etcd_log_path: components.etcd_log(),
+            audit_log_path: components.audit_log(),
+            components,
+            pki,
             controller_manager_log_path,
             no_garbage_collector: None,
             config,
@@ -250,13 +225,4 @@ impl ControlPlane {
         .await?;
         Ok(started.elapsed())
     }
-}
-
-async fn etcd_healthy(port: u16) -> Result<bool> {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    stream.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").await?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await?;
-    let response = String::from_utf8_lossy(&response);
-    Ok(response.contains("\"health\":\"true\""))
 }

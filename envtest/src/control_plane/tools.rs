@@ -32,6 +32,23 @@ impl ControlPlane {
         kube::Client::try_from(config).expect("building an impersonating kube::Client")
     }
 
+    /// A kubeconfig file for `user` (in `group`, e.g. `system:masters`) authenticating with its own
+    /// client certificate, so the audit log and RBAC tell its requests apart from the admin's. Written
+    /// to `<tmp>/users/<user>.kubeconfig`; `user` must be usable as a file name.
+    pub fn user_kubeconfig(&self, user: &str, group: Option<&str>) -> Result<PathBuf> {
+        anyhow::ensure!(
+            !user.is_empty() && user.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:@".contains(&b)),
+            "user name {user:?} is not usable as a file name"
+        );
+        let (cert, key) = self.pki.client_certificate(user, group).context("signing a client certificate")?;
+        let dir = self.root.join("users");
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join(format!("{user}.kubeconfig"));
+        std::fs::write(&path, crate::kubeconfig::render(&self.server_url, &self.pki.ca, &cert, &key))
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
+    }
+
     /// The assets' kubectl with `--kubeconfig` (and a private `--cache-dir`) preset.
     pub fn kubectl(&self) -> Command {
         let mut cmd = Command::new(self.assets_dir.join("kubectl"));
