@@ -32,6 +32,8 @@ pub const FIELD_MANAGER: &str = "scim-token-operator";
 /// built with the `failpoints` feature.
 pub const FAILPOINT_ENV: &str = "SCIM_TOKEN_OPERATOR_FAILPOINT";
 pub const FAILPOINT_EXIT_CODE: i32 = 86;
+/// Longest wait for the directory cache to show our own status write (see [`Context::fresh`]).
+const STATUS_ECHO_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -92,6 +94,11 @@ pub struct Context {
     failures: Mutex<HashMap<ObjectRef<ScimDirectory>, u32>>,
     /// Directories with an expiry series, so that the series of one deleted unseen can be found.
     exported: Mutex<HashSet<ObjectRef<ScimDirectory>>>,
+    /// The directory cache, read again at the start of a reconcile (see [`Context::fresh`]).
+    directories: Store<ScimDirectory>,
+    /// Status writes the directory cache has not shown yet: directory -> the resourceVersion the write
+    /// replaced. See [`Context::fresh`].
+    unechoed_status: Mutex<HashMap<ObjectRef<ScimDirectory>, String>>,
 }
 
 impl Context {
@@ -101,6 +108,32 @@ impl Context {
         self.metrics.token_expiry.remove(&labels);
         self.failures.lock().expect("poisoned").remove(dir);
         self.exported.lock().expect("poisoned").remove(dir);
+        self.unechoed_status.lock().expect("poisoned").remove(dir);
+    }
+
+    /// The directory as of our own last status write. Our Secret write triggers a reconcile of its
+    /// directory that typically starts right after the status write, before the watch has brought that
+    /// write into the cache: decided on the stale copy, it would write the status a second time (a new
+    /// condition timestamp). So a reconcile that follows one of our status writes waits, briefly, for
+    /// the cache to move past the version the write replaced. Waiting is bounded: a lagging watch costs
+    /// at most one redundant write, never a wrong decision (writes stay guarded by resourceVersions).
+    async fn fresh(&self, dir: Arc<ScimDirectory>) -> Arc<ScimDirectory> {
+        let key = ObjectRef::from(dir.as_ref());
+        let Some(replaced) = self.unechoed_status.lock().expect("poisoned").get(&key).cloned() else { return dir };
+        let deadline = Instant::now() + STATUS_ECHO_WAIT;
+        let latest = loop {
+            match self.directories.get(&key) {
+                None => break dir,
+                Some(cached) if cached.metadata.resource_version.as_ref() != Some(&replaced) => break cached,
+                Some(_) if Instant::now() >= deadline => {
+                    self.metrics.status_echo_timeouts.inc();
+                    break dir;
+                }
+                Some(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        };
+        self.unechoed_status.lock().expect("poisoned").remove(&key);
+        latest
     }
 
     /// Forgets every directory the cache no longer holds. After a re-list (a watch that expired, an
@@ -221,6 +254,8 @@ async fn run_scope(
         secrets_synced,
         failures: Mutex::default(),
         exported: Mutex::default(),
+        directories: dir_reader.clone(),
+        unechoed_status: Mutex::default(),
     });
 
     let forget = ctx.clone();
@@ -297,6 +332,7 @@ fn strip_directory_noise(d: &mut ScimDirectory) {
 
 pub async fn reconcile(dir: Arc<ScimDirectory>, ctx: Arc<Context>) -> Result<Action> {
     let started = Instant::now();
+    let dir = ctx.fresh(dir).await;
     let result = reconcile_inner(&dir, &ctx).await;
     ctx.metrics.observe_reconcile(started.elapsed());
     if result.is_ok() {
@@ -608,7 +644,13 @@ async fn write_status(ctx: &Context, dir: &ScimDirectory, status: ScimDirectoryS
         "kind": ScimDirectory::kind(&()),
         "status": status,
     });
-    api.patch_status(&dir.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(patch)).await?;
+    let written =
+        api.patch_status(&dir.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(patch)).await?;
+    if let Some(replaced) = dir.metadata.resource_version.clone()
+        && written.metadata.resource_version.as_ref() != Some(&replaced)
+    {
+        ctx.unechoed_status.lock().expect("poisoned").insert(ObjectRef::from(dir), replaced);
+    }
     Ok(true)
 }
 

@@ -44,6 +44,8 @@ pub struct Metrics {
     pub reconcile_duration: Histogram,
     /// 1 while this replica holds the leader Lease (or runs without leader election).
     pub leader: Gauge,
+    /// Reconciles that gave up waiting for the directory cache to show the operator's own status write.
+    pub status_echo_timeouts: Counter,
 }
 
 impl Default for Metrics {
@@ -79,6 +81,13 @@ impl Default for Metrics {
         registry.register("reconcile_duration_seconds", "Duration of one reconciliation", reconcile_duration.clone());
         let leader = Gauge::default();
         registry.register("leader", "1 while this replica leads and reconciles", leader.clone());
+        let status_echo_timeouts = Counter::default();
+        registry.register(
+            "status_echo_timeouts",
+            "Reconciles that stopped waiting for the directory cache to show the operator's own last status write \
+             (each may write that status once more)",
+            status_echo_timeouts.clone(),
+        );
         Metrics {
             registry,
             token_expiry,
@@ -88,6 +97,7 @@ impl Default for Metrics {
             reconcile_errors,
             reconcile_duration,
             leader,
+            status_echo_timeouts,
         }
     }
 }
