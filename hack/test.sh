@@ -25,9 +25,9 @@ cargo test --workspace --locked --features scim-token-operator/failpoints "$@" 2
 # The README's main-job command must keep working: run it once, non-interactively.
 cargo xtask demo --once
 
-# A small benchmark run keeps `cargo xtask bench` from rotting; it asserts correctness (all Ready,
-# zero writes while idle and across a restart), never time.
-cargo xtask bench --n 50 --idle-secs 10 --rotations 10 --check
+# A small benchmark run keeps `cargo xtask bench` from rotting; it asserts correctness (all Ready, one
+# status write per directory, zero writes while idle and across a restart), never time.
+cargo xtask bench --n 50 --runs 1 --idle-secs 10 --rotations 10 --check
 
 # One closing line for the whole suite (cargo's last "test result" is an empty doc-test target).
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$results"

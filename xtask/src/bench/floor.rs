@@ -1,0 +1,59 @@
+//! The honest floor: a plain client doing, per directory and at the benchmark's concurrency, exactly
+//! the writes the job needs and nothing else: create the directory, create its Secret (the operator's
+//! own objects: token, issue record, labels, owner reference), apply its status (hash, times, Ready).
+//! Timed like the operator, from the first create until a watch has seen every directory Ready.
+
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt, stream};
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::{Resource, ResourceExt};
+use scim_token_operator::api::ScimDirectory;
+use scim_token_operator::policy::{self, Desired, IssueReason};
+use scim_token_operator::token::Token;
+use scim_token_operator::{secret, status};
+use serde_json::json;
+
+use super::cluster::{new_directory, wait_all_ready};
+
+pub(crate) async fn run(client: &kube::Client, ns: &str, n: usize, concurrency: usize) -> anyhow::Result<Duration> {
+    let dirs: Api<ScimDirectory> = Api::namespaced(client.clone(), ns);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let started = Instant::now();
+    let writes = stream::iter(0..n)
+        .map(|i| {
+            let (dirs, secrets) = (dirs.clone(), secrets.clone());
+            async move { issue_one(&dirs, &secrets, i).await }
+        })
+        .buffer_unordered(concurrency)
+        .try_collect::<Vec<_>>();
+    let (writes, ready) = tokio::join!(writes, wait_all_ready(&dirs, n, super::ready_timeout(n)));
+    writes?;
+    ready?;
+    Ok(started.elapsed())
+}
+
+async fn issue_one(dirs: &Api<ScimDirectory>, secrets: &Api<Secret>, i: usize) -> anyhow::Result<()> {
+    let dir = dirs.create(&PostParams::default(), &new_directory(i)).await?;
+    let desired = Desired::parse(
+        dir.spec.rotation_generation,
+        dir.spec.token_expires_in.as_deref(),
+        dir.spec.renew_before.as_deref(),
+        dir.rotation_request(),
+    )
+    .map_err(anyhow::Error::msg)?;
+    let now = Timestamp::now();
+    let token = Token::generate();
+    let record = policy::new_record(&desired, token.hash(), IssueReason::Initial, now);
+    secrets.create(&PostParams::default(), &secret::initial_secret(&dir, &token, &record)).await?;
+    let ready = status::condition(&dir, true, "TokenIssued", IssueReason::Initial.describe(), now);
+    let patch = json!({
+        "apiVersion": ScimDirectory::api_version(&()),
+        "kind": ScimDirectory::kind(&()),
+        "status": status::with(&dir, Some(&record), ready),
+    });
+    dirs.patch_status(&dir.name_any(), &PatchParams::apply("bench-floor").force(), &Patch::Apply(patch)).await?;
+    Ok(())
+}

@@ -1,0 +1,231 @@
+//! `cargo xtask bench`: issuance time, memory, writes per directory, steady-state writes and rotation
+//! latency of the operator on a real control plane, next to an honest floor and (with `--peer eso`)
+//! External Secrets Operator's Password generator. Every configuration runs `--runs` times, interleaved
+//! in one invocation, and is reported as median and spread. Numbers only; `--check` asserts
+//! correctness (all Ready, one status write per directory, zero writes while idle and across a
+//! restart), never time.
+
+mod cluster;
+mod eso;
+mod floor;
+mod operator;
+mod report;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Context, bail, ensure};
+use envtest::ControlPlane;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, DeleteParams, ListParams};
+use scim_token_operator::api::ScimDirectory;
+
+pub(crate) use cluster::{
+    create_directories, http_get, peak_rss_kib, poll, start_operator, wait_all_ready, wait_leader,
+};
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub n: usize,
+    /// Concurrency of the benchmark's own client (creates, and the floor's writes).
+    pub client_concurrency: usize,
+    pub idle: Duration,
+    pub rotations: usize,
+    /// How many times each configuration runs (interleaved), for a median and a spread.
+    pub runs: usize,
+    /// Also run External Secrets Operator's Password generator (hack/eso.sh builds it).
+    pub peer: bool,
+    pub release: bool,
+    /// Assert correctness and fail otherwise.
+    pub check: bool,
+    /// Extra flags for the operator (e.g. `--concurrency 32`).
+    pub operator_args: Vec<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            n: 1000,
+            client_concurrency: 16,
+            idle: Duration::from_secs(60),
+            rotations: 300,
+            runs: 3,
+            peer: false,
+            release: false,
+            check: false,
+            operator_args: vec![],
+        }
+    }
+}
+
+pub fn parse(args: &[String]) -> anyhow::Result<Options> {
+    let mut o = Options::default();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || it.next().cloned().with_context(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--n" => o.n = value()?.parse()?,
+            "--client-concurrency" => o.client_concurrency = value()?.parse()?,
+            "--idle-secs" => o.idle = Duration::from_secs(value()?.parse()?),
+            "--rotations" => o.rotations = value()?.parse()?,
+            "--runs" => o.runs = value()?.parse()?,
+            "--peer" => match value()?.as_str() {
+                "eso" => o.peer = true,
+                other => bail!("unknown peer {other}: the one peer is `eso` (External Secrets Operator)"),
+            },
+            "--release" => o.release = true,
+            "--check" => o.check = true,
+            "--" => o.operator_args.extend(it.by_ref().cloned()),
+            other => bail!("unknown bench option {other}\n{}", crate::USAGE),
+        }
+    }
+    ensure!(o.n > 0 && o.rotations <= o.n, "--rotations must not exceed --n");
+    ensure!(o.runs > 0, "--runs must be at least 1");
+    Ok(o)
+}
+
+/// One thing being measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Config {
+    Operator,
+    Floor,
+    Eso(eso::Settings),
+}
+
+impl Config {
+    fn slug(self) -> &'static str {
+        match self {
+            Config::Operator => "operator",
+            Config::Floor => "floor",
+            Config::Eso(eso::Settings::Defaults) => "eso",
+            Config::Eso(eso::Settings::Matched) => "eso-matched",
+        }
+    }
+}
+
+/// One run of one configuration.
+#[derive(Debug, Default)]
+pub(crate) struct Sample {
+    /// First create until a watch has seen all N Ready.
+    pub issuance: Duration,
+    /// Peak RSS of the controller process, and its RSS before the first create (KiB).
+    pub peak_rss_kib: Option<u64>,
+    pub start_rss_kib: Option<u64>,
+    /// Writes the API server served from the first create until 5 s after all Ready, by resource;
+    /// the benchmark's own N creates included.
+    pub writes: BTreeMap<String, f64>,
+}
+
+/// Steady state, measured once per controller (first run).
+#[derive(Debug, Default)]
+pub(crate) struct Steady {
+    pub idle: BTreeMap<String, f64>,
+    pub restart: BTreeMap<String, f64>,
+    pub restart_peak_rss_kib: u64,
+}
+
+/// Long enough for ESO's defaults (client QPS 50, one reconcile at a time) to finish.
+pub(crate) fn ready_timeout(n: usize) -> Duration {
+    Duration::from_secs(120) + Duration::from_millis(500) * n as u32
+}
+
+pub async fn run(o: Options) -> anyhow::Result<()> {
+    let root = envtest::workspace_root();
+    let bin = crate::build_operator(&root, o.release)?;
+    println!("==> starting the control plane");
+    let cp = ControlPlane::start().await?;
+    let client = cp.client().await;
+    let peer = if o.peer { Some(eso::Eso::prepare(&root, &cp)?) } else { None };
+    let mut configs = vec![Config::Operator, Config::Floor];
+    if peer.is_some() {
+        configs.extend([Config::Eso(eso::Settings::Defaults), Config::Eso(eso::Settings::Matched)]);
+    }
+
+    let mut samples: BTreeMap<Config, Vec<Sample>> = BTreeMap::new();
+    let mut steady: BTreeMap<Config, Steady> = BTreeMap::new();
+    let mut latencies = vec![];
+    for round in 0..o.runs {
+        // Interleaved, and each round starts with a different configuration: neither a warm-up nor a
+        // store grown by earlier runs favours one of them.
+        let mut order = configs.clone();
+        order.rotate_left(round % configs.len());
+        for config in order {
+            let ns = format!("{}-{}", config.slug(), round + 1);
+            println!("==> run {}/{}: {} (namespace {ns}, N = {})", round + 1, o.runs, config.slug(), o.n);
+            let out = cp.kubectl().args(["create", "namespace", &ns]).output()?;
+            ensure!(out.status.success(), "creating namespace {ns}: {}", String::from_utf8_lossy(&out.stderr));
+            let first = round == 0;
+            let log = cp.tmp_dir().join(format!("{ns}.log"));
+            let sample = match config {
+                Config::Operator => {
+                    let rotations = if first { o.rotations } else { 0 };
+                    let (sample, st, lat) = operator::run(&cp, &bin, &ns, &log, &o, first, rotations).await?;
+                    latencies.extend(lat);
+                    if let Some(st) = st {
+                        steady.insert(config, st);
+                    }
+                    sample
+                }
+                Config::Floor => floor_sample(&client, &ns, &o).await?,
+                Config::Eso(settings) => {
+                    let eso = peer.as_ref().expect("ESO configurations only run with the peer");
+                    let (sample, st) = eso.run(&cp, settings, &ns, &log, &o, first).await?;
+                    if let Some(st) = st {
+                        steady.insert(config, st);
+                    }
+                    sample
+                }
+            };
+            println!(
+                "    all Ready in {:.1} s{}",
+                sample.issuance.as_secs_f64(),
+                sample.peak_rss_kib.map(|k| format!(", peak RSS {:.1} MiB", k as f64 / 1024.0)).unwrap_or_default()
+            );
+            samples.entry(config).or_default().push(sample);
+            clean_up(&client, &cp, config, &ns).await?;
+        }
+    }
+    let apiserver_rss = cluster::apiserver_pid(&cp).map(cluster::peak_rss_kib).unwrap_or(0);
+
+    let report = report::Report { n: o.n, runs: o.runs, idle: o.idle, samples, steady, latencies, apiserver_rss };
+    report.print();
+    if o.check {
+        report.check()?;
+    }
+    Ok(())
+}
+
+async fn floor_sample(client: &kube::Client, ns: &str, o: &Options) -> anyhow::Result<Sample> {
+    let before = cluster::write_counts(client).await?;
+    let issuance = floor::run(client, ns, o.n, o.client_concurrency).await?;
+    settle().await;
+    let writes = cluster::diff(&before, &cluster::write_counts(client).await?);
+    Ok(Sample { issuance, writes, ..Sample::default() })
+}
+
+/// Lets in-flight work (Event series, trailing reconciles) finish before counting.
+pub(crate) async fn settle() {
+    tokio::time::sleep(Duration::from_secs(5)).await;
+}
+
+/// Deletes what a run created, so that later runs (and ESO's cluster-wide watches) start from the
+/// same store size. The controller is stopped by then.
+async fn clean_up(client: &kube::Client, cp: &ControlPlane, config: Config, ns: &str) -> anyhow::Result<()> {
+    let all = ListParams::default();
+    match config {
+        Config::Operator | Config::Floor => {
+            Api::<ScimDirectory>::namespaced(client.clone(), ns)
+                .delete_collection(&DeleteParams::default(), &all)
+                .await?;
+        }
+        Config::Eso(_) => {
+            let out = cp
+                .kubectl()
+                .args(["delete", "externalsecrets,passwords", "--all", "-n", ns, "--wait=false"])
+                .output()?;
+            ensure!(out.status.success(), "cleaning up {ns}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    Api::<Secret>::namespaced(client.clone(), ns).delete_collection(&DeleteParams::default(), &all).await?;
+    Ok(())
+}
