@@ -20,9 +20,10 @@ pub(crate) const USAGE: &str = "usage:
   cargo xtask bench [--n N] [--runs K] [--peer eso] [--client-concurrency C] [--idle-secs S] [--rotations R] [--release] [--check] [-- OPERATOR FLAGS]
       the operator, the honest floor and (--peer eso, built by hack/eso.sh) External Secrets Operator, K runs each, interleaved;
       defaults: --n 1000 --runs 3 --client-concurrency 16 --idle-secs 60 --rotations 300; see BENCHMARKS.md
-  cargo xtask bench-verify [--n N] [--client-concurrency C] [--load-secs S] [--connections C] [--rounds R] [--rotations R] [--release] [--check]
-      the verifier under oha (hack/oha.sh) and behind nginx auth_request;
-      defaults: --n 1000 --client-concurrency 16 --load-secs 20 --connections 32 --rounds 3 --rotations 100; see BENCHMARKS.md";
+  cargo xtask bench-verify [--n N] [--client-concurrency C] [--load-secs S] [--connections C] [--grpc-connections K] [--rounds R] [--rotations R] [--release] [--check]
+      the verifier's HTTP endpoint under oha (hack/oha.sh), behind nginx auth_request, and its gRPC service under
+      verify-load, each against its floor; --check: correctness only, verify-load for HTTP too (no oha);
+      defaults: --n 1000 --client-concurrency 16 --load-secs 20 --connections 32 --grpc-connections 2 --rounds 3 --rotations 100; see BENCHMARKS.md";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
