@@ -1,4 +1,5 @@
-//! Project tasks: `cargo xtask demo [--once]`, `cargo xtask bench [...]` and `cargo xtask bench-verify [...]`.
+//! Project tasks: `cargo xtask demo [--once]`, `cargo xtask bench [...]`, `cargo xtask bench-verify [...]` and
+//! `cargo xtask chaos [...]` (crash safety under faults, docs/reliability.md).
 //!
 //! `demo` is the operator's main job end to end on a fresh machine: it builds (or finds) a local
 //! kube-apiserver + etcd, installs the CRD, runs the operator, applies an example with the real
@@ -13,6 +14,7 @@ use envtest::ControlPlane;
 
 mod bench;
 mod bench_verify;
+mod chaos;
 
 pub(crate) const USAGE: &str = "usage:
   cargo xtask demo [--once]
@@ -33,11 +35,26 @@ async fn main() -> anyhow::Result<()> {
         ["demo", "--once"] => demo(true).await,
         ["bench", ..] => bench::run(bench::parse(&args[1..])?).await,
         ["bench-verify", ..] => bench_verify::run(bench_verify::parse(&args[1..])?).await,
+        ["chaos", ..] => chaos_main(&args[1..]).await,
         _ => {
-            eprintln!("{USAGE}");
+            eprintln!("{USAGE}\n{}", chaos::USAGE);
             std::process::exit(2);
         }
     }
+}
+
+/// `cargo xtask chaos`: prints the table and fails if any invariant is broken.
+async fn chaos_main(args: &[String]) -> anyhow::Result<()> {
+    let options = chaos::parse(args)?;
+    let bin = build_operator(&envtest::workspace_root(), options.release)?;
+    let report = chaos::run(&options, &bin).await?;
+    report.print();
+    let violations = report.violations();
+    if !violations.is_empty() {
+        bail!("seed {}: {} invariants broken:\n- {}", options.seed, violations.len(), violations.join("\n- "));
+    }
+    println!("chaos: every invariant holds (seed {})", options.seed);
+    Ok(())
 }
 
 async fn demo(once: bool) -> anyhow::Result<()> {
