@@ -101,12 +101,54 @@ pub(crate) async fn create_directories(api: &Api<ScimDirectory>, n: usize, concu
     stream::iter(0..n)
         .map(|i| {
             let api = api.clone();
-            async move { api.create(&PostParams::default(), &new_directory(i)).await.map(|_| ()) }
+            async move { create(&api, &new_directory(i)).await.map(|_| ()) }
         })
         .buffer_unordered(concurrency)
         .try_collect::<Vec<_>>()
         .await?;
     Ok(())
+}
+
+/// Retries a request on a transport error: under a 10,000-object burst on two shared cores, the API
+/// server now and then drops a connection, and one lost request must not end a half-hour run.
+pub(crate) async fn retrying<T, F, Fut>(mut request: F) -> kube::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = kube::Result<T>>,
+{
+    let mut attempt = 0;
+    loop {
+        match request().await {
+            Err(kube::Error::Api(e)) => return Err(kube::Error::Api(e)),
+            Err(_) if attempt < 5 => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Creates `object`, retrying on transport errors; a retried create that finds the object (its first
+/// attempt landed, the answer was lost) returns the object found.
+pub(crate) async fn create<K>(api: &Api<K>, object: &K) -> kube::Result<K>
+where
+    K: kube::Resource + Clone + DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    let mut retried = false;
+    let name = object.meta().name.clone().unwrap_or_default();
+    let name = name.as_str();
+    retrying(|| {
+        let first = !retried;
+        retried = true;
+        async move {
+            match api.create(&PostParams::default(), object).await {
+                Err(kube::Error::Api(e)) if e.code == 409 && !first => api.get(name).await,
+                other => other,
+            }
+        }
+    })
+    .await
 }
 
 /// Waits until `n` objects are Ready, through one watch.
@@ -125,9 +167,15 @@ where
     K: kube::Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
 {
     let mut seen = std::collections::HashSet::new();
-    let mut events = std::pin::pin!(watcher(api.clone(), watcher::Config::default()).applied_objects());
+    // Watch errors (a dropped connection) are retried with backoff, not fatal: the watch resumes.
+    let mut events = std::pin::pin!(
+        watcher(api.clone(), watcher::Config::default())
+            .default_backoff()
+            .applied_objects()
+            .filter_map(|o| std::future::ready(o.ok()))
+    );
     let wait = async {
-        while let Some(o) = events.try_next().await? {
+        while let Some(o) = events.next().await {
             let name = o.meta().name.clone().unwrap_or_default();
             if ready(&o) {
                 seen.insert(name);

@@ -195,7 +195,7 @@ pub(crate) async fn create_external_secrets(
                         } } }],
                     },
                 }))?;
-                api.create(&PostParams::default(), &es).await?;
+                cluster::create(&api, &es).await?;
                 anyhow::Ok(())
             }
         })

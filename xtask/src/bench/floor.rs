@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use futures::{StreamExt, TryStreamExt, stream};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams};
 use kube::{Resource, ResourceExt};
 use scim_token_operator::api::ScimDirectory;
 use scim_token_operator::policy::{self, Desired, IssueReason};
@@ -16,7 +16,7 @@ use scim_token_operator::token::Token;
 use scim_token_operator::{secret, status};
 use serde_json::json;
 
-use super::cluster::{new_directory, wait_all_ready};
+use super::cluster::{create, new_directory, retrying, wait_all_ready};
 
 pub(crate) async fn run(client: &kube::Client, ns: &str, n: usize, concurrency: usize) -> anyhow::Result<Duration> {
     let dirs: Api<ScimDirectory> = Api::namespaced(client.clone(), ns);
@@ -36,7 +36,7 @@ pub(crate) async fn run(client: &kube::Client, ns: &str, n: usize, concurrency: 
 }
 
 async fn issue_one(dirs: &Api<ScimDirectory>, secrets: &Api<Secret>, i: usize) -> anyhow::Result<()> {
-    let dir = dirs.create(&PostParams::default(), &new_directory(i)).await?;
+    let dir = create(dirs, &new_directory(i)).await?;
     let desired = Desired::parse(
         dir.spec.rotation_generation,
         dir.spec.token_expires_in.as_deref(),
@@ -47,13 +47,14 @@ async fn issue_one(dirs: &Api<ScimDirectory>, secrets: &Api<Secret>, i: usize) -
     let now = Timestamp::now();
     let token = Token::generate();
     let record = policy::new_record(&desired, token.hash(), IssueReason::Initial, now);
-    secrets.create(&PostParams::default(), &secret::initial_secret(&dir, &token, &record)).await?;
+    create(secrets, &secret::initial_secret(&dir, &token, &record)).await?;
     let ready = status::condition(&dir, true, "TokenIssued", IssueReason::Initial.describe(), now);
     let patch = json!({
         "apiVersion": ScimDirectory::api_version(&()),
         "kind": ScimDirectory::kind(&()),
         "status": status::with(&dir, Some(&record), ready),
     });
-    dirs.patch_status(&dir.name_any(), &PatchParams::apply("bench-floor").force(), &Patch::Apply(patch)).await?;
+    let (name, params, patch) = (dir.name_any(), PatchParams::apply("bench-floor").force(), Patch::Apply(patch));
+    retrying(|| dirs.patch_status(&name, &params, &patch)).await?;
     Ok(())
 }

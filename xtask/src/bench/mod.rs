@@ -35,6 +35,8 @@ pub struct Options {
     pub runs: usize,
     /// Also run External Secrets Operator's Password generator (hack/eso.sh builds it).
     pub peer: bool,
+    /// Run only these configurations (by slug: operator, floor, eso, eso-matched); all when empty.
+    pub only: Vec<String>,
     pub release: bool,
     /// Assert correctness and fail otherwise.
     pub check: bool,
@@ -51,6 +53,7 @@ impl Default for Options {
             rotations: 300,
             runs: 3,
             peer: false,
+            only: vec![],
             release: false,
             check: false,
             operator_args: vec![],
@@ -73,6 +76,7 @@ pub fn parse(args: &[String]) -> anyhow::Result<Options> {
                 "eso" => o.peer = true,
                 other => bail!("unknown peer {other}: the one peer is `eso` (External Secrets Operator)"),
             },
+            "--only" => o.only = value()?.split(',').map(str::to_owned).collect(),
             "--release" => o.release = true,
             "--check" => o.check = true,
             "--" => o.operator_args.extend(it.by_ref().cloned()),
@@ -139,6 +143,10 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     let mut configs = vec![Config::Operator, Config::Floor];
     if peer.is_some() {
         configs.extend([Config::Eso(eso::Settings::Defaults), Config::Eso(eso::Settings::Matched)]);
+    }
+    if !o.only.is_empty() {
+        configs.retain(|c| o.only.iter().any(|s| s == c.slug()));
+        ensure!(!configs.is_empty(), "--only {}: no such configuration", o.only.join(","));
     }
 
     let mut samples: BTreeMap<Config, Vec<Sample>> = BTreeMap::new();
