@@ -12,7 +12,6 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Client, Resource, ResourceExt};
@@ -20,6 +19,7 @@ use serde_json::json;
 use tracing::{debug, info, warn};
 
 use crate::api::{END_OVERLAP_ANNOTATION, ScimDirectory, ScimDirectoryStatus};
+use crate::events::{EventType, Publisher};
 use crate::metrics::{DirectoryLabels, ErrorLabels, Metrics, ReasonLabels, ScopeLabels};
 use crate::policy::{self, Decision, Desired, IssueReason, IssueRecord, SecretState};
 use crate::secret::{self, ObservedSecret};
@@ -82,7 +82,7 @@ pub struct Settings {
 pub struct Context {
     pub client: Client,
     pub secrets: Store<ObservedSecret>,
-    pub recorder: Recorder,
+    pub events: Publisher,
     pub metrics: Arc<Metrics>,
     pub failpoint: Option<String>,
     pub min_issue_interval: SignedDuration,
@@ -243,11 +243,10 @@ async fn run_scope(
             .predicate_filter(predicates::resource_version, Default::default());
 
     let (synced_tx, secrets_synced) = tokio::sync::watch::channel(false);
-    let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: Some(settings.instance.clone()) };
     let ctx = Arc::new(Context {
         client: client.clone(),
         secrets: secret_reader.clone(),
-        recorder: Recorder::new(client, reporter),
+        events: Publisher::new(client, FIELD_MANAGER, &settings.instance),
         metrics,
         failpoint: settings.failpoint.clone(),
         min_issue_interval: SignedDuration::try_from(settings.min_issue_interval).unwrap_or(SignedDuration::MAX),
@@ -463,8 +462,9 @@ async fn reconcile_inner(dir: &ScimDirectory, ctx: &Context) -> Result<Action> {
                 ctx.metrics.tokens_issued.get_or_create(&ReasonLabels { reason: reason.as_str().into() }).inc();
                 info!(namespace = %ns, name = %name, secret = %secret_name, reason = reason.as_str(), token_hash = %record.token_hash, "token issued");
                 let event_type = if reason.is_repair() { EventType::Warning } else { EventType::Normal };
-                // The Event's reason names the cause: the Recorder folds Events with equal reasons into one
-                // series that keeps the first note, so one generic reason would hide later causes.
+                // The Event's reason names the cause: Events of a directory with equal reasons fold into
+                // one series that keeps the first note (see `events`), so one generic reason would hide
+                // later causes.
                 let event_reason = if reason == IssueReason::Initial { "TokenIssued" } else { reason.as_str() };
                 let mut note =
                     format!("{} ({}); Secret {secret_name}, {}", reason.describe(), reason.as_str(), record.token_hash);
@@ -655,14 +655,7 @@ async fn write_status(ctx: &Context, dir: &ScimDirectory, status: ScimDirectoryS
 }
 
 async fn publish(ctx: &Context, dir: &ScimDirectory, type_: EventType, reason: &str, note: &str) {
-    let event = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note.chars().take(1000).collect()),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&event, &dir.object_ref(&())).await {
+    if let Err(e) = ctx.events.publish(dir, type_, reason, note).await {
         warn!(error = %e, "failed to publish event");
     }
 }

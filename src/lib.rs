@@ -6,6 +6,7 @@ pub mod api;
 pub mod cli;
 pub mod controller;
 pub mod duration;
+pub mod events;
 pub mod metrics;
 pub mod policy;
 pub mod secret;

@@ -79,6 +79,18 @@ async fn a_writer_fighting_over_the_token_cannot_make_the_operator_loop() {
     .await;
     assert!(d.ready_condition().unwrap().message.contains("TokenChanged"));
 
+    // The repairs' Warnings are one Event, a series counting them, not one object per repair.
+    let repairs = issued(&op, "TokenChanged");
+    let warnings: Vec<_> = env
+        .events_for("acme")
+        .await
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("TokenChanged"))
+        .map(|e| e.series.map(|s| s.count).unwrap_or(1))
+        .collect();
+    assert_eq!(warnings.len(), 1, "one Event for {repairs} repairs: {warnings:?}");
+    assert_eq!(f64::from(warnings[0]), repairs, "the series counts every repair");
+
     // A requested rotation is never held back, even right after a repair.
     let before = env.token("acme-scim-token").await.unwrap();
     let (ok, _, err) = env.kubectl(&["annotate", "scimdir", "acme", "scim.tokenops.dev/rotate=now"]);

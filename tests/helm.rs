@@ -1131,9 +1131,8 @@ async fn operator_works_with_exactly_the_charts_rbac() {
             .find(|e| e.reason.as_deref() == Some("SecretConflict") && e.type_.as_deref() == Some("Warning"))
     })
     .await;
-    // kube's Recorder folds a repeat into a series with a merge patch of the Event; this operator's
-    // object references carry a resourceVersion, so repeats are rare, but the chart must allow it:
-    // the same patch, made with the operator's identity.
+    // A directory's repeated Event (same type and reason within 6 minutes) folds into a series with a
+    // merge patch of the Event (src/events.rs): the same patch, made with the operator's identity.
     let operator_events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(as_operator.clone(), &team_ns);
     let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(k8s_openapi::jiff::Timestamp::now());
     operator_events

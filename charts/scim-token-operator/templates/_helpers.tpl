@@ -77,7 +77,7 @@ Exactly the requests the operator makes (src/controller.rs):
 - No scimdirectories/finalizers: the Secret's ownerReference leaves blockOwnerDeletion unset, so the
   OwnerReferencesPermissionEnforcement admission plugin (OpenShift; the test control plane) asks for
   nothing more.
-- events.k8s.io Events: create, and patch (kube's Recorder folds repeats into a series).
+- events.k8s.io Events: create, and patch (a directory's repeated Event folds into a series).
 */}}
 {{- define "scim-token-operator.rules" -}}
 - apiGroups: ["scim.tokenops.dev"]
