@@ -102,14 +102,21 @@ pub(crate) fn terms(writes: &[Write]) -> Vec<Term> {
 /// Pairs of processes whose write intervals overlap: a process that started writing while another
 /// one still wrote (a request received after the next leader's first). Each process leads at most
 /// once (losing the Lease stops it), so its writes must lie in one interval disjoint from the others.
-pub(crate) fn overlaps(terms: &[Term]) -> Vec<String> {
+pub(crate) fn overlaps(terms: &[Term], writes: &[Write]) -> Vec<String> {
     let mut out = Vec::new();
     for (i, a) in terms.iter().enumerate() {
         for b in &terms[i + 1..] {
             if b.first <= a.last {
+                // The earlier process's writes from the moment the later one began.
+                let late: Vec<String> = writes
+                    .iter()
+                    .filter(|w| w.user == a.user && w.resource != "leases" && w.at >= b.first)
+                    .take(5)
+                    .map(|w| format!("{} {} {}/{}", w.at, w.verb, w.resource, w.name))
+                    .collect();
                 out.push(format!(
-                    "{} wrote {} .. {} and {} wrote {} .. {}",
-                    a.user, a.first, a.last, b.user, b.first, b.last
+                    "{} wrote {} .. {} and {} wrote {} .. {}; {}'s writes since: {late:?}",
+                    a.user, a.first, a.last, b.user, b.first, b.last, a.user
                 ));
             }
         }
@@ -174,13 +181,13 @@ mod tests {
             event("chaos-op-b-1", "2026-01-01T00:00:01.500Z", "leases", "l", 200),
             event("chaos-op-b-1", "2026-01-01T00:00:03Z", "secrets", "s", 200),
         ]);
-        assert!(overlaps(&terms(&ok)).is_empty());
+        assert!(overlaps(&terms(&ok), &ok).is_empty());
         let bad = parsed(&[
             event("chaos-op-a-1", "2026-01-01T00:00:01Z", "secrets", "s", 200),
             event("chaos-op-b-1", "2026-01-01T00:00:02Z", "scimdirectories", "d", 200),
             event("chaos-op-a-1", "2026-01-01T00:00:03Z", "secrets", "s", 200),
         ]);
-        assert_eq!(overlaps(&terms(&bad)).len(), 1);
+        assert_eq!(overlaps(&terms(&bad), &bad).len(), 1);
     }
 
     #[test]

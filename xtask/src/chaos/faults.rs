@@ -19,11 +19,13 @@ pub(crate) struct Outcome {
     pub(crate) at: Duration,
     /// For leader kills and pauses: signal to a new leader.
     pub(crate) failover: Option<Duration>,
+    /// Whether the other replica took over (else the killed one, restarted, took its Lease back).
+    pub(crate) by_standby: bool,
     pub(crate) note: String,
 }
 
 pub(crate) async fn inject(cp: &ControlPlane, replicas: &Replicas, fault: Fault, phase: Instant) -> Result<Outcome> {
-    let mut outcome = Outcome { fault, at: Duration::ZERO, failover: None, note: String::new() };
+    let mut outcome = Outcome { fault, at: Duration::ZERO, failover: None, by_standby: false, note: String::new() };
     match fault {
         Fault::KillLeader { restart_after } => {
             let (leader, inc) = wait_leader(replicas).await?;
@@ -31,8 +33,10 @@ pub(crate) async fn inject(cp: &ControlPlane, replicas: &Replicas, fault: Fault,
             let killed = Instant::now();
             leader.kill(&inc, restart_after);
             let next = replicas.new_leader(inc.pid, WAIT_FOR_ROLES).await?;
-            outcome.failover = Some(killed.elapsed());
-            outcome.note = format!("{} killed; {} took over", inc.user, next.user);
+            let failover = killed.elapsed();
+            outcome.failover = Some(failover);
+            outcome.by_standby = slot_of(&next.user) != slot_of(&inc.user);
+            outcome.note = format!("{} killed; {} took over after {:.1}s", inc.user, next.user, failover.as_secs_f64());
         }
         Fault::KillStandby { restart_after } => {
             let ((leader, _), standby) = replicas.leader_and_standby(WAIT_FOR_ROLES).await?;
@@ -106,4 +110,9 @@ async fn wait_leader(
         anyhow::ensure!(Instant::now() < deadline, "no leader within {WAIT_FOR_ROLES:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The replica ("a" or "b") of a process's user name (`chaos-op-<replica>-<n>`).
+fn slot_of(user: &str) -> Option<char> {
+    user.strip_prefix(super::replicas::USER_PREFIX)?.chars().next()
 }

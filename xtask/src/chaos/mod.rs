@@ -130,7 +130,8 @@ pub(crate) struct Report {
     pub(crate) secret_writes: usize,
     pub(crate) tokens_seen: usize,
     pub(crate) wall: Duration,
-    pub(crate) tmp: PathBuf,
+    /// Where the logs and the audit log were copied.
+    pub(crate) evidence: PathBuf,
 }
 
 impl Report {
@@ -241,11 +242,26 @@ impl Report {
             secs(verdict::percentile(&failovers, 0.5)),
             secs(verdict::percentile(&failovers, 1.0))
         );
+        for by_standby in [false, true] {
+            let split: Vec<Duration> = self
+                .outcomes
+                .iter()
+                .filter(|x| matches!(x.fault, Fault::KillLeader { .. }) && x.by_standby == by_standby)
+                .filter_map(|x| x.failover)
+                .collect();
+            println!(
+                "| … taken over by {}, p50 / max ({}) | {} / {} |",
+                if by_standby { "the standby (Lease expiry)" } else { "the restarted replica (same identity)" },
+                split.len(),
+                secs(verdict::percentile(&split, 0.5)),
+                secs(verdict::percentile(&split, 1.0))
+            );
+        }
         for x in self.outcomes.iter().filter(|x| matches!(x.fault, Fault::PauseLeader { .. })) {
             println!("| takeover during a leader pause | {} ({}) |", secs(x.failover), x.note);
         }
         println!("| wall time | {:.0} s |", self.wall.as_secs_f64());
-        println!("\nlogs, audit log and etcd data: {}", self.tmp.display());
+        println!("\nlogs and audit log: {}", self.evidence.display());
     }
 }
 
@@ -268,13 +284,39 @@ pub(crate) async fn run(o: &Options, operator_bin: &Path) -> anyhow::Result<Repo
         })
         .await?,
     ));
-    let result = run_on(o, operator_bin, cp, &steps, started).await;
-    // The plane was leaked to give the replicas' supervisors a 'static reference; its processes die
-    // with this process (PR_SET_PDEATHSIG). Keep its directory: the logs are the evidence.
-    if let Ok(report) = &result {
-        eprintln!("chaos: control plane files in {}", report.tmp.display());
+    // The plane is leaked to give the replicas' supervisors a 'static reference; its processes die
+    // with this process (PR_SET_PDEATHSIG), and the next control plane started on this machine
+    // removes its directory. The logs are the evidence: they are copied out first.
+    let mut result = run_on(o, operator_bin, cp, &steps, started).await;
+    let evidence = keep_evidence(cp, o.seed);
+    match (&mut result, evidence) {
+        (Ok(report), Ok(dir)) => report.evidence = dir,
+        (_, Ok(dir)) => eprintln!("chaos: logs and audit log kept in {}", dir.display()),
+        (_, Err(e)) => eprintln!("chaos: could not keep the logs: {e:#}"),
     }
     result
+}
+
+/// Copies the logs and the audit log to `<target>/chaos/seed-<seed>-<unix time>/`.
+fn keep_evidence(cp: &ControlPlane, seed: u64) -> anyhow::Result<PathBuf> {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| envtest::workspace_root().join("target"));
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+    let dir = target.join("chaos").join(format!("seed-{seed}-{now}"));
+    std::fs::create_dir_all(dir.join("operators"))?;
+    let mut files: Vec<PathBuf> =
+        [cp.apiserver_log_path(), cp.etcd_log_path(), cp.controller_manager_log_path()].map(Path::to_path_buf).into();
+    files.extend(cp.audit_log_path().map(Path::to_path_buf));
+    for file in files {
+        if let Some(name) = file.file_name() {
+            std::fs::copy(&file, dir.join(name)).with_context(|| format!("copying {}", file.display()))?;
+        }
+    }
+    for entry in std::fs::read_dir(cp.tmp_dir().join("operators"))?.flatten() {
+        std::fs::copy(entry.path(), dir.join("operators").join(entry.file_name()))?;
+    }
+    Ok(dir)
 }
 
 async fn run_on(
@@ -381,7 +423,7 @@ async fn run_on(
         requested,
         torn,
         watch_gaps,
-        overlaps: audit::overlaps(&terms),
+        overlaps: audit::overlaps(&terms, &writes),
         foreign_writes: audit::foreign_secret_writes(&writes, &token_secrets),
         foreign_changed: foreign_changed(&admin, &ns, &foreign).await?,
         leaks,
@@ -391,7 +433,7 @@ async fn run_on(
         tokens_seen,
         tokens,
         wall: started.elapsed(),
-        tmp: cp.tmp_dir().to_path_buf(),
+        evidence: cp.tmp_dir().to_path_buf(),
     })
 }
 

@@ -90,11 +90,16 @@ impl Workload {
         let mut rng = Rng::fork(self.seed, index);
         let targets = self.pick_rotations(rotations, &mut rng);
         let racers = creates.start..creates.start + racing.min(creates.len());
-        let mut work: Vec<(usize, Option<bool>, bool)> = Vec::new(); // (directory, rotation kind, create)
-        for i in creates {
-            work.push((i, racers.contains(&i).then(|| rng.chance(50)), true));
+        // (directory, rotation patch, create first)
+        let mut work: Vec<(usize, Option<serde_json::Value>, bool)> = Vec::new();
+        {
+            let mut dirs = self.dirs.lock().expect("poisoned");
+            for i in creates {
+                let race = racers.contains(&i).then(|| self.plan(&mut dirs, i, rng.chance(50), true));
+                work.push((i, race, true));
+            }
         }
-        work.extend(targets.into_iter().map(|(i, declarative)| (i, Some(declarative), false)));
+        work.extend(targets.into_iter().map(|(i, patch)| (i, Some(patch), false)));
         // Interleave creates and rotations over the window.
         for k in (1..work.len()).rev() {
             work.swap(k, rng.below(k as u64 + 1) as usize);
@@ -107,8 +112,8 @@ impl Workload {
                 if create {
                     this.create(i).await?;
                 }
-                if let Some(declarative) = rotation {
-                    this.rotate(i, declarative, create).await?;
+                if let Some(patch) = rotation {
+                    this.send(i, &patch).await?;
                 }
                 anyhow::Ok(())
             }
@@ -120,27 +125,30 @@ impl Workload {
 
     /// Picks up to `count` (plus any owed) directories that serve their latest request and may be
     /// rotated again; what cannot be placed is owed to the next wave.
-    fn pick_rotations(&self, count: usize, rng: &mut Rng) -> Vec<(usize, bool)> {
+    fn pick_rotations(&self, count: usize, rng: &mut Rng) -> Vec<(usize, serde_json::Value)> {
         let wanted = {
             let mut owed = self.owed.lock().expect("poisoned");
             std::mem::take(&mut *owed) + count
         };
         let picked = {
-            let dirs = self.dirs.lock().expect("poisoned");
-            let observed = self.observed.lock().expect("poisoned");
-            let mut eligible: Vec<usize> = (0..dirs.len())
-                .filter(|&i| {
-                    let d = &dirs[i];
-                    d.created
-                        && !d.racing
-                        && d.rotations() < MAX_ROTATIONS
-                        && observed.serves(&secret_name(i), &d.record())
-                })
-                .collect();
+            let mut dirs = self.dirs.lock().expect("poisoned");
+            let mut eligible: Vec<usize> = {
+                let observed = self.observed.lock().expect("poisoned");
+                (0..dirs.len())
+                    .filter(|&i| {
+                        let d = &dirs[i];
+                        d.created
+                            && !d.racing
+                            && d.rotations() < MAX_ROTATIONS
+                            && observed.serves(&secret_name(i), &d.record())
+                    })
+                    .collect()
+            };
             let mut picked = Vec::new();
             while picked.len() < wanted && !eligible.is_empty() {
-                let at = rng.below(eligible.len() as u64) as usize;
-                picked.push((eligible.swap_remove(at), rng.chance(50)));
+                let i = eligible.swap_remove(rng.below(eligible.len() as u64) as usize);
+                let declarative = rng.chance(50);
+                picked.push((i, self.plan(&mut dirs, i, declarative, false)));
             }
             picked
         };
@@ -161,7 +169,10 @@ impl Workload {
             let targets = self.pick_rotations(0, &mut rng);
             placed += targets.len();
             let results = stream::iter(targets)
-                .map(|(i, declarative)| self.rotate(i, declarative, false))
+                .map(|(i, patch)| {
+                    let this = self.clone();
+                    async move { this.send(i, &patch).await }
+                })
                 .buffer_unordered(CONCURRENCY)
                 .collect::<Vec<_>>()
                 .await;
@@ -192,26 +203,29 @@ impl Workload {
         Ok(())
     }
 
-    async fn rotate(&self, i: usize, declarative: bool, racing: bool) -> Result<()> {
-        let patch = {
-            let mut dirs = self.dirs.lock().expect("poisoned");
-            let mut requests = self.requests.lock().expect("poisoned");
-            *requests += 1;
-            let d = &mut dirs[i];
-            d.racing |= racing;
-            if declarative {
-                d.generation += 1;
-                d.declarative += 1;
-                json!({ "spec": { "rotationGeneration": d.generation } })
-            } else {
-                let value = format!("chaos-{}-{}", self.seed, *requests);
-                d.request = Some(value.clone());
-                d.imperative += 1;
-                json!({ "metadata": { "annotations": { ROTATE_ANNOTATION: value } } })
-            }
-        };
+    /// Records a rotation of directory `i` as asked and returns the patch that asks it. Recorded
+    /// when planned, not when sent, so that a directory with a rotation on its way is not picked
+    /// again (two requests before the operator acts on the first are served by one token, rightly).
+    fn plan(&self, dirs: &mut [Dir], i: usize, declarative: bool, racing: bool) -> serde_json::Value {
+        let mut requests = self.requests.lock().expect("poisoned");
+        *requests += 1;
+        let d = &mut dirs[i];
+        d.racing |= racing;
+        if declarative {
+            d.generation += 1;
+            d.declarative += 1;
+            json!({ "spec": { "rotationGeneration": d.generation } })
+        } else {
+            let value = format!("chaos-{}-{}", self.seed, *requests);
+            d.request = Some(value.clone());
+            d.imperative += 1;
+            json!({ "metadata": { "annotations": { ROTATE_ANNOTATION: value } } })
+        }
+    }
+
+    async fn send(&self, i: usize, patch: &serde_json::Value) -> Result<()> {
         retry(&format!("rotate {}", name(i)), || async {
-            self.api.patch(&name(i), &PatchParams::default(), &Patch::Merge(&patch)).await.map(|_| ())
+            self.api.patch(&name(i), &PatchParams::default(), &Patch::Merge(patch)).await.map(|_| ())
         })
         .await
     }
