@@ -11,6 +11,16 @@
 //! RBAC is enforced, but nothing else reconciles them (pods never start, namespaces never finish
 //! terminating).
 //!
+//! For fault injection, [`ControlPlane::start_with`] adds an audit log and kube-apiserver flags,
+//! [`ControlPlane::restart_apiserver`] and [`ControlPlane::restart_etcd`] SIGKILL a component and start
+//! it again in place (same ports, data directory, certificates and flags), and
+//! [`ControlPlane::user_kubeconfig`] gives each client its own certificate, so the audit log names it.
+//!
+//! Layout: `assets` (where the binaries come from), `certificates` (the PKI), `kubeconfig`,
+//! `processes` (children that die with the test process, readiness waits), `crds`, and
+//! `control_plane/` (`start`, `components` for etcd's and kube-apiserver's commands, `restart`,
+//! `shared`, `tools` for clients, kubectl and helm).
+//!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
 //! let cp = scim_envtest::ControlPlane::shared();
