@@ -441,7 +441,12 @@ fn check_verifier(objects: &[Value], namespace: &str, service_account: &str, wat
     assert_eq!(container["securityContext"], operator["spec"]["template"]["spec"]["containers"][0]["securityContext"]);
     assert_eq!(pod["securityContext"], operator["spec"]["template"]["spec"]["securityContext"]);
     assert_eq!(container["livenessProbe"]["httpGet"]["port"], "http-metrics");
-    assert_eq!(container["readinessProbe"]["httpGet"]["port"], "http-metrics");
+    // Readiness: the gRPC health service on the `grpc` container port (a grpc probe takes a number),
+    // asking for the server's overall status (no `service`: ""), which the verifier turns SERVING with
+    // its index; `cargo xtask bench-verify --check` asserts that it does.
+    let grpc_port = container["ports"].as_array().unwrap().iter().find(|p| p["name"] == "grpc").unwrap();
+    assert_eq!(container["readinessProbe"]["grpc"], json!({ "port": grpc_port["containerPort"] }));
+    assert!(container["readinessProbe"]["httpGet"].is_null(), "one handler per probe");
     assert_eq!(container["lifecycle"]["preStop"]["sleep"]["seconds"], 5);
     assert_eq!(
         container["ports"],
@@ -542,7 +547,10 @@ fn check_deployment(deployment: &Value, watch_namespace: Option<&str>) {
     assert_eq!(security["allowPrivilegeEscalation"], false);
     assert_eq!(security["capabilities"]["drop"], json!(["ALL"]));
     assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
-    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    // The operator is ready on /readyz; the verifier on gRPC health (check_verifier).
+    if deployment["metadata"]["labels"]["app.kubernetes.io/component"] != "verifier" {
+        assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    }
     assert!(
         container["resources"]["requests"]["memory"].is_string()
             && container["resources"]["limits"]["memory"].is_string()
