@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Prints the path of the oha (HTTP load generator) that `cargo xtask bench-verify` runs, building a
-# pinned one into the cache on first use:
+# Prints the path of the oha (HTTP load generator) that `cargo xtask bench-verify` runs for the HTTP
+# endpoint's published numbers (not in `--check`: the test command uses the benchmark's own
+# verify-load instead, so it never builds oha), building a pinned one into the cache on first use:
 #   SCIM_BENCH_OHA=/path/to/oha -> that one (it must support --output-format json);
 #   else the pinned version in the cache, if complete;
 #   else `cargo install --locked oha@VERSION` from crates.io into the cache (minutes of compiling on

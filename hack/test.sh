@@ -28,6 +28,9 @@ cargo xtask demo --once
 # A small benchmark run keeps `cargo xtask bench` from rotting; it asserts correctness (all Ready, one
 # status write per directory, zero writes while idle and across a restart), never time.
 cargo xtask bench --n 50 --runs 1 --idle-secs 10 --rotations 10 --check
+# The same for `cargo xtask bench-verify`: every token over HTTP and gRPC, every load run's answers, gRPC
+# health, rotations seen over both protocols; its own load generator (no oha to build).
+cargo xtask bench-verify --n 50 --load-secs 2 --rounds 1 --rotations 5 --check
 
 # One closing line for the whole suite (cargo's last "test result" is an empty doc-test target).
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$results"
