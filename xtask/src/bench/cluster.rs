@@ -197,8 +197,12 @@ where
 /// Write requests the API server has served, by resource (`resource` or `resource/subresource`), from
 /// its own `apiserver_request_total`: what a controller claims about its writes is not evidence.
 pub(crate) async fn write_counts(client: &kube::Client) -> anyhow::Result<BTreeMap<String, f64>> {
-    let req = http::Request::get("/metrics").body(Vec::new())?;
-    let text = client.request_text(req).await?;
+    let text = retrying(|| async {
+        let req = http::Request::get("/metrics").body(Vec::new()).expect("a valid request");
+        client.request_text(req).await
+    })
+    .await
+    .context("reading the API server's /metrics")?;
     let mut out = BTreeMap::new();
     for line in text.lines().filter(|l| l.starts_with("apiserver_request_total{")) {
         let labels = &line[line.find('{').unwrap() + 1..line.rfind('}').unwrap_or(line.len())];

@@ -59,13 +59,21 @@ impl Eso {
         if !applied.status.success() {
             bail!("installing ESO's CRDs failed: {}", String::from_utf8_lossy(&applied.stderr));
         }
-        let waited = cp
-            .kubectl()
-            .args(["wait", "--for=condition=Established", "--timeout=60s"])
-            .args(["crd/externalsecrets.external-secrets.io", "crd/passwords.generators.external-secrets.io"])
-            .output()?;
-        if !waited.status.success() {
-            bail!("ESO's CRDs did not become established: {}", String::from_utf8_lossy(&waited.stderr));
+        // `kubectl wait` fails at once on a CRD that has no conditions yet: ask again until Established.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let waited = cp
+                .kubectl()
+                .args(["wait", "--for=condition=Established", "--timeout=10s"])
+                .args(["crd/externalsecrets.external-secrets.io", "crd/passwords.generators.external-secrets.io"])
+                .output()?;
+            if waited.status.success() {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("ESO's CRDs did not become established: {}", String::from_utf8_lossy(&waited.stderr));
+            }
+            std::thread::sleep(Duration::from_millis(500));
         }
         Ok(Eso { binary: dir.join("external-secrets") })
     }

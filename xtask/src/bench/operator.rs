@@ -39,8 +39,8 @@ pub(crate) async fn run(
         create_directories(&dirs, o.n, o.client_concurrency),
         wait_all_ready(&dirs, o.n, ready_timeout(o.n))
     );
-    created?;
-    ready?;
+    created.context("creating the directories")?;
+    ready.context("waiting for all Ready")?;
     let issuance = started.elapsed();
     settle().await;
     let writes = cluster::diff(&before, &cluster::write_counts(&client).await?);
@@ -62,7 +62,7 @@ pub(crate) async fn run(
         crate::terminate(&mut operator.0);
         operator = start_operator(cp, bin, ns, log, &o.operator_args)?;
         wait_leader(&operator.1).await?;
-        cluster::wait_reconciled(operator.1, RECONCILED_METRIC, o.n).await?;
+        cluster::wait_reconciled(operator.1, RECONCILED_METRIC, o.n).await.context("the restarted operator")?;
         tokio::time::sleep(o.idle.min(Duration::from_secs(30))).await;
         let restart = cluster::diff(&before, &cluster::write_counts(&client).await?);
         quiet = Some(Steady { idle, restart, restart_peak_rss_kib: cluster::peak_rss_kib(operator.0.id()) });
