@@ -1,5 +1,6 @@
-//! The honest floor: a plain client doing, per directory and at the benchmark's concurrency, exactly
-//! the writes the job needs and nothing else: create the directory, create its Secret (the operator's
+//! The honest floor: a plain client doing, per directory, exactly the writes the job needs and nothing
+//! else, with as many requests in flight as the operator's run (the benchmark's creates plus the
+//! operator's reconciles): create the directory, create its Secret (the operator's
 //! own objects: token, issue record, labels, owner reference), apply its status (hash, times, Ready).
 //! Timed like the operator, from the first create until a watch has seen every directory Ready.
 

@@ -88,6 +88,21 @@ pub fn parse(args: &[String]) -> anyhow::Result<Options> {
     Ok(o)
 }
 
+impl Options {
+    /// The floor has as many requests in flight as the operator's run at most: the benchmark's
+    /// concurrent creates plus the operator's concurrent reconciles (`--concurrency`, 16 by default).
+    pub(crate) fn floor_concurrency(&self) -> usize {
+        let operator = self
+            .operator_args
+            .iter()
+            .position(|a| a == "--concurrency")
+            .and_then(|i| self.operator_args.get(i + 1)?.parse().ok())
+            .or_else(|| self.operator_args.iter().find_map(|a| a.strip_prefix("--concurrency=")?.parse().ok()))
+            .unwrap_or(16);
+        self.client_concurrency + operator
+    }
+}
+
 /// One thing being measured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Config {
@@ -205,7 +220,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
 
 async fn floor_sample(client: &kube::Client, ns: &str, o: &Options) -> anyhow::Result<Sample> {
     let before = cluster::write_counts(client).await?;
-    let issuance = floor::run(client, ns, o.n, o.client_concurrency).await?;
+    let issuance = floor::run(client, ns, o.n, o.floor_concurrency()).await?;
     settle().await;
     let writes = cluster::diff(&before, &cluster::write_counts(client).await?);
     Ok(Sample { issuance, writes, ..Sample::default() })
