@@ -240,7 +240,10 @@ async fn clean_up(client: &kube::Client, cp: &ControlPlane, config: Config, ns: 
             delete_all(&Api::<ScimDirectory>::namespaced(client.clone(), ns)).await;
         }
         Config::Eso(_) => {
-            let out = cp.kubectl().args(["delete", "externalsecrets,passwords", "--all", "-n", ns, "--wait=false"]).output()?;
+            let out = cp
+                .kubectl()
+                .args(["delete", "externalsecrets,passwords", "--all", "-n", ns, "--wait=false"])
+                .output()?;
             if !out.status.success() {
                 println!("    warning: cleaning up {ns}: {}", String::from_utf8_lossy(&out.stderr).trim());
             }
