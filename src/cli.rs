@@ -12,6 +12,7 @@ use tracing::{error, info, warn};
 
 use crate::api::ScimDirectory;
 use crate::controller::{self, FAILPOINT_ENV, Settings};
+use crate::leader::{Elector, Fence, LeaseSettings, Lost};
 use crate::metrics::Metrics;
 use crate::server::{self, Health};
 use crate::telemetry::{self, LogFormat};
@@ -62,6 +63,17 @@ pub struct RunArgs {
     pub leader_election: bool,
     #[arg(long, env = "LEADER_ELECTION_LEASE", default_value = "scim-token-operator")]
     pub lease_name: String,
+    /// How long a standby waits, after it last saw the Lease renewed, before it takes over (whole
+    /// seconds): a crashed leader is replaced after at most this long.
+    #[arg(long, env = "LEADER_ELECTION_LEASE_DURATION", default_value = "15s", value_parser = interval)]
+    pub lease_duration: std::time::Duration,
+    /// How long the leader goes on writing after its last confirmed Lease renewal; past it, it refuses
+    /// every write and stops. Shorter than --lease-duration: the difference covers writes in flight.
+    #[arg(long, env = "LEADER_ELECTION_RENEW_DEADLINE", default_value = "10s", value_parser = interval)]
+    pub renew_deadline: std::time::Duration,
+    /// How often the leader renews the Lease and a standby tries to take it.
+    #[arg(long, env = "LEADER_ELECTION_RETRY_PERIOD", default_value = "2s", value_parser = interval)]
+    pub retry_period: std::time::Duration,
     /// Namespace of the Lease (default: the pod's namespace, else "default").
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     pub lease_namespace: String,
@@ -150,35 +162,64 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let _ = stop_tx.send(true);
     });
 
-    let mut lease_channel = None;
-    let mut lease_task = None;
-    if args.leader_election {
-        let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &args.lease_name)
-            .with_namespace(&args.lease_namespace)
-            .with_identity(&identity)
-            .with_duration(15)
-            .with_grace(5)
-            .build()
-            .await?;
-        let (mut leader, task) = manager.watch().await;
+    let (fence, elector) = if args.leader_election {
+        let settings = LeaseSettings {
+            name: args.lease_name.clone(),
+            namespace: args.lease_namespace.clone(),
+            identity: identity.clone(),
+            lease_duration: args.lease_duration,
+            renew_deadline: args.renew_deadline,
+            retry_period: args.retry_period,
+        };
+        settings.validate().map_err(anyhow::Error::msg)?;
+        let fence = Fence::new(args.renew_deadline);
+        // Its own client: Lease renewals must not queue behind a burst of the controller's requests.
+        let mut elector = Elector::new(self::client(4).await?, settings, fence.clone());
         info!(lease = %args.lease_name, namespace = %args.lease_namespace, %identity, "waiting for leadership");
         // A standby replica is healthy and ready: it serves nothing but must not be restarted.
         ready.store(true, std::sync::atomic::Ordering::SeqCst);
         let mut stop = stop_rx.clone();
-        loop {
-            if *leader.borrow_and_update() {
-                break;
-            }
-            tokio::select! {
-                changed = leader.changed() => changed?,
-                _ = stop.wait_for(|s| *s) => return Ok(()),
-            }
+        tokio::select! {
+            _ = elector.acquire() => {}
+            _ = stop.wait_for(|s| *s) => return Ok(()),
         }
         ready.store(false, std::sync::atomic::Ordering::SeqCst);
         info!(%identity, "acquired leadership");
-        lease_channel = Some(leader);
-        lease_task = Some(task);
-    }
+        (fence, Some(elector))
+    } else {
+        (Fence::open(), None)
+    };
+
+    // The leader renews its Lease until told to release it (after a graceful stop) or until it loses
+    // it; then `lost` fires and the controller is dropped at once, in-flight reconciliations included.
+    let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+    let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<Lost>();
+    let keeper = elector.map(|mut elector| {
+        tokio::spawn(async move {
+            tokio::select! {
+                lost = elector.keep() => {
+                    error!(reason = %lost, "lost leadership; aborting in-flight reconciliations so that two replicas never write at once");
+                    let _ = lost_tx.send(lost);
+                }
+                _ = release_rx => {
+                    // Closing the fence before the Lease is released: a standby may write right after.
+                    if let Err(e) = elector.release().await {
+                        warn!(error = %e, "could not release the lease");
+                    }
+                }
+            }
+        })
+    });
+    let lost_leadership = Arc::new(AtomicBool::new(false));
+    let lost = lost_leadership.clone();
+    let abort = async move {
+        match lost_rx.await {
+            Ok(_) => lost.store(true, std::sync::atomic::Ordering::SeqCst),
+            // The keeper ended without losing (it released the Lease after a graceful stop) or there
+            // is none: nothing to abort.
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
 
     let namespaces = dedup(&args.namespaces);
     info!(?namespaces, concurrency = args.concurrency, "starting controller");
@@ -188,40 +229,21 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         failpoint: std::env::var(FAILPOINT_ENV).ok().filter(|v| !v.is_empty()),
         instance: identity,
         min_issue_interval: args.min_issue_interval,
+        fence,
     };
     let mut stop = stop_rx.clone();
-    let mut leader = lease_channel.clone();
-    let lost_leadership = Arc::new(AtomicBool::new(false));
-    let lost = lost_leadership.clone();
     let shutdown = async move {
-        tokio::select! {
-            _ = stop.wait_for(|s| *s) => {}
-            _ = async {
-                match leader.as_mut() {
-                    Some(l) => { let _ = l.wait_for(|is_leader| !*is_leader).await; }
-                    None => std::future::pending::<()>().await,
-                }
-            } => {
-                lost.store(true, std::sync::atomic::Ordering::SeqCst);
-                error!("lost leadership; stopping so that two replicas never write at once");
-            }
-        }
+        let _ = stop.wait_for(|s| *s).await;
     };
     metrics.leader.set(1);
-    controller::run(client, settings, metrics, ready, shutdown).await;
+    controller::run(client, settings, metrics.clone(), ready, shutdown, abort).await;
+    metrics.leader.set(0);
     server.abort();
-    // Closing the channel makes the lease manager release the Lease, so a standby takes over at once.
-    drop(lease_channel);
-    if let Some(task) = lease_task {
-        match task.await {
-            Ok(Ok(manager)) => {
-                if let Err(e) = manager.release().await {
-                    warn!(error = %e, "could not release the lease");
-                }
-            }
-            Ok(Err(e)) => warn!(error = %e, "lease manager failed"),
-            Err(e) => warn!(error = %e, "lease manager task panicked"),
-        }
+    let _ = release_tx.send(());
+    if let Some(keeper) = keeper
+        && let Err(e) = keeper.await
+    {
+        warn!(error = %e, "the lease task panicked");
     }
     if lost_leadership.load(std::sync::atomic::Ordering::SeqCst) {
         anyhow::bail!("lost leadership");

@@ -20,6 +20,7 @@ use tracing::{debug, info, warn};
 
 use crate::api::{END_OVERLAP_ANNOTATION, ScimDirectory, ScimDirectoryStatus};
 use crate::events::{EventType, Publisher};
+use crate::leader::{Fence, Fenced};
 use crate::metrics::{DirectoryLabels, ErrorLabels, Metrics, ReasonLabels, ScopeLabels};
 use crate::policy::{self, Decision, Desired, IssueReason, IssueRecord, SecretState};
 use crate::secret::{self, ObservedSecret};
@@ -47,6 +48,13 @@ pub enum Error {
     CacheNotReady,
     #[error("ScimDirectory has no namespace")]
     NotNamespaced,
+    /// This replica may no longer be the leader: nothing is written, nothing retried (it is stopping).
+    #[error("write refused: {0}")]
+    Fenced(#[from] Fenced),
+    /// The Secret read from the API server is newer than the cached directory: decide again on the
+    /// directory as read now.
+    #[error("the cached ScimDirectory is older than the Secret read from the API server")]
+    StaleDirectory(Box<ScimDirectory>),
 }
 
 impl Error {
@@ -58,6 +66,8 @@ impl Error {
             Error::SecretWriteRefused(_) => "secret_write_refused",
             Error::CacheNotReady => "cache_not_ready",
             Error::NotNamespaced => "not_namespaced",
+            Error::Fenced(_) => "fenced",
+            Error::StaleDirectory(_) => "stale_directory",
         }
     }
 }
@@ -76,6 +86,8 @@ pub struct Settings {
     pub instance: String,
     /// Shortest time between two automatic issues (renewals, repairs) for one directory.
     pub min_issue_interval: Duration,
+    /// Checked right before every write: closed once this replica may no longer be the leader.
+    pub fence: Fence,
 }
 
 /// Shared state of all reconciliations.
@@ -86,6 +98,7 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub failpoint: Option<String>,
     pub min_issue_interval: SignedDuration,
+    pub fence: Fence,
     /// Becomes true once the Secret cache holds its initial list. Reconciles wait on this channel rather
     /// than on `Store::wait_until_ready` directly: several tasks awaiting that at once were observed to
     /// wake only the first (found by the end-to-end suite with three directories at startup).
@@ -178,15 +191,18 @@ fn directory_trigger(dir: &ScimDirectory) -> Option<u64> {
     Some(h.finish())
 }
 
-/// Runs the controller until `shutdown` resolves: one controller over all namespaces, or one per
-/// watched namespace (each with its own namespaced watches and caches, so the operator needs no
-/// cluster-wide permission on Secrets). `ready` turns true once every cache holds its initial list.
+/// Runs the controller until `shutdown` resolves (in-flight reconciliations finish) or `abort` does
+/// (they are dropped where they stand: a replica that lost its Lease must not finish work). One
+/// controller over all namespaces, or one per watched namespace (each with its own namespaced watches
+/// and caches, so the operator needs no cluster-wide permission on Secrets). `ready` turns true once
+/// every cache holds its initial list.
 pub async fn run(
     client: Client,
     settings: Settings,
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+    abort: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
     let scopes: Vec<Option<&str>> = if settings.namespaces.is_empty() {
         vec![None]
@@ -200,10 +216,13 @@ pub async fn run(
             ready.store(true, Ordering::SeqCst);
         }
     };
-    futures::future::join_all(scopes.into_iter().map(|scope| {
+    let scopes = futures::future::join_all(scopes.into_iter().map(|scope| {
         run_scope(client.clone(), scope, &settings, metrics.clone(), on_synced.clone(), shutdown.clone())
-    }))
-    .await;
+    }));
+    tokio::select! {
+        _ = scopes => {}
+        _ = abort => warn!("in-flight reconciliations aborted"),
+    }
 }
 
 /// One controller over `scope` (a namespace, or `None` for all of them).
@@ -249,6 +268,7 @@ async fn run_scope(
         events: Publisher::new(client, FIELD_MANAGER, &settings.instance),
         metrics,
         failpoint: settings.failpoint.clone(),
+        fence: settings.fence.clone(),
         min_issue_interval: SignedDuration::try_from(settings.min_issue_interval).unwrap_or(SignedDuration::MAX),
         secrets_synced,
         failures: Mutex::default(),
@@ -331,8 +351,17 @@ fn strip_directory_noise(d: &mut ScimDirectory) {
 
 pub async fn reconcile(dir: Arc<ScimDirectory>, ctx: Arc<Context>) -> Result<Action> {
     let started = Instant::now();
-    let dir = ctx.fresh(dir).await;
-    let result = reconcile_inner(&dir, &ctx).await;
+    let mut dir = ctx.fresh(dir).await;
+    let mut rounds = 0;
+    let result = loop {
+        match reconcile_inner(&dir, &ctx).await {
+            Err(Error::StaleDirectory(current)) if rounds < 2 => {
+                rounds += 1;
+                dir = Arc::new(*current);
+            }
+            other => break other,
+        }
+    };
     ctx.metrics.observe_reconcile(started.elapsed());
     if result.is_ok() {
         ctx.failures.lock().expect("poisoned").remove(&ObjectRef::from(dir.as_ref()));
@@ -342,6 +371,11 @@ pub async fn reconcile(dir: Arc<ScimDirectory>, ctx: Arc<Context>) -> Result<Act
 
 pub fn error_policy(dir: Arc<ScimDirectory>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconcile_errors.get_or_create(&ErrorLabels { error: error.metric_label().into() }).inc();
+    if let Error::Fenced(fenced) = error {
+        // Not a conflict to retry: this replica is stopping, the next leader reconciles everything.
+        tracing::error!(namespace = dir.namespace().unwrap_or_default(), name = dir.name_any(), error = %fenced, "write refused: no longer the leader");
+        return Action::await_change();
+    }
     let mut failures = ctx.failures.lock().expect("poisoned");
     let n = failures.entry(ObjectRef::from(dir.as_ref())).or_default();
     *n = n.saturating_add(1);
@@ -387,6 +421,11 @@ async fn reconcile_inner(dir: &ScimDirectory, ctx: &Context) -> Result<Action> {
             // label stripped, or someone else's), and then nothing is to be issued at all.
             confirmed = true;
             observed = look_up(ctx, dir, &secrets).await?;
+            if observed.is_some() {
+                // A Secret read afresh may record an issue for a newer spec than the cached directory
+                // shows: deciding on both would issue a token for a spec that no longer exists.
+                current_directory(ctx, dir).await?;
+            }
             continue;
         }
         let decision = policy::throttle(decision, &status_view, &state, now, ctx.min_issue_interval);
@@ -435,13 +474,14 @@ async fn reconcile_inner(dir: &ScimDirectory, ctx: &Context) -> Result<Action> {
                 let manifest = secret::desired_secret(dir, &token, &record);
                 let written = match &state {
                     SecretState::Missing => {
+                        ctx.fence.check()?;
                         match secrets.create(&post_params(), &secret::initial_secret(dir, &token, &record)).await {
                             // The template goes on with server-side apply, so that removing a key from it
                             // later removes it from the Secret. A crash in between leaves a Secret that
                             // already holds the token and its record: it is adopted, and the template
                             // applied then, as a metadata repair.
                             Ok(created) if secret::has_template(dir) => {
-                                apply_secret(&secrets, manifest, created.metadata.resource_version.clone()).await
+                                apply_secret(ctx, &secrets, manifest, created.metadata.resource_version.clone()).await
                             }
                             Ok(_) => Ok(()),
                             Err(kube::Error::Api(s)) if s.code == 409 => {
@@ -453,7 +493,7 @@ async fn reconcile_inner(dir: &ScimDirectory, ctx: &Context) -> Result<Action> {
                             Err(e) => Err(e.into()),
                         }
                     }
-                    _ => apply_secret(&secrets, manifest, resource_version(observed.as_ref())).await,
+                    _ => apply_secret(ctx, &secrets, manifest, resource_version(observed.as_ref())).await,
                 };
                 if let Err(error) = written {
                     return Err(report_write_failure(ctx, dir, error, &token, now).await);
@@ -520,7 +560,7 @@ async fn restore_metadata(
         )))
     })?;
     let manifest = secret::desired_secret(dir, &token, record);
-    match apply_secret(secrets, manifest, current.metadata.resource_version.clone()).await {
+    match apply_secret(ctx, secrets, manifest, current.metadata.resource_version.clone()).await {
         Ok(()) => Ok(()),
         Err(error) => Err(report_write_failure(ctx, dir, error, &token, now).await),
     }
@@ -576,6 +616,18 @@ async fn look_up(ctx: &Context, dir: &ScimDirectory, secrets: &Api<Secret>) -> R
     })
 }
 
+/// Fails with [`Error::StaleDirectory`] if the API server holds a newer version of `dir` than the cache.
+async fn current_directory(ctx: &Context, dir: &ScimDirectory) -> Result<()> {
+    let api: Api<ScimDirectory> = Api::namespaced(ctx.client.clone(), &dir.namespace().unwrap_or_default());
+    match api.get_opt(&dir.name_any()).await? {
+        Some(current) if current.metadata.resource_version != dir.metadata.resource_version => {
+            Err(Error::StaleDirectory(Box::new(current)))
+        }
+        // Deleted meanwhile: the Secret goes with it (garbage collection); a write would 404 or 409.
+        _ => Ok(()),
+    }
+}
+
 /// Writes the status for a token that stands and schedules the next wake-up (renewal or expiry).
 async fn finish(
     ctx: &Context,
@@ -614,12 +666,18 @@ fn post_params() -> PostParams {
 /// Server-side applies our complete Secret, guarded by the resourceVersion we decided on: a concurrent
 /// change (or a stale cache) makes the write fail with 409 instead of acting on outdated facts, which is
 /// what keeps one request from rotating twice.
-async fn apply_secret(api: &Api<Secret>, mut manifest: Secret, resource_version: Option<String>) -> Result<()> {
+async fn apply_secret(
+    ctx: &Context,
+    api: &Api<Secret>,
+    mut manifest: Secret,
+    resource_version: Option<String>,
+) -> Result<()> {
     manifest.metadata.resource_version = resource_version;
     let mut value = serde_json::to_value(&manifest).expect("a Secret serializes");
     value["apiVersion"] = json!("v1");
     value["kind"] = json!("Secret");
     let name = manifest.metadata.name.clone().unwrap_or_default();
+    ctx.fence.check()?;
     api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(value)).await?;
     Ok(())
 }
@@ -633,17 +691,22 @@ fn failpoint(ctx: &Context, name: &str) {
     }
 }
 
-/// Writes the status if it differs from the current one. Returns whether it wrote.
+/// Writes the status if it differs from the current one. Returns whether it wrote. Guarded by the
+/// resourceVersion the decision was made on: a status decided on a stale directory fails with 409.
 async fn write_status(ctx: &Context, dir: &ScimDirectory, status: ScimDirectoryStatus) -> Result<bool> {
     if dir.status.as_ref() == Some(&status) {
         return Ok(false);
     }
     let api: Api<ScimDirectory> = Api::namespaced(ctx.client.clone(), &dir.namespace().unwrap_or_default());
-    let patch = json!({
+    let mut patch = json!({
         "apiVersion": ScimDirectory::api_version(&()),
         "kind": ScimDirectory::kind(&()),
         "status": status,
     });
+    if let Some(version) = &dir.metadata.resource_version {
+        patch["metadata"] = json!({ "resourceVersion": version });
+    }
+    ctx.fence.check()?;
     let written =
         api.patch_status(&dir.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(patch)).await?;
     if let Some(replaced) = dir.metadata.resource_version.clone()
@@ -655,6 +718,10 @@ async fn write_status(ctx: &Context, dir: &ScimDirectory, status: ScimDirectoryS
 }
 
 async fn publish(ctx: &Context, dir: &ScimDirectory, type_: EventType, reason: &str, note: &str) {
+    if let Err(e) = ctx.fence.check() {
+        warn!(error = %e, reason, "Event not published: no longer the leader");
+        return;
+    }
     if let Err(e) = ctx.events.publish(dir, type_, reason, note).await {
         warn!(error = %e, "failed to publish event");
     }

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod controller;
 pub mod duration;
 pub mod events;
+pub mod leader;
 pub mod metrics;
 pub mod policy;
 pub mod secret;
