@@ -172,3 +172,24 @@ async fn the_verifier_authenticates_by_hash_and_follows_rotations() {
     }
     env.assert_log_clean().await;
 }
+
+/// A listen address that cannot be had stops the verifier with a message naming it: a verifier
+/// serving HTTP but not gRPC (or the reverse) would look alive to half of its proxies.
+#[tokio::test]
+async fn a_port_that_cannot_be_had_stops_the_verifier() {
+    let env = Env::new("verify-port").await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    for (flag, other) in [("--grpc-listen", "--listen"), ("--listen", "--grpc-listen")] {
+        let out = std::process::Command::new(support::BIN)
+            .args(["verify", "--namespace", &env.ns, "--metrics-addr", "127.0.0.1:0"])
+            .args([flag, &format!("127.0.0.1:{port}"), other, "127.0.0.1:0"])
+            .env("KUBECONFIG", env.cp.kubeconfig_path())
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .expect("run the verifier");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flag} on a taken port: the verifier must exit; {stderr}");
+        assert!(stderr.contains(&format!("cannot listen on {flag} 127.0.0.1:{port}")), "{stderr}");
+    }
+}

@@ -67,7 +67,9 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<()> {
     let encode = metrics.clone();
     let health = Health { encode: Arc::new(move || encode.encode()), ready: ready.clone() };
     let probes = tokio::spawn(server::serve(args.metrics_addr, health));
-    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on --listen {}: {e}", args.listen))?;
     info!(addr = %args.listen, "serving /verify");
     let app = http::router(verifier.clone());
     let endpoint =
@@ -79,11 +81,19 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<()> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_not_serving::<AuthorizationServer<grpc::GrpcVerifier>>().await;
     health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+    // Bound here, before anything is served: a port that cannot be had stops the verifier at once
+    // rather than leaving it running HTTP-only.
+    let grpc_listener = tokio::net::TcpListener::bind(args.grpc_listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on --grpc-listen {}: {e}", args.grpc_listen))?;
     info!(addr = %args.grpc_listen, "serving envoy.service.auth.v3.Authorization (gRPC)");
     let grpc_server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(AuthorizationServer::new(grpc))
-        .serve_with_shutdown(args.grpc_listen, crate::cli::shutdown_signal());
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(grpc_listener),
+            crate::cli::shutdown_signal(),
+        );
     let grpc_task = tokio::spawn(grpc_server);
     {
         // gRPC health follows readiness: SERVING once the index holds the initial list.
