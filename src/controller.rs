@@ -617,9 +617,12 @@ async fn look_up(ctx: &Context, dir: &ScimDirectory, secrets: &Api<Secret>) -> R
 }
 
 /// Fails with [`Error::StaleDirectory`] if the API server holds a newer version of `dir` than the cache.
+/// A list by name, not a get: the operator's RBAC grants list and watch on directories, not get, and a
+/// list without a resourceVersion is as fresh a read as a get.
 async fn current_directory(ctx: &Context, dir: &ScimDirectory) -> Result<()> {
     let api: Api<ScimDirectory> = Api::namespaced(ctx.client.clone(), &dir.namespace().unwrap_or_default());
-    match api.get_opt(&dir.name_any()).await? {
+    let by_name = kube::api::ListParams::default().fields(&format!("metadata.name={}", dir.name_any()));
+    match api.list(&by_name).await?.items.into_iter().next() {
         Some(current) if current.metadata.resource_version != dir.metadata.resource_version => {
             Err(Error::StaleDirectory(Box::new(current)))
         }
