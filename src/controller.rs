@@ -225,6 +225,48 @@ pub async fn run(
     }
 }
 
+/// The first complete list of each cache of a scope, seen on the watch streams (`InitDone`, after the
+/// reflector has stored the list): reconciles wait for the Secret cache, readiness for both. Not
+/// `Store::wait_until_ready`: with several waiters on one store (the controller runtime is one), only
+/// one was observed to wake, which left a new leader not ready for good.
+struct InitialLists {
+    secrets: AtomicBool,
+    directories: AtomicBool,
+    secrets_synced: tokio::sync::watch::Sender<bool>,
+    on_synced: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl InitialLists {
+    fn new(secrets_synced: tokio::sync::watch::Sender<bool>, on_synced: impl FnOnce() + Send + 'static) -> Self {
+        InitialLists {
+            secrets: AtomicBool::new(false),
+            directories: AtomicBool::new(false),
+            secrets_synced,
+            on_synced: Mutex::new(Some(Box::new(on_synced))),
+        }
+    }
+
+    fn secrets_listed(&self) {
+        self.secrets.store(true, Ordering::SeqCst);
+        self.secrets_synced.send_replace(true);
+        self.both_listed();
+    }
+
+    fn directories_listed(&self) {
+        self.directories.store(true, Ordering::SeqCst);
+        self.both_listed();
+    }
+
+    fn both_listed(&self) {
+        if self.secrets.load(Ordering::SeqCst) && self.directories.load(Ordering::SeqCst) {
+            let on_synced = self.on_synced.lock().expect("poisoned").take();
+            if let Some(on_synced) = on_synced {
+                on_synced();
+            }
+        }
+    }
+}
+
 /// One controller over `scope` (a namespace, or `None` for all of them).
 async fn run_scope(
     client: Client,
@@ -249,19 +291,24 @@ async fn run_scope(
     // `ObservedSecret`): anyone can put the label on a Secret of their own, of any size.
     let cached = metrics.cached_secrets.get_or_create(&ScopeLabels { scope: scope.unwrap_or_default().into() }).clone();
     let cache = secret_reader.clone();
+    let (synced_tx, secrets_synced) = tokio::sync::watch::channel(false);
+    let initial_lists = Arc::new(InitialLists::new(synced_tx, on_synced));
+    let lists = initial_lists.clone();
     let secret_stream =
         watcher(secrets_api, watcher::Config::default().labels(secret::MANAGED_SELECTOR).any_semantic())
             .default_backoff()
             .filter_map(|event| std::future::ready(only_directory_secrets(event)))
             .modify(strip_secret_noise)
             .reflect(secret_writer)
-            .inspect_ok(move |_| {
+            .inspect_ok(move |event| {
                 cached.set(i64::try_from(cache.len()).unwrap_or(i64::MAX));
+                if matches!(event, watcher::Event::InitDone) {
+                    lists.secrets_listed();
+                }
             })
             .touched_objects()
             .predicate_filter(predicates::resource_version, Default::default());
 
-    let (synced_tx, secrets_synced) = tokio::sync::watch::channel(false);
     let ctx = Arc::new(Context {
         client: client.clone(),
         secrets: secret_reader.clone(),
@@ -287,23 +334,14 @@ async fn run_scope(
         // backoff state here, so neither outlives it.
         .inspect_ok(move |event| match event {
             watcher::Event::Delete(dir) => forget.forget(&ObjectRef::from(dir)),
-            watcher::Event::InitDone => forget.prune(&cache),
+            watcher::Event::InitDone => {
+                forget.prune(&cache);
+                initial_lists.directories_listed();
+            }
             _ => {}
         })
         .applied_objects()
         .predicate_filter(directory_trigger, Default::default());
-
-    {
-        let (d, s) = (dir_reader.clone(), secret_reader.clone());
-        tokio::spawn(async move {
-            if s.wait_until_ready().await.is_ok() {
-                let _ = synced_tx.send(true);
-                if d.wait_until_ready().await.is_ok() {
-                    on_synced();
-                }
-            }
-        });
-    }
 
     Controller::for_stream(directory_stream, dir_reader)
         .owns_stream(secret_stream)
