@@ -15,7 +15,7 @@ use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, PostParams};
 use serde_json::json;
 
 use super::cluster::{self, directory_name, free_port, wait_ready};
-use super::{Options, Sample, Steady, ready_timeout, settle};
+use super::{Options, Sample, Steady, measure_issuance, ready_timeout, writes_during};
 
 /// How ESO is run: as a user gets it, or with concurrency and client limits matched to the operator's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -108,40 +108,31 @@ impl Eso {
         create_generator(&client, ns).await?;
         let mut eso = self.start(cp, settings, log)?;
         wait_started(eso.1).await?;
-        let start_rss = cluster::rss_kib(eso.0.id());
-
-        let before = cluster::write_counts(&client).await?;
-        let started = std::time::Instant::now();
-        let (created, synced) = tokio::join!(
+        let sample = measure_issuance(
+            &client,
+            eso.0.id(),
             create_external_secrets(&client, ns, o.n, o.client_concurrency),
-            wait_all_synced(&client, ns, o.n, ready_timeout(o.n))
-        );
-        created?;
-        synced?;
-        let issuance = started.elapsed();
-        settle().await;
-        let writes = cluster::diff(&before, &cluster::write_counts(&client).await?);
-        let sample = Sample {
-            issuance,
-            peak_rss_kib: Some(cluster::peak_rss_kib(eso.0.id())),
-            start_rss_kib: Some(start_rss),
-            writes,
-        };
+            wait_all_synced(&client, ns, o.n, ready_timeout(o.n)),
+        )
+        .await?;
 
         let mut quiet = None;
         if steady {
-            let before = cluster::write_counts(&client).await?;
             println!("    idle for {:?}", o.idle);
-            tokio::time::sleep(o.idle).await;
-            let idle = cluster::diff(&before, &cluster::write_counts(&client).await?);
-
-            let before = cluster::write_counts(&client).await?;
-            crate::terminate(&mut eso.0);
-            eso = self.start(cp, settings, log)?;
-            wait_started(eso.1).await?;
-            cluster::wait_reconciled(eso.1, RECONCILED_METRIC, o.n).await?;
-            tokio::time::sleep(o.idle.min(Duration::from_secs(30))).await;
-            let restart = cluster::diff(&before, &cluster::write_counts(&client).await?);
+            let ((), idle) = writes_during(&client, async {
+                tokio::time::sleep(o.idle).await;
+                Ok(())
+            })
+            .await?;
+            let ((), restart) = writes_during(&client, async {
+                crate::terminate(&mut eso.0);
+                eso = self.start(cp, settings, log)?;
+                wait_started(eso.1).await?;
+                cluster::wait_reconciled(eso.1, RECONCILED_METRIC, o.n).await?;
+                tokio::time::sleep(o.idle.min(Duration::from_secs(30))).await;
+                Ok(())
+            })
+            .await?;
             quiet = Some(Steady { idle, restart, restart_peak_rss_kib: cluster::peak_rss_kib(eso.0.id()) });
         }
         crate::terminate(&mut eso.0);

@@ -226,6 +226,38 @@ async fn floor_sample(client: &kube::Client, ns: &str, o: &Options) -> anyhow::R
     Ok(Sample { issuance, writes, ..Sample::default() })
 }
 
+/// Runs `work` and returns what it returned with the writes the API server served meanwhile.
+pub(crate) async fn writes_during<T>(
+    client: &kube::Client,
+    work: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<(T, BTreeMap<String, f64>)> {
+    let before = cluster::write_counts(client).await?;
+    let out = work.await?;
+    Ok((out, cluster::diff(&before, &cluster::write_counts(client).await?)))
+}
+
+/// Times a mass issuance (the benchmark's creates alongside a watch until all N are Ready), then
+/// counts its writes once in-flight work has settled. `pid` is the controller's process.
+pub(crate) async fn measure_issuance(
+    client: &kube::Client,
+    pid: u32,
+    create: impl std::future::Future<Output = anyhow::Result<()>>,
+    ready: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<Sample> {
+    let start_rss = cluster::rss_kib(pid);
+    let (issuance, writes) = writes_during(client, async {
+        let started = std::time::Instant::now();
+        let (created, ready) = tokio::join!(create, ready);
+        created.context("creating the objects")?;
+        ready.context("waiting for all Ready")?;
+        let issuance = started.elapsed();
+        settle().await;
+        Ok(issuance)
+    })
+    .await?;
+    Ok(Sample { issuance, peak_rss_kib: Some(cluster::peak_rss_kib(pid)), start_rss_kib: Some(start_rss), writes })
+}
+
 /// Lets in-flight work (Event series, trailing reconciles) finish before counting.
 pub(crate) async fn settle() {
     tokio::time::sleep(Duration::from_secs(5)).await;

@@ -14,7 +14,7 @@ use scim_token_operator::api::ScimDirectory;
 use serde_json::json;
 
 use super::cluster::{self, create_directories, directory_name, start_operator, wait_all_ready, wait_leader};
-use super::{Options, Sample, Steady, ready_timeout, settle};
+use super::{Options, Sample, Steady, measure_issuance, ready_timeout, writes_during};
 
 const RECONCILED_METRIC: &str = "scim_token_operator_reconcile_duration_seconds_count";
 
@@ -31,40 +31,31 @@ pub(crate) async fn run(
     let dirs: Api<ScimDirectory> = Api::namespaced(client.clone(), ns);
     let mut operator = start_operator(cp, bin, ns, log, &o.operator_args)?;
     wait_leader(&operator.1).await?;
-    let start_rss = cluster::rss_kib(operator.0.id());
-
-    let before = cluster::write_counts(&client).await?;
-    let started = Instant::now();
-    let (created, ready) = tokio::join!(
+    let sample = measure_issuance(
+        &client,
+        operator.0.id(),
         create_directories(&dirs, o.n, o.client_concurrency),
-        wait_all_ready(&dirs, o.n, ready_timeout(o.n))
-    );
-    created.context("creating the directories")?;
-    ready.context("waiting for all Ready")?;
-    let issuance = started.elapsed();
-    settle().await;
-    let writes = cluster::diff(&before, &cluster::write_counts(&client).await?);
-    let sample = Sample {
-        issuance,
-        peak_rss_kib: Some(cluster::peak_rss_kib(operator.0.id())),
-        start_rss_kib: Some(start_rss),
-        writes,
-    };
+        wait_all_ready(&dirs, o.n, ready_timeout(o.n)),
+    )
+    .await?;
 
     let mut quiet = None;
     if steady {
-        let before = cluster::write_counts(&client).await?;
         println!("    idle for {:?}", o.idle);
-        tokio::time::sleep(o.idle).await;
-        let idle = cluster::diff(&before, &cluster::write_counts(&client).await?);
-
-        let before = cluster::write_counts(&client).await?;
-        crate::terminate(&mut operator.0);
-        operator = start_operator(cp, bin, ns, log, &o.operator_args)?;
-        wait_leader(&operator.1).await?;
-        cluster::wait_reconciled(operator.1, RECONCILED_METRIC, o.n).await.context("the restarted operator")?;
-        tokio::time::sleep(o.idle.min(Duration::from_secs(30))).await;
-        let restart = cluster::diff(&before, &cluster::write_counts(&client).await?);
+        let ((), idle) = writes_during(&client, async {
+            tokio::time::sleep(o.idle).await;
+            Ok(())
+        })
+        .await?;
+        let ((), restart) = writes_during(&client, async {
+            crate::terminate(&mut operator.0);
+            operator = start_operator(cp, bin, ns, log, &o.operator_args)?;
+            wait_leader(&operator.1).await?;
+            cluster::wait_reconciled(operator.1, RECONCILED_METRIC, o.n).await.context("the restarted operator")?;
+            tokio::time::sleep(o.idle.min(Duration::from_secs(30))).await;
+            Ok(())
+        })
+        .await?;
         quiet = Some(Steady { idle, restart, restart_peak_rss_kib: cluster::peak_rss_kib(operator.0.id()) });
     }
 
