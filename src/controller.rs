@@ -23,7 +23,7 @@ use crate::events::{EventType, Publisher};
 use crate::leader::{Fence, Fenced};
 use crate::metrics::{DirectoryLabels, ErrorLabels, Metrics, ReasonLabels, ScopeLabels};
 use crate::policy::{self, Decision, Desired, IssueReason, IssueRecord, SecretState};
-use crate::secret::{self, ObservedSecret};
+use crate::secret::{self, ObservedSecret, SecretCache, SecretView};
 use crate::status;
 use crate::token::Token;
 
@@ -93,7 +93,7 @@ pub struct Settings {
 /// Shared state of all reconciliations.
 pub struct Context {
     pub client: Client,
-    pub secrets: Store<ObservedSecret>,
+    pub secrets: SecretCache,
     pub events: Publisher,
     pub metrics: Arc<Metrics>,
     pub failpoint: Option<String>,
@@ -166,15 +166,18 @@ impl Context {
 
     fn export_expiry(&self, dir: &ScimDirectory, expires_at: Option<Timestamp>) {
         let labels = DirectoryLabels { namespace: dir.namespace().unwrap_or_default(), name: dir.name_any() };
+        // Name and namespace only: `ObjectRef::from` also copies the UID and resourceVersion, which
+        // equality ignores and 10,000 entries would carry for nothing.
+        let key = ObjectRef::new(&labels.name).within(&labels.namespace);
         let mut exported = self.exported.lock().expect("poisoned");
         match expires_at {
             Some(at) => {
                 self.metrics.token_expiry.get_or_create(&labels).set(at.as_second());
-                exported.insert(ObjectRef::from(dir));
+                exported.insert(key);
             }
             None => {
                 self.metrics.token_expiry.remove(&labels);
-                exported.remove(&ObjectRef::from(dir));
+                exported.remove(&key);
             }
         }
     }
@@ -285,12 +288,12 @@ async fn run_scope(
     };
 
     let (dir_reader, dir_writer) = reflector::store();
-    let (secret_reader, secret_writer) = reflector::store();
     // Only Secrets carrying our label are watched, never every Secret of the cluster; of those, only
-    // the ones a directory controls are cached, and only as metadata and a token hash (see
-    // `ObservedSecret`): anyone can put the label on a Secret of their own, of any size.
+    // the ones a directory controls are cached, and only as what decisions read (a `SecretView`):
+    // anyone can put the label on a Secret of their own, of any size.
+    let secret_cache = SecretCache::default();
     let cached = metrics.cached_secrets.get_or_create(&ScopeLabels { scope: scope.unwrap_or_default().into() }).clone();
-    let cache = secret_reader.clone();
+    let cache = secret_cache.clone();
     let (synced_tx, secrets_synced) = tokio::sync::watch::channel(false);
     let initial_lists = Arc::new(InitialLists::new(synced_tx, on_synced));
     let lists = initial_lists.clone();
@@ -298,9 +301,8 @@ async fn run_scope(
         watcher(secrets_api, watcher::Config::default().labels(secret::MANAGED_SELECTOR).any_semantic())
             .default_backoff()
             .filter_map(|event| std::future::ready(only_directory_secrets(event)))
-            .modify(strip_secret_noise)
-            .reflect(secret_writer)
             .inspect_ok(move |event| {
+                cache.apply(event);
                 cached.set(i64::try_from(cache.len()).unwrap_or(i64::MAX));
                 if matches!(event, watcher::Event::InitDone) {
                     lists.secrets_listed();
@@ -311,7 +313,7 @@ async fn run_scope(
 
     let ctx = Arc::new(Context {
         client: client.clone(),
-        secrets: secret_reader.clone(),
+        secrets: secret_cache,
         events: Publisher::new(client, FIELD_MANAGER, &settings.instance),
         metrics,
         failpoint: settings.failpoint.clone(),
@@ -366,15 +368,6 @@ fn only_directory_secrets(
         Ok(Apply(s)) if !secret::is_directory_controlled(&s.metadata) => Some(Ok(Delete(s))),
         Ok(InitApply(s)) if !secret::is_directory_controlled(&s.metadata) => None,
         other => Some(other),
-    }
-}
-
-/// Drops what decisions never read from cached Secrets: managedFields (memory at scale) and kubectl's
-/// last-applied copy, which holds the whole object, data included, if someone `kubectl apply`-ed it.
-fn strip_secret_noise(s: &mut ObservedSecret) {
-    s.metadata.managed_fields = None;
-    if let Some(annotations) = s.metadata.annotations.as_mut() {
-        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
     }
 }
 
@@ -442,8 +435,7 @@ async fn reconcile_inner(dir: &ScimDirectory, ctx: &Context) -> Result<Action> {
     )
     .and_then(|d| d.with_overlap(dir.spec.rotation_overlap.as_deref(), dir.end_overlap_request()));
     let status_view = status::view(dir);
-    let mut observed: Option<ObservedSecret> =
-        ctx.secrets.get(&ObjectRef::new(&secret_name).within(&ns)).map(|s| (*s).clone());
+    let mut observed: Option<Arc<SecretView>> = ctx.secrets.get(&ns, &secret_name);
     // The cache holds only Secrets that carry our label and a directory's controller reference, so a
     // miss proves nothing: a token is generated only once the API server confirms there is no Secret.
     let mut confirmed = observed.is_some();
@@ -452,13 +444,13 @@ async fn reconcile_inner(dir: &ScimDirectory, ctx: &Context) -> Result<Action> {
     // whose labels were stripped, or a foreign one), and after a create lost a race with another writer.
     for _ in 0..4 {
         let now = Timestamp::now();
-        let state = secret::observe(dir, observed.as_ref());
+        let state = secret::observe(dir, observed.as_deref());
         let decision = policy::decide(desired.as_ref().map_err(String::as_str), &status_view, &state, now);
         if matches!(decision, Decision::Issue(_)) && !confirmed {
             // Confirmed before anything is throttled or generated: the Secret may well be there (its
             // label stripped, or someone else's), and then nothing is to be issued at all.
             confirmed = true;
-            observed = look_up(ctx, dir, &secrets).await?;
+            observed = look_up(ctx, dir, &secrets).await?.map(Arc::new);
             if observed.is_some() {
                 // A Secret read afresh may record an issue for a newer spec than the cached directory
                 // shows: deciding on both would issue a token for a spec that no longer exists.
@@ -531,7 +523,10 @@ async fn reconcile_inner(dir: &ScimDirectory, ctx: &Context) -> Result<Action> {
                             Err(e) => Err(e.into()),
                         }
                     }
-                    _ => apply_secret(ctx, &secrets, manifest, resource_version(observed.as_ref())).await,
+                    _ => {
+                        let version = observed.as_ref().and_then(|s| s.resource_version.clone());
+                        apply_secret(ctx, &secrets, manifest, version).await
+                    }
                 };
                 if let Err(error) = written {
                     return Err(report_write_failure(ctx, dir, error, &token, now).await);
@@ -586,11 +581,11 @@ async fn restore_metadata(
     ctx: &Context,
     dir: &ScimDirectory,
     secrets: &Api<Secret>,
-    current: &ObservedSecret,
+    current: &SecretView,
     record: &IssueRecord,
     now: Timestamp,
 ) -> Result<()> {
-    let full = secrets.get(&current.name_any()).await?;
+    let full = secrets.get(&dir.secret_name()).await?;
     let token = secret::stored_token(&full).filter(|t| t.hash() == record.token_hash).ok_or_else(|| {
         Error::Kube(kube::Error::Api(Box::new(
             kube::core::Status::failure("the Secret's token changed while its metadata was restored", "Conflict")
@@ -598,7 +593,7 @@ async fn restore_metadata(
         )))
     })?;
     let manifest = secret::desired_secret(dir, &token, record);
-    match apply_secret(ctx, secrets, manifest, current.metadata.resource_version.clone()).await {
+    match apply_secret(ctx, secrets, manifest, current.resource_version.clone()).await {
         Ok(()) => Ok(()),
         Err(error) => Err(report_write_failure(ctx, dir, error, &token, now).await),
     }
@@ -635,22 +630,20 @@ fn duration_until(at: Timestamp, now: Timestamp) -> Duration {
     Duration::try_from(at.duration_since(now)).unwrap_or(Duration::ZERO)
 }
 
-fn resource_version(secret: Option<&ObservedSecret>) -> Option<String> {
-    secret.and_then(|s| s.metadata.resource_version.clone())
-}
-
 /// Reads the directory's Secret from the API server, past the cache: metadata first (a foreign
 /// Secret's data is none of our business), then, for one of ours, its token hash.
-async fn look_up(ctx: &Context, dir: &ScimDirectory, secrets: &Api<Secret>) -> Result<Option<ObservedSecret>> {
+async fn look_up(ctx: &Context, dir: &ScimDirectory, secrets: &Api<Secret>) -> Result<Option<SecretView>> {
     let name = dir.secret_name();
     Ok(match secrets.get_metadata_opt(&name).await? {
         None => None,
         Some(found) if secret::is_controlled_by(dir, &found.metadata) => {
             let observed: Api<ObservedSecret> =
                 Api::namespaced(ctx.client.clone(), &dir.namespace().unwrap_or_default());
-            observed.get_opt(&name).await?
+            observed.get_opt(&name).await?.as_ref().map(SecretView::from)
         }
-        Some(found) => Some(ObservedSecret { metadata: found.metadata, ..ObservedSecret::default() }),
+        Some(found) => {
+            Some(SecretView::from(&ObservedSecret { metadata: found.metadata, ..ObservedSecret::default() }))
+        }
     })
 }
 

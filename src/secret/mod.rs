@@ -18,6 +18,12 @@ use crate::duration::{MAX_ROTATION_OVERLAP, TokenLifetime};
 use crate::policy::{IssueReason, IssueRecord, PreviousToken, RecordState, SecretState};
 use crate::token::{Token, TokenHash};
 
+mod cache;
+mod view;
+
+pub use cache::SecretCache;
+pub use view::SecretView;
+
 /// Data key holding the plaintext token.
 pub const TOKEN_KEY: &str = "token";
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
@@ -42,11 +48,11 @@ pub const TEMPLATE_ANNOTATION: &str = "scim.tokenops.dev/template-hash";
 /// Value of the expires-in annotation for a token that never expires.
 const NEVER: &str = "never";
 
-/// A Secret as the operator caches it and decides on it: its metadata, its type and the SHA-256 of
-/// its `token` key, never the plaintext. Deserializing one hashes the token as it arrives and skips
-/// every other data key, so neither a token nor a large payload someone else put in a Secret stays in
-/// the operator's memory. The plaintext is read (with a plain [`Secret`]) only in the rare case
-/// it must be written back unchanged.
+/// A Secret as the operator reads it (watch events, look-ups): its metadata, its type and the SHA-256
+/// of its `token` key, never the plaintext. Deserializing one hashes the token as it arrives and
+/// skips every other data key, so neither a token nor a large payload someone else put in a Secret
+/// ever sits in the operator's memory. What outlives the read is a [`SecretView`]. The plaintext is
+/// read (with a plain [`Secret`]) only in the rare case it must be written back unchanged.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 pub struct ObservedSecret {
     #[serde(default)]
@@ -137,22 +143,17 @@ pub fn is_directory_controlled(meta: &ObjectMeta) -> bool {
 }
 
 /// Classifies a Secret found under the directory's Secret name.
-pub fn observe(dir: &ScimDirectory, secret: Option<&ObservedSecret>) -> SecretState {
+pub fn observe(dir: &ScimDirectory, secret: Option<&SecretView>) -> SecretState {
     let Some(secret) = secret else { return SecretState::Missing };
-    if !is_controlled_by(dir, &secret.metadata) {
+    if !secret.is_controlled_by(dir) {
         return SecretState::Foreign;
     }
-    SecretState::Owned {
-        token_hash: secret.token_hash.clone(),
-        record: secret.metadata.annotations.as_ref().map_or(RecordState::Absent, read_record),
-    }
+    SecretState::Owned { token_hash: secret.token_hash.clone(), record: secret.record.clone() }
 }
 
 /// Whether `meta` carries a controller ownerReference to exactly this directory (by UID).
 pub fn is_controlled_by(dir: &ScimDirectory, meta: &ObjectMeta) -> bool {
-    let uid = dir.metadata.uid.as_deref();
-    let controller = meta.owner_references.iter().flatten().find(|r| r.controller == Some(true));
-    controller.is_some_and(|owner| uid.is_some() && Some(owner.uid.as_str()) == uid)
+    dir.metadata.uid.is_some() && view::controller_uid(meta) == dir.metadata.uid.as_deref()
 }
 
 /// Reads an issue record from annotations.
@@ -317,16 +318,14 @@ pub fn stored_token(secret: &Secret) -> Option<Token> {
 
 /// True when the Secret lacks any of the labels/annotations the directory wants on it, or was last
 /// given another template (a key the template dropped is still there).
-pub fn metadata_drifted(dir: &ScimDirectory, secret: &ObservedSecret, record: &IssueRecord) -> bool {
+pub fn metadata_drifted(dir: &ScimDirectory, secret: &SecretView, record: &IssueRecord) -> bool {
     let want = metadata(dir, record, true);
-    let has_all = |have: &Option<BTreeMap<String, String>>, want: &Option<BTreeMap<String, String>>| {
-        want.iter().flatten().all(|(k, v)| have.as_ref().and_then(|h| h.get(k)) == Some(v))
-    };
-    let digest = |m: &ObjectMeta| m.annotations.as_ref().and_then(|a| a.get(TEMPLATE_ANNOTATION)).cloned();
-    !has_all(&secret.metadata.labels, &want.labels)
-        || !has_all(&secret.metadata.annotations, &want.annotations)
-        || digest(&secret.metadata) != digest(&want)
-        || secret.type_.as_deref() != Some("Opaque")
+    // A wanted digest is among the wanted annotations; an unwanted one must be gone.
+    let wants_digest = want.annotations.as_ref().is_some_and(|a| a.contains_key(TEMPLATE_ANNOTATION));
+    !secret.has_labels(want.labels.as_ref())
+        || !secret.has_annotations(want.annotations.as_ref())
+        || (secret.is_templated() && !wants_digest)
+        || !secret.is_opaque()
 }
 
 fn owner_reference(dir: &ScimDirectory) -> OwnerReference {
@@ -386,9 +385,9 @@ mod tests {
         assert_eq!(secret.metadata.labels.as_ref().unwrap()["team"], "idp");
         assert_eq!(secret.metadata.annotations.as_ref().unwrap()["note"], "hi");
         assert_eq!(secret.metadata.annotations.as_ref().unwrap()[HASH_ANNOTATION], token.hash().to_string());
-        assert!(!metadata_drifted(&dir, &ObservedSecret::of(&secret), &record));
+        assert!(!metadata_drifted(&dir, &SecretView::of(&secret), &record));
         assert_eq!(
-            observe(&dir, Some(&ObservedSecret::of(&secret))),
+            observe(&dir, Some(&SecretView::of(&secret))),
             SecretState::Owned { token_hash: Some(token.hash()), record: RecordState::Valid(record.clone()) }
         );
         assert_eq!(stored_token(&secret).unwrap().expose(), token.expose());
@@ -409,23 +408,36 @@ mod tests {
         assert!(!created.metadata.annotations.as_ref().unwrap().contains_key(TEMPLATE_ANNOTATION));
         assert_eq!(read_record(created.metadata.annotations.as_ref().unwrap()), RecordState::Valid(record.clone()));
         assert!(has_template(&dir));
-        let created = ObservedSecret::of(&created);
+        let created = SecretView::of(&created);
         assert!(metadata_drifted(&dir, &created, &record), "the template still has to be applied");
 
-        let applied = ObservedSecret::of(&desired_secret(&dir, &token, &record));
+        let applied = SecretView::of(&desired_secret(&dir, &token, &record));
         assert!(!metadata_drifted(&dir, &applied, &record));
         // Another label on the Secret is no drift; a key dropped from the template is.
-        let mut extra = applied.clone();
+        let mut extra = desired_secret(&dir, &token, &record);
         extra.metadata.labels.as_mut().unwrap().insert("someone".into(), "else".into());
-        assert!(!metadata_drifted(&dir, &extra, &record));
+        assert!(!metadata_drifted(&dir, &SecretView::of(&extra), &record));
+        // A label taken off or changed is drift; so is another type.
+        for (key, value) in [("team", None), ("team", Some("other")), (MANAGED_BY_LABEL, Some("someone"))] {
+            let mut changed = desired_secret(&dir, &token, &record);
+            let labels = changed.metadata.labels.as_mut().unwrap();
+            match value {
+                Some(v) => labels.insert(key.into(), v.into()),
+                None => labels.remove(key),
+            };
+            assert!(metadata_drifted(&dir, &SecretView::of(&changed), &record), "{key}: {value:?}");
+        }
+        let mut retyped = desired_secret(&dir, &token, &record);
+        retyped.type_ = Some("kubernetes.io/basic-auth".into());
+        assert!(metadata_drifted(&dir, &SecretView::of(&retyped), &record));
         dir.spec.secret_template.as_mut().unwrap().annotations.remove("note");
         assert!(metadata_drifted(&dir, &applied, &record), "the Secret still carries the dropped key");
-        assert!(!metadata_drifted(&dir, &ObservedSecret::of(&desired_secret(&dir, &token, &record)), &record));
+        assert!(!metadata_drifted(&dir, &SecretView::of(&desired_secret(&dir, &token, &record)), &record));
         // No template: no digest, nothing to apply after the create.
         dir.spec.secret_template = None;
         assert!(!has_template(&dir));
         assert!(metadata_drifted(&dir, &applied, &record));
-        assert!(!metadata_drifted(&dir, &ObservedSecret::of(&initial_secret(&dir, &token, &record)), &record));
+        assert!(!metadata_drifted(&dir, &SecretView::of(&initial_secret(&dir, &token, &record)), &record));
     }
 
     #[test]
@@ -440,18 +452,19 @@ mod tests {
         let mut other = dir.clone();
         other.metadata.uid = Some("uid-2".into());
         other.metadata.name = Some("other".into());
-        assert_eq!(observe(&other, Some(&secret)), SecretState::Foreign, "another directory's Secret");
+        let view = |s: &ObservedSecret| SecretView::from(s);
+        assert_eq!(observe(&other, Some(&view(&secret))), SecretState::Foreign, "another directory's Secret");
         assert_eq!(observe(&dir, None), SecretState::Missing);
 
         secret.metadata.annotations = None;
-        assert!(metadata_drifted(&dir, &secret, &record));
+        assert!(metadata_drifted(&dir, &view(&secret), &record));
         assert_eq!(
-            observe(&dir, Some(&secret)),
+            observe(&dir, Some(&view(&secret))),
             SecretState::Owned { token_hash: Some(token.hash()), record: RecordState::Absent }
         );
 
         secret.metadata.owner_references = None;
-        assert_eq!(observe(&dir, Some(&secret)), SecretState::Foreign);
+        assert_eq!(observe(&dir, Some(&view(&secret))), SecretState::Foreign);
         assert!(!is_directory_controlled(&secret.metadata));
         // A controller reference to something else is not a directory's.
         let mut deployment_owned = dir.controller_owner_ref(&()).unwrap();
