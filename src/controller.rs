@@ -18,7 +18,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{debug, info, warn};
 
-use crate::api::{END_OVERLAP_ANNOTATION, ScimDirectory, ScimDirectoryStatus};
+use crate::api::{END_OVERLAP_ANNOTATION, ROTATE_ANNOTATION, ScimDirectory, ScimDirectoryStatus};
 use crate::events::{EventType, Publisher};
 use crate::leader::{Fence, Fenced};
 use crate::metrics::{DirectoryLabels, ErrorLabels, Metrics, ReasonLabels, ScopeLabels};
@@ -371,12 +371,18 @@ fn only_directory_secrets(
     }
 }
 
-/// The cache keeps what decisions read: managedFields and kubectl's last-applied copy of the whole
-/// object are never read, and at 10,000 directories they are a good part of the memory.
+/// The cache keeps what decisions read. Of the metadata maps that is two annotations: managedFields,
+/// labels and other tools' annotations (kubectl's last-applied copy of the whole object, Argo CD's
+/// tracking id) are never read, and at 10,000 directories their maps would be a good part of the
+/// memory (a B-tree node is ~540 bytes however few entries it holds).
 fn strip_directory_noise(d: &mut ScimDirectory) {
     d.metadata.managed_fields = None;
+    d.metadata.labels = None;
     if let Some(annotations) = d.metadata.annotations.as_mut() {
-        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+        annotations.retain(|key, _| key == ROTATE_ANNOTATION || key == END_OVERLAP_ANNOTATION);
+        if annotations.is_empty() {
+            d.metadata.annotations = None;
+        }
     }
 }
 
@@ -758,5 +764,34 @@ async fn publish(ctx: &Context, dir: &ScimDirectory, type_: EventType, reason: &
     }
     if let Err(e) = ctx.events.publish(dir, type_, reason, note).await {
         warn!(error = %e, "failed to publish event");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::ScimDirectorySpec;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn cached_directories_keep_the_annotations_decisions_read_and_nothing_else() {
+        let mut dir = ScimDirectory::new("acme", ScimDirectorySpec::default());
+        dir.metadata.labels = Some(BTreeMap::from([("app.kubernetes.io/instance".into(), "tenants".into())]));
+        dir.metadata.annotations = Some(BTreeMap::from([
+            (ROTATE_ANNOTATION.into(), "r-1".into()),
+            (END_OVERLAP_ANNOTATION.into(), "e-1".into()),
+            ("argocd.argoproj.io/tracking-id".into(), "tenants:scim.tokenops.dev/ScimDirectory:x/acme".into()),
+            ("kubectl.kubernetes.io/last-applied-configuration".into(), "{}".into()),
+        ]));
+        let trigger = directory_trigger(&dir);
+        strip_directory_noise(&mut dir);
+        assert_eq!((dir.rotation_request(), dir.end_overlap_request()), (Some("r-1"), Some("e-1")));
+        assert_eq!(dir.metadata.annotations.as_ref().map(BTreeMap::len), Some(2));
+        assert_eq!(dir.metadata.labels, None);
+        assert_eq!(directory_trigger(&dir), trigger, "what triggers a reconcile is kept");
+
+        dir.metadata.annotations = Some(BTreeMap::from([("other".into(), "x".into())]));
+        strip_directory_noise(&mut dir);
+        assert_eq!(dir.metadata.annotations, None);
     }
 }
