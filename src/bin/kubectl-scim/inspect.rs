@@ -1,6 +1,6 @@
 //! `kubectl scim inspect secret NAME`: what the operator recorded on a token Secret, never the token.
 //!
-//! The Secret is read as the operator caches it ([`ObservedSecret`]): metadata and the SHA-256 of the
+//! The Secret is read as the operator reads it ([`ObservedSecret`]): metadata and the SHA-256 of the
 //! `token` key, computed as the response is decoded, so no plaintext is kept.
 
 use std::collections::BTreeMap;
