@@ -25,7 +25,8 @@ pub(crate) const USAGE: &str = "usage:
   cargo xtask bench-verify [--n N] [--client-concurrency C] [--load-secs S] [--connections C] [--grpc-connections K] [--rounds R] [--rotations R] [--release] [--check]
       the verifier's HTTP endpoint under oha (hack/oha.sh), behind nginx auth_request, and its gRPC service under
       verify-load, each against its floor; --check: correctness only, verify-load for HTTP too (no oha);
-      defaults: --n 1000 --client-concurrency 16 --load-secs 20 --connections 32 --grpc-connections 2 --rounds 3 --rotations 100; see BENCHMARKS.md";
+      defaults: --n 1000 --client-concurrency 16 --load-secs 20 --connections 32 --grpc-connections 2 --rounds 3 --rotations 100; see BENCHMARKS.md
+  XTASK_OPERATOR_BIN=PATH: run that prebuilt scim-token-operator instead of building one";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -224,6 +225,11 @@ fn free_port() -> anyhow::Result<u16> {
 
 /// Builds the operator binary with cargo and returns its path.
 pub(crate) fn build_operator(root: &Path, release: bool) -> anyhow::Result<std::path::PathBuf> {
+    // Measures a binary built elsewhere (another release profile) with the same harness and helpers.
+    if let Some(bin) = std::env::var_os("XTASK_OPERATOR_BIN") {
+        step(&format!("using the prebuilt operator {}", Path::new(&bin).display()));
+        return Ok(bin.into());
+    }
     step(&format!("building the operator ({})", if release { "release" } else { "debug" }));
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.args(["build", "--quiet", "--package", "scim-token-operator", "--bin", "scim-token-operator"]);

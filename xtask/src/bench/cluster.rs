@@ -245,6 +245,12 @@ pub(crate) fn rss_kib(pid: u32) -> u64 {
     proc_status_kib(pid, "VmRSS:")
 }
 
+/// Current resident set of a process split into anonymous memory (heap, stacks) and file-backed pages
+/// (mostly the binary's own code and read-only data), in KiB.
+pub(crate) fn rss_split_kib(pid: u32) -> (u64, u64) {
+    (proc_status_kib(pid, "RssAnon:"), proc_status_kib(pid, "RssFile:"))
+}
+
 fn proc_status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()

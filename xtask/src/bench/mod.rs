@@ -130,6 +130,9 @@ pub(crate) struct Sample {
     /// Peak RSS of the controller process, and its RSS before the first create (KiB).
     pub peak_rss_kib: Option<u64>,
     pub start_rss_kib: Option<u64>,
+    /// The controller's RSS once issuance has settled, as anonymous and file-backed KiB: the binary's
+    /// pages count against the memory goal too, and no heap change moves them.
+    pub end_rss_split_kib: Option<(u64, u64)>,
     /// Writes the API server served from the first create until 5 s after all Ready, by resource;
     /// the benchmark's own N creates included.
     pub writes: BTreeMap<String, f64>,
@@ -255,7 +258,13 @@ pub(crate) async fn measure_issuance(
         Ok(issuance)
     })
     .await?;
-    Ok(Sample { issuance, peak_rss_kib: Some(cluster::peak_rss_kib(pid)), start_rss_kib: Some(start_rss), writes })
+    Ok(Sample {
+        issuance,
+        peak_rss_kib: Some(cluster::peak_rss_kib(pid)),
+        start_rss_kib: Some(start_rss),
+        end_rss_split_kib: Some(cluster::rss_split_kib(pid)),
+        writes,
+    })
 }
 
 /// Lets in-flight work (Event series, trailing reconciles) finish before counting.

@@ -102,6 +102,13 @@ impl Report {
             "| peak RSS |{}",
             self.column(|_, s| spread(s.iter().filter_map(|s| s.peak_rss_kib.map(mib)).collect(), " MiB", 1))
         );
+        let end_rss = |part: fn((u64, u64)) -> u64| {
+            self.column(move |_, s| {
+                spread(s.iter().filter_map(|s| Some(mib(part(s.end_rss_split_kib?)))).collect(), " MiB", 1)
+            })
+        };
+        println!("| RSS after issuance: anonymous (heap, stacks) |{}", end_rss(|(anon, _)| anon));
+        println!("| RSS after issuance: file-backed (the binary) |{}", end_rss(|(_, file)| file));
         println!(
             "| RSS growth per directory (peak − before the first create) / N |{}",
             self.column(|_, s| {
