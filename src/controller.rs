@@ -301,12 +301,14 @@ async fn run_scope(
         watcher(secrets_api, watcher::Config::default().labels(secret::MANAGED_SELECTOR).any_semantic())
             .default_backoff()
             .filter_map(|event| std::future::ready(only_directory_secrets(event)))
-            .inspect_ok(move |event| {
-                cache.apply(event);
+            // Every event goes into the cache; the echoes of our own writes go no further.
+            .try_filter(move |event| {
+                let trigger = cache.apply(event);
                 cached.set(i64::try_from(cache.len()).unwrap_or(i64::MAX));
                 if matches!(event, watcher::Event::InitDone) {
                     lists.secrets_listed();
                 }
+                std::future::ready(trigger)
             })
             .touched_objects()
             .predicate_filter(predicates::resource_version, Default::default());
@@ -517,9 +519,13 @@ async fn reconcile_inner(dir: &ScimDirectory, ctx: &Context) -> Result<Action> {
                             // already holds the token and its record: it is adopted, and the template
                             // applied then, as a metadata repair.
                             Ok(created) if secret::has_template(dir) => {
+                                ctx.secrets.expect_echo(&created.metadata);
                                 apply_secret(ctx, &secrets, manifest, created.metadata.resource_version.clone()).await
                             }
-                            Ok(_) => Ok(()),
+                            Ok(created) => {
+                                ctx.secrets.expect_echo(&created.metadata);
+                                Ok(())
+                            }
                             Err(kube::Error::Api(s)) if s.code == 409 => {
                                 // Created by someone else since we looked: look again and decide again.
                                 confirmed = false;
@@ -718,7 +724,8 @@ async fn apply_secret(
     value["kind"] = json!("Secret");
     let name = manifest.metadata.name.clone().unwrap_or_default();
     ctx.fence.check()?;
-    api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(value)).await?;
+    let written = api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(value)).await?;
+    ctx.secrets.expect_echo(&written.metadata);
     Ok(())
 }
 

@@ -3,10 +3,13 @@
 //! Fed by the Secret watch the way kube's reflector feeds its store (a re-list is buffered and
 //! swapped in whole at `InitDone`, so a lookup never sees half a list), but it keeps a view instead
 //! of the whole object, under one `namespace/name` key instead of an `ObjectRef` (four strings).
+//! It also knows the versions the operator wrote itself, so that their echoes on the watch update
+//! the cache without triggering another reconcile.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::watcher::Event;
 
 use super::{ObservedSecret, SecretView};
@@ -21,20 +24,35 @@ struct Views {
     current: HashMap<Box<str>, Arc<SecretView>>,
     /// A re-list in progress, swapped in at its `InitDone`.
     relisting: Option<HashMap<Box<str>, Arc<SecretView>>>,
+    /// Versions written by this operator whose watch events have not arrived yet.
+    echoes: HashMap<Box<str>, String>,
 }
 
 impl SecretCache {
-    /// Applies one watch event, before the event goes on to trigger reconciles.
-    pub fn apply(&self, event: &Event<ObservedSecret>) {
+    /// Applies one watch event. Returns whether it should go on to trigger a reconcile: not when it
+    /// is the echo of a version the operator wrote itself (see [`SecretCache::expect_echo`]).
+    pub fn apply(&self, event: &Event<ObservedSecret>) -> bool {
         let mut views = self.inner.write().expect("poisoned");
         match event {
             Event::Apply(secret) => {
-                views.current.insert(key_of(secret), Arc::new(SecretView::from(secret)));
+                let key = key_of(secret);
+                let own = secret.metadata.resource_version.as_ref().is_some_and(|v| views.echoes.get(&key) == Some(v));
+                if own {
+                    views.echoes.remove(&key);
+                }
+                views.current.insert(key, Arc::new(SecretView::from(secret)));
+                return !own;
             }
             Event::Delete(secret) => {
-                views.current.remove(&key_of(secret));
+                let key = key_of(secret);
+                views.current.remove(&key);
+                views.echoes.remove(&key);
             }
-            Event::Init => views.relisting = Some(HashMap::new()),
+            Event::Init => {
+                // A re-list delivers the latest state only: an awaited version may never show up.
+                views.echoes.clear();
+                views.relisting = Some(HashMap::new());
+            }
             Event::InitApply(secret) => {
                 views.relisting.get_or_insert_default().insert(key_of(secret), Arc::new(SecretView::from(secret)));
             }
@@ -43,6 +61,22 @@ impl SecretCache {
                     views.current = listed;
                 }
             }
+        }
+        true
+    }
+
+    /// Notes a Secret version the operator has just written. Its watch event then updates the cache
+    /// but triggers no reconcile: the reconcile that wrote it decided on everything it holds, and one
+    /// more would only hold a concurrency slot to find nothing to do (at 10,000 new directories,
+    /// one redundant reconcile per directory). An echo that came before the write's response did
+    /// trigger one, as before; it is not awaited.
+    pub fn expect_echo(&self, written: &ObjectMeta) {
+        let Some(version) = written.resource_version.clone() else { return };
+        let key = key(written.namespace.as_deref().unwrap_or_default(), written.name.as_deref().unwrap_or_default());
+        let mut views = self.inner.write().expect("poisoned");
+        let seen = views.current.get(key.as_str()).is_some_and(|v| v.resource_version.as_ref() == Some(&version));
+        if !seen {
+            views.echoes.insert(key.into_boxed_str(), version);
         }
     }
 
@@ -101,6 +135,31 @@ mod tests {
         cache.apply(&Event::Delete(secret("a", "2")));
         assert_eq!(version(&cache, "a"), None);
         assert_eq!(cache.len(), 1);
+    }
+
+    #[test]
+    fn echoes_of_own_writes_update_the_cache_but_trigger_nothing() {
+        let cache = SecretCache::default();
+        cache.expect_echo(&secret("a", "7").metadata);
+        assert!(cache.apply(&Event::Apply(secret("a", "6"))), "an older version, someone else's");
+        assert!(!cache.apply(&Event::Apply(secret("a", "7"))), "our own write");
+        assert_eq!(version(&cache, "a").as_deref(), Some("7"));
+        assert!(cache.apply(&Event::Apply(secret("a", "7"))), "awaited once only");
+        assert!(cache.apply(&Event::Apply(secret("a", "8"))), "a later change by someone else");
+
+        // An echo that arrived before the write's response is not awaited.
+        cache.expect_echo(&secret("a", "8").metadata);
+        assert!(cache.apply(&Event::Apply(secret("a", "9"))));
+        // Neither is one a delete or a re-list has made moot.
+        cache.expect_echo(&secret("a", "10").metadata);
+        cache.apply(&Event::Delete(secret("a", "9")));
+        assert!(cache.apply(&Event::Apply(secret("a", "10"))));
+        cache.expect_echo(&secret("b", "11").metadata);
+        cache.apply(&Event::Init);
+        cache.apply(&Event::InitDone);
+        assert!(cache.apply(&Event::Apply(secret("b", "11"))));
+        // Relisted objects always go on (a restarted watch may have missed changes).
+        assert!(cache.apply(&Event::InitApply(secret("b", "11"))));
     }
 
     #[test]
