@@ -347,7 +347,21 @@ async fn run_scope(
         .applied_objects()
         .predicate_filter(directory_trigger, Default::default());
 
-    Controller::for_stream(directory_stream, dir_reader)
+    // A reconcile request needs the directory's name and namespace only. Made from the object, as
+    // `for_stream` makes it, it would also copy the UID and resourceVersion: two more strings per
+    // directory in each of the scheduler's two indexes, where every directory waits for its renewal.
+    let directory_triggers = directory_stream.filter_map(|triggered| {
+        std::future::ready(match triggered {
+            Ok(dir) => Some(ObjectRef::new(&dir.name_any()).within(&dir.namespace().unwrap_or_default())),
+            Err(error) => {
+                warn!(%error, "watching ScimDirectories failed; retrying with backoff");
+                None
+            }
+        })
+    });
+
+    Controller::for_stream(futures::stream::empty::<Result<ScimDirectory, watcher::Error>>(), dir_reader)
+        .reconcile_on(directory_triggers)
         .owns_stream(secret_stream)
         .with_config(kube::runtime::controller::Config::default().concurrency(settings.concurrency))
         .graceful_shutdown_on(shutdown)
