@@ -124,12 +124,13 @@ impl Context {
         self.unechoed_status.lock().expect("poisoned").remove(dir);
     }
 
-    /// The directory as of our own last status write. Our Secret write triggers a reconcile of its
-    /// directory that typically starts right after the status write, before the watch has brought that
-    /// write into the cache: decided on the stale copy, it would write the status a second time (a new
-    /// condition timestamp). So a reconcile that follows one of our status writes waits, briefly, for
-    /// the cache to move past the version the write replaced. Waiting is bounded: a lagging watch costs
-    /// at most one redundant write, never a wrong decision (writes stay guarded by resourceVersions).
+    /// The directory as of our own last status write. A reconcile that starts right after one (the
+    /// echo of our Secret write when it beat the write's response, see `SecretCache::expect_echo`, or
+    /// any other trigger) may find the cache without that write yet: decided on the stale copy, it
+    /// would write the status a second time (a new condition timestamp). So a reconcile that follows
+    /// one of our status writes waits, briefly, for the cache to move past the version the write
+    /// replaced. Waiting is bounded: a lagging watch costs at most one redundant write, never a wrong
+    /// decision (writes stay guarded by resourceVersions).
     async fn fresh(&self, dir: Arc<ScimDirectory>) -> Arc<ScimDirectory> {
         let key = ObjectRef::from(dir.as_ref());
         let Some(replaced) = self.unechoed_status.lock().expect("poisoned").get(&key).cloned() else { return dir };
