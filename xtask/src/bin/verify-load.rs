@@ -128,7 +128,31 @@ impl Schedule {
 /// One worker's connection to the server.
 enum Client {
     Grpc(AuthorizationClient<Channel>, Box<CheckRequest>),
-    Http(hyper::client::conn::http1::SendRequest<Empty<Bytes>>, Box<http::Request<()>>),
+    Http(Box<HttpConnection>),
+}
+
+/// An HTTP/1.1 keep-alive connection, opened again when the server has closed it between two
+/// requests (nginx does after 1000 on one connection, announcing it with `Connection: close`), as
+/// any HTTP client does: only a request that fails once sent counts as an error.
+struct HttpConnection {
+    authority: String,
+    send: hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+    template: http::Request<()>,
+}
+
+impl HttpConnection {
+    async fn open(authority: &str, template: http::Request<()>) -> anyhow::Result<HttpConnection> {
+        Ok(HttpConnection { authority: authority.to_owned(), send: handshake(authority).await?, template })
+    }
+}
+
+async fn handshake(authority: &str) -> anyhow::Result<hyper::client::conn::http1::SendRequest<Empty<Bytes>>> {
+    let stream =
+        tokio::net::TcpStream::connect(authority).await.with_context(|| format!("connecting to {authority}"))?;
+    stream.set_nodelay(true)?;
+    let (send, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    Ok(send)
 }
 
 impl Client {
@@ -136,12 +160,15 @@ impl Client {
     async fn call(&mut self) -> anyhow::Result<u16> {
         match self {
             Client::Grpc(client, request) => Ok(envoy_status(&client.check((**request).clone()).await?.into_inner())),
-            Client::Http(send, template) => {
-                send.ready().await?;
+            Client::Http(http) => {
+                if http.send.ready().await.is_err() {
+                    http.send = handshake(&http.authority).await?;
+                    http.send.ready().await?;
+                }
                 let mut request = http::Request::new(Empty::new());
-                *request.uri_mut() = template.uri().clone();
-                *request.headers_mut() = template.headers().clone();
-                let response = send.send_request(request).await?;
+                *request.uri_mut() = http.template.uri().clone();
+                *request.headers_mut() = http.template.headers().clone();
+                let response = http.send.send_request(request).await?;
                 let status = response.status().as_u16();
                 response.into_body().collect().await?;
                 Ok(status)
@@ -204,11 +231,7 @@ async fn connect(args: &Args) -> anyhow::Result<Vec<Client>> {
                 .header(http::header::AUTHORIZATION, format!("Bearer {}", args.token))
                 .body(())?;
             for _ in 0..args.concurrency {
-                let stream = tokio::net::TcpStream::connect(authority.as_str()).await?;
-                stream.set_nodelay(true)?;
-                let (send, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-                tokio::spawn(connection);
-                clients.push(Client::Http(send, Box::new(template.clone())));
+                clients.push(Client::Http(Box::new(HttpConnection::open(authority.as_str(), template.clone()).await?)));
             }
         }
     }
@@ -225,7 +248,8 @@ async fn worker(mut client: Client, schedule: Arc<Schedule>) -> Tally {
             }
             Err(e) => {
                 *tally.errors.entry(format!("{e:#}")).or_default() += 1;
-                // A broken HTTP/1.1 connection stays broken; a tonic channel reconnects.
+                // A request that failed once sent leaves the HTTP/1.1 connection broken; a tonic
+                // channel reconnects.
                 if matches!(client, Client::Http(..)) {
                     break;
                 }
