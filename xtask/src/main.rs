@@ -19,9 +19,9 @@ mod chaos;
 pub(crate) const USAGE: &str = "usage:
   cargo xtask demo [--once]
       --once  exit after the example is Ready (used by the test command)
-  cargo xtask bench [--n N] [--runs K] [--peer eso] [--only operator,floor,eso,eso-matched] [--client-concurrency C] [--idle-secs S] [--rotations R] [--release] [--check] [-- OPERATOR FLAGS]
+  cargo xtask bench [--n N] [--runs K] [--peer eso] [--only operator,floor,eso,eso-matched] [--client-concurrency C] [--idle-secs S] [--rotations R] [--restarts K] [--release] [--check] [-- OPERATOR FLAGS]
       the operator, the honest floor and (--peer eso, built by hack/eso.sh) External Secrets Operator, K runs each, interleaved;
-      defaults: --n 1000 --runs 3 --client-concurrency 16 --idle-secs 60 --rotations 300; see BENCHMARKS.md
+      defaults: --n 1000 --runs 3 --client-concurrency 16 --idle-secs 60 --rotations 300 --restarts 1; see BENCHMARKS.md
   cargo xtask bench-verify [--n N] [--client-concurrency C] [--load-secs S] [--connections C] [--grpc-connections K] [--rounds R] [--rotations R] [--release] [--check]
       the verifier's HTTP endpoint under oha (hack/oha.sh), behind nginx auth_request, and its gRPC service under
       verify-load, each against its floor; --check: correctness only, verify-load for HTTP too (no oha);

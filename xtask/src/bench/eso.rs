@@ -133,7 +133,7 @@ impl Eso {
                 Ok(())
             })
             .await?;
-            quiet = Some(Steady { idle, restart, restart_peak_rss_kib: cluster::peak_rss_kib(eso.0.id()) });
+            quiet = Some(Steady { idle, restart, restart_peak_rss_kib: vec![cluster::peak_rss_kib(eso.0.id())] });
         }
         crate::terminate(&mut eso.0);
         Ok((sample, quiet))

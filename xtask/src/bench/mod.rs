@@ -31,6 +31,9 @@ pub struct Options {
     pub client_concurrency: usize,
     pub idle: Duration,
     pub rotations: usize,
+    /// How many times the operator is restarted after its first run (each restart's writes and peak
+    /// RSS measured): a restart re-lists and re-reconciles everything, so its peak has a spread too.
+    pub restarts: usize,
     /// How many times each configuration runs (interleaved), for a median and a spread.
     pub runs: usize,
     /// Also run External Secrets Operator's Password generator (hack/eso.sh builds it).
@@ -51,6 +54,7 @@ impl Default for Options {
             client_concurrency: 16,
             idle: Duration::from_secs(60),
             rotations: 300,
+            restarts: 1,
             runs: 3,
             peer: false,
             only: vec![],
@@ -72,6 +76,7 @@ pub fn parse(args: &[String]) -> anyhow::Result<Options> {
             "--idle-secs" => o.idle = Duration::from_secs(value()?.parse()?),
             "--rotations" => o.rotations = value()?.parse()?,
             "--runs" => o.runs = value()?.parse()?,
+            "--restarts" => o.restarts = value()?.parse()?,
             "--peer" => match value()?.as_str() {
                 "eso" => o.peer = true,
                 other => bail!("unknown peer {other}: the one peer is `eso` (External Secrets Operator)"),
@@ -85,6 +90,7 @@ pub fn parse(args: &[String]) -> anyhow::Result<Options> {
     }
     ensure!(o.n > 0 && o.rotations <= o.n, "--rotations must not exceed --n");
     ensure!(o.runs > 0, "--runs must be at least 1");
+    ensure!(o.restarts > 0, "--restarts must be at least 1");
     Ok(o)
 }
 
@@ -142,8 +148,10 @@ pub(crate) struct Sample {
 #[derive(Debug, Default)]
 pub(crate) struct Steady {
     pub idle: BTreeMap<String, f64>,
+    /// Writes across every restart, summed.
     pub restart: BTreeMap<String, f64>,
-    pub restart_peak_rss_kib: u64,
+    /// Peak RSS of each restarted process.
+    pub restart_peak_rss_kib: Vec<u64>,
 }
 
 /// Long enough for ESO's defaults (client QPS 50, one reconcile at a time) to finish.

@@ -47,16 +47,31 @@ pub(crate) async fn run(
             Ok(())
         })
         .await?;
-        let ((), restart) = writes_during(&client, async {
-            crate::terminate(&mut operator.0);
-            operator = start_operator(cp, bin, ns, log, &o.operator_args)?;
-            wait_leader(&operator.1).await?;
-            cluster::wait_reconciled(operator.1, RECONCILED_METRIC, o.n).await.context("the restarted operator")?;
-            tokio::time::sleep(o.idle.min(Duration::from_secs(30))).await;
-            Ok(())
-        })
-        .await?;
-        quiet = Some(Steady { idle, restart, restart_peak_rss_kib: cluster::peak_rss_kib(operator.0.id()) });
+        let mut restart = std::collections::BTreeMap::new();
+        let mut restart_peak_rss_kib = vec![];
+        for i in 1..=o.restarts {
+            let ((), writes) = writes_during(&client, async {
+                crate::terminate(&mut operator.0);
+                operator = start_operator(cp, bin, ns, log, &o.operator_args)?;
+                wait_leader(&operator.1).await?;
+                cluster::wait_reconciled(operator.1, RECONCILED_METRIC, o.n).await.context("the restarted operator")?;
+                tokio::time::sleep(o.idle.min(Duration::from_secs(30))).await;
+                Ok(())
+            })
+            .await?;
+            let peak = cluster::peak_rss_kib(operator.0.id());
+            println!(
+                "    restart {i}/{}: peak RSS {:.1} MiB, {} writes",
+                o.restarts,
+                peak as f64 / 1024.0,
+                writes.values().sum::<f64>() + 0.0
+            );
+            for (resource, count) in writes {
+                *restart.entry(resource).or_insert(0.0) += count;
+            }
+            restart_peak_rss_kib.push(peak);
+        }
+        quiet = Some(Steady { idle, restart, restart_peak_rss_kib });
     }
 
     let latencies = rotation_latencies(&client, ns, rotations).await?;

@@ -132,10 +132,13 @@ impl Report {
             })
         );
         println!("| writes while idle ({:?}) |{}", self.idle, self.steady_column(|s| format!("{}", total(&s.idle))));
-        println!("| writes across a restart |{}", self.steady_column(|s| format!("{}", total(&s.restart))));
+        println!(
+            "| writes across a restart (all restarts) |{}",
+            self.steady_column(|s| format!("{}", total(&s.restart)))
+        );
         println!(
             "| peak RSS of the restarted process |{}",
-            self.steady_column(|s| format!("{:.1} MiB", mib(s.restart_peak_rss_kib)))
+            self.steady_column(|s| spread(s.restart_peak_rss_kib.iter().copied().map(mib).collect(), " MiB", 1))
         );
         println!("\nWrites while issuing, by resource, per directory (first run):");
         for (c, s) in &self.samples {
