@@ -2,6 +2,7 @@
 //!
 //! `policy` decides, `controller` performs the I/O, `secret` maps tokens to Secrets, `token` and
 //! `duration` are the pure building blocks.
+pub mod allocator;
 pub mod api;
 pub mod cli;
 pub mod controller;

@@ -1,0 +1,54 @@
+//! glibc malloc settings for a process that lives for months and holds one entry per directory.
+//!
+//! glibc serves a block of 128 KiB or more with its own `mmap`, returned to the kernel when freed,
+//! until the first such block is freed: then it raises that threshold to the freed block's size, so
+//! later blocks of that size come from the heap arenas and their free space stays resident. The
+//! operator's large blocks are transient (a page of an initial list, a cache's table while it grows),
+//! and after a restart, with 10,000 directories re-listed and re-reconciled at once, the raised
+//! threshold cost ~5 MiB of peak RSS (BENCHMARKS.md). Setting the threshold explicitly keeps it where
+//! it starts. A threshold the user chose (`MALLOC_MMAP_THRESHOLD_`, `GLIBC_TUNABLES`) is left alone.
+
+/// glibc's own starting value.
+pub const MMAP_THRESHOLD: usize = 128 * 1024;
+
+/// Whether the environment already sets the threshold (glibc applied it at start).
+pub fn user_chose(env: impl Fn(&str) -> Option<String>) -> bool {
+    env("MALLOC_MMAP_THRESHOLD_").is_some()
+        || env("GLIBC_TUNABLES").is_some_and(|t| t.split(':').any(|t| t.starts_with("glibc.malloc.mmap_threshold=")))
+}
+
+/// Pins the mmap threshold, unless the user chose one. Call before any other thread starts.
+pub fn tune() {
+    if user_chose(|k| std::env::var(k).ok()) {
+        return;
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let threshold = libc::c_int::try_from(MMAP_THRESHOLD).expect("fits");
+        // SAFETY: mallopt only sets an allocator parameter; 1 means it was accepted.
+        let accepted = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, threshold) };
+        debug_assert_eq!(accepted, 1, "glibc refused M_MMAP_THRESHOLD");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::user_chose;
+
+    #[test]
+    fn a_threshold_the_user_set_is_theirs() {
+        let cases: &[(&[(&str, &str)], bool)] = &[
+            (&[], false),
+            (&[("MALLOC_ARENA_MAX", "2")], false),
+            (&[("MALLOC_MMAP_THRESHOLD_", "65536")], true),
+            (&[("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=65536")], true),
+            (&[("GLIBC_TUNABLES", "glibc.malloc.arena_max=2:glibc.malloc.mmap_threshold=1")], true),
+            (&[("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")], false),
+            (&[("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1")], false),
+        ];
+        for (env, chose) in cases {
+            let get = |k: &str| env.iter().find(|(key, _)| *key == k).map(|(_, v)| v.to_string());
+            assert_eq!(user_chose(get), *chose, "{env:?}");
+        }
+    }
+}
