@@ -460,8 +460,13 @@ async fn reconcile_inner(dir: &ScimDirectory, ctx: &Context) -> Result<Action> {
     let status_view = status::view(dir);
     let mut observed: Option<Arc<SecretView>> = ctx.secrets.get(&ns, &secret_name);
     // The cache holds only Secrets that carry our label and a directory's controller reference, so a
-    // miss proves nothing: a token is generated only once the API server confirms there is no Secret.
+    // miss proves nothing. A directory's first token (no Secret cached, no token in its status) needs no
+    // look-up beforehand: its create is the check, refused without writing anything if any Secret has
+    // the name, and then the Secret is looked up and the decision made again. Any other issue replaces
+    // a token the status records, so a miss is confirmed first: a Secret whose label was stripped is
+    // repaired, not deferred or replaced. (The look-up cost every new directory one more round trip.)
     let mut confirmed = observed.is_some();
+    let mut create_refused = false;
 
     // A few rounds at most: after a cache miss turned out to be a Secret the cache cannot see (one
     // whose labels were stripped, or a foreign one), and after a create lost a race with another writer.
@@ -469,7 +474,8 @@ async fn reconcile_inner(dir: &ScimDirectory, ctx: &Context) -> Result<Action> {
         let now = Timestamp::now();
         let state = secret::observe(dir, observed.as_deref());
         let decision = policy::decide(desired.as_ref().map_err(String::as_str), &status_view, &state, now);
-        if matches!(decision, Decision::Issue(_)) && !confirmed {
+        let first_token = matches!(decision, Decision::Issue(IssueReason::Initial)) && !create_refused;
+        if matches!(decision, Decision::Issue(_)) && !confirmed && !first_token {
             // Confirmed before anything is throttled or generated: the Secret may well be there (its
             // label stripped, or someone else's), and then nothing is to be issued at all.
             confirmed = true;
@@ -542,7 +548,9 @@ async fn reconcile_inner(dir: &ScimDirectory, ctx: &Context) -> Result<Action> {
                                 Ok(())
                             }
                             Err(kube::Error::Api(s)) if s.code == 409 => {
-                                // Created by someone else since we looked: look again and decide again.
+                                // A Secret the cache did not show, or one created since we looked: look
+                                // (again) and decide again.
+                                create_refused = true;
                                 confirmed = false;
                                 observed = None;
                                 continue;
@@ -571,8 +579,14 @@ async fn reconcile_inner(dir: &ScimDirectory, ctx: &Context) -> Result<Action> {
                 if let Some(previous) = &record.previous {
                     note.push_str(&format!("; the previous token stays valid until {}", previous.valid_until));
                 }
-                publish(ctx, dir, event_type, event_reason, &note).await;
-                return finish(ctx, dir, desired, &record, false, now).await;
+                // The Event goes out beside the status write rather than before it: Ready is what the
+                // user waits for, and a reconcile holds one of `--concurrency` slots for as many round
+                // trips as it makes one after the other (three made it a third slower than two).
+                let (finished, ()) = tokio::join!(
+                    finish(ctx, dir, desired, &record, false, now),
+                    publish(ctx, dir, event_type, event_reason, &note)
+                );
+                return finished;
             }
             Decision::Keep { record, restore_record, expired, overlap_ended } => {
                 let desired = desired.as_ref().expect("a Keep decision implies a valid spec");
