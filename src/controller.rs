@@ -460,11 +460,14 @@ async fn reconcile_inner(dir: &ScimDirectory, ctx: &Context) -> Result<Action> {
     let status_view = status::view(dir);
     let mut observed: Option<Arc<SecretView>> = ctx.secrets.get(&ns, &secret_name);
     // The cache holds only Secrets that carry our label and a directory's controller reference, so a
-    // miss proves nothing. A directory's first token (no Secret cached, no token in its status) needs no
-    // look-up beforehand: its create is the check, refused without writing anything if any Secret has
-    // the name, and then the Secret is looked up and the decision made again. Any other issue replaces
-    // a token the status records, so a miss is confirmed first: a Secret whose label was stripped is
-    // repaired, not deferred or replaced. (The look-up cost every new directory one more round trip.)
+    // miss proves nothing: a token is generated once the API server confirms there is no Secret. One
+    // exception saves a new directory a round trip: the first token of a directory that has no status
+    // yet. Its create is the check, refused without writing anything if any Secret has the name (then
+    // the Secret is looked up and the decision made again), and a refused create is the only request
+    // that carries a token that never becomes valid: once per directory, since the status written
+    // after it (a conflict, say) sends every later attempt through the look-up first. Any other issue
+    // replaces a token the status records, and a Secret whose label was stripped must be repaired, not
+    // deferred or replaced: confirmed first.
     let mut confirmed = observed.is_some();
     let mut create_refused = false;
 
@@ -474,7 +477,8 @@ async fn reconcile_inner(dir: &ScimDirectory, ctx: &Context) -> Result<Action> {
         let now = Timestamp::now();
         let state = secret::observe(dir, observed.as_deref());
         let decision = policy::decide(desired.as_ref().map_err(String::as_str), &status_view, &state, now);
-        let first_token = matches!(decision, Decision::Issue(IssueReason::Initial)) && !create_refused;
+        let first_token =
+            matches!(decision, Decision::Issue(IssueReason::Initial)) && dir.status.is_none() && !create_refused;
         if matches!(decision, Decision::Issue(_)) && !confirmed && !first_token {
             // Confirmed before anything is throttled or generated: the Secret may well be there (its
             // label stripped, or someone else's), and then nothing is to be issued at all.
