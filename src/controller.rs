@@ -585,7 +585,7 @@ async fn reconcile_inner(dir: &ScimDirectory, ctx: &Context) -> Result<Action> {
                 }
                 // The Event goes out beside the status write rather than before it: Ready is what the
                 // user waits for, and a reconcile holds one of `--concurrency` slots for as many round
-                // trips as it makes one after the other (three made it a third slower than two).
+                // trips as it makes one after the other.
                 let (finished, ()) = tokio::join!(
                     finish(ctx, dir, desired, &record, false, now),
                     publish(ctx, dir, event_type, event_reason, &note)
