@@ -251,6 +251,22 @@ pub(crate) fn rss_split_kib(pid: u32) -> (u64, u64) {
     (proc_status_kib(pid, "RssAnon:"), proc_status_kib(pid, "RssFile:"))
 }
 
+/// CPU time (user + system) a process has used so far, in seconds.
+pub(crate) fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name (in parentheses, may hold spaces): state is field 3, utime 14, stime 15.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf only reads a constant of the system.
+    let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(ticks / per_sec)
+}
+
+/// CPU seconds used so far by the controller (if any), kube-apiserver and etcd.
+pub(crate) fn cpu_snapshot(cp: &ControlPlane, controller: Option<u32>) -> [Option<f64>; 3] {
+    [controller.and_then(cpu_secs), cp.apiserver_pid().and_then(cpu_secs), cp.etcd_pid().and_then(cpu_secs)]
+}
+
 fn proc_status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()

@@ -109,6 +109,7 @@ impl Eso {
         let mut eso = self.start(cp, settings, log)?;
         wait_started(eso.1).await?;
         let sample = measure_issuance(
+            cp,
             &client,
             eso.0.id(),
             create_external_secrets(&client, ns, o.n, o.client_concurrency),

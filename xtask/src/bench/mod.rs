@@ -142,6 +142,9 @@ pub(crate) struct Sample {
     /// Writes the API server served from the first create until 5 s after all Ready, by resource;
     /// the benchmark's own N creates included.
     pub writes: BTreeMap<String, f64>,
+    /// CPU seconds used while issuing (first create until all Ready) by the controller, kube-apiserver
+    /// and etcd: on two shared cores, what a configuration costs the API server shows here.
+    pub cpu_secs: [Option<f64>; 3],
 }
 
 /// Steady state, measured once per controller (first run).
@@ -200,7 +203,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
                     }
                     sample
                 }
-                Config::Floor => floor_sample(&client, &ns, &o).await?,
+                Config::Floor => floor_sample(&cp, &client, &ns, &o).await?,
                 Config::Eso(settings) => {
                     let eso = peer.as_ref().expect("ESO configurations only run with the peer");
                     let (sample, st) = eso.run(&cp, settings, &ns, &log, &o, first).await?;
@@ -229,12 +232,18 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn floor_sample(client: &kube::Client, ns: &str, o: &Options) -> anyhow::Result<Sample> {
+async fn floor_sample(cp: &ControlPlane, client: &kube::Client, ns: &str, o: &Options) -> anyhow::Result<Sample> {
     let before = cluster::write_counts(client).await?;
+    let cpu_before = cluster::cpu_snapshot(cp, None);
     let issuance = floor::run(client, ns, o.n, o.floor_concurrency()).await?;
+    let cpu_secs = cpu_used(cpu_before, cluster::cpu_snapshot(cp, None));
     settle().await;
     let writes = cluster::diff(&before, &cluster::write_counts(client).await?);
-    Ok(Sample { issuance, writes, ..Sample::default() })
+    Ok(Sample { issuance, writes, cpu_secs, ..Sample::default() })
+}
+
+fn cpu_used(before: [Option<f64>; 3], after: [Option<f64>; 3]) -> [Option<f64>; 3] {
+    std::array::from_fn(|i| Some(after[i]? - before[i]?))
 }
 
 /// Runs `work` and returns what it returned with the writes the API server served meanwhile.
@@ -250,20 +259,23 @@ pub(crate) async fn writes_during<T>(
 /// Times a mass issuance (the benchmark's creates alongside a watch until all N are Ready), then
 /// counts its writes once in-flight work has settled. `pid` is the controller's process.
 pub(crate) async fn measure_issuance(
+    cp: &ControlPlane,
     client: &kube::Client,
     pid: u32,
     create: impl std::future::Future<Output = anyhow::Result<()>>,
     ready: impl std::future::Future<Output = anyhow::Result<()>>,
 ) -> anyhow::Result<Sample> {
     let start_rss = cluster::rss_kib(pid);
-    let (issuance, writes) = writes_during(client, async {
+    let ((issuance, cpu_secs), writes) = writes_during(client, async {
         let started = std::time::Instant::now();
+        let cpu_before = cluster::cpu_snapshot(cp, Some(pid));
         let (created, ready) = tokio::join!(create, ready);
         created.context("creating the objects")?;
         ready.context("waiting for all Ready")?;
         let issuance = started.elapsed();
+        let cpu_secs = cpu_used(cpu_before, cluster::cpu_snapshot(cp, Some(pid)));
         settle().await;
-        Ok(issuance)
+        Ok((issuance, cpu_secs))
     })
     .await?;
     Ok(Sample {
@@ -272,6 +284,7 @@ pub(crate) async fn measure_issuance(
         start_rss_kib: Some(start_rss),
         end_rss_split_kib: Some(cluster::rss_split_kib(pid)),
         writes,
+        cpu_secs,
     })
 }
 

@@ -32,6 +32,7 @@ pub(crate) async fn run(
     let mut operator = start_operator(cp, bin, ns, log, &o.operator_args)?;
     wait_leader(&operator.1).await?;
     let sample = measure_issuance(
+        cp,
         &client,
         operator.0.id(),
         create_directories(&dirs, o.n, o.client_concurrency),

@@ -121,6 +121,16 @@ impl Report {
                 )
             })
         );
+        for (i, who) in ["the controller", "kube-apiserver", "etcd"].iter().enumerate() {
+            println!(
+                "| CPU seconds while issuing, per 1000 directories: {who} |{}",
+                self.column(|_, s| spread(
+                    s.iter().filter_map(|s| Some(s.cpu_secs[i]? * 1000.0 / n)).collect(),
+                    " s",
+                    2
+                ))
+            );
+        }
         println!(
             "| writes per directory while issuing (the benchmark's create included) |{}",
             self.column(|_, s| spread(s.iter().map(|s| total(&s.writes) / n).collect(), "", 2))
