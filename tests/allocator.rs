@@ -10,6 +10,7 @@ fn a_freed_large_block_does_not_move_later_ones_into_the_heap() {
     // Unpinned, glibc would raise its threshold to 4 MiB on this free...
     drop(black_box(vec![1u8; 4 << 20]));
     // ...and serve this block from the heap, where its pages stay resident after it is freed.
+    // SAFETY (both calls): mallinfo2 only reads the allocator's counters.
     let before = unsafe { libc::mallinfo2() }.hblks;
     let block = black_box(vec![1u8; 512 << 10]);
     let after = unsafe { libc::mallinfo2() }.hblks;

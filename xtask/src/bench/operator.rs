@@ -65,7 +65,7 @@ pub(crate) async fn run(
                 "    restart {i}/{}: peak RSS {:.1} MiB, {} writes",
                 o.restarts,
                 peak as f64 / 1024.0,
-                writes.values().sum::<f64>() + 0.0
+                super::report::total(&writes)
             );
             for (resource, count) in writes {
                 *restart.entry(resource).or_insert(0.0) += count;

@@ -55,7 +55,7 @@ fn status_key(c: Config) -> &'static str {
     }
 }
 
-fn total(m: &BTreeMap<String, f64>) -> f64 {
+pub(crate) fn total(m: &BTreeMap<String, f64>) -> f64 {
     // `+ 0.0`: an empty float sum is -0.0, which prints as "-0".
     m.values().sum::<f64>() + 0.0
 }
