@@ -214,9 +214,10 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
                 }
             };
             println!(
-                "    all Ready in {:.1} s{}",
+                "    all Ready in {:.1} s{}{}",
                 sample.issuance.as_secs_f64(),
-                sample.peak_rss_kib.map(|k| format!(", peak RSS {:.1} MiB", k as f64 / 1024.0)).unwrap_or_default()
+                sample.peak_rss_kib.map(|k| format!(", peak RSS {:.1} MiB", k as f64 / 1024.0)).unwrap_or_default(),
+                sample.cpu_secs[1].map(|s| format!(", kube-apiserver {s:.1} s CPU")).unwrap_or_default()
             );
             samples.entry(config).or_default().push(sample);
             clean_up(&client, &cp, config, &ns).await?;
