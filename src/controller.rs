@@ -573,11 +573,15 @@ async fn reconcile_inner(dir: &ScimDirectory, ctx: &Context) -> Result<Action> {
                 failpoint(ctx, "after-secret-write");
                 ctx.metrics.tokens_issued.get_or_create(&ReasonLabels { reason: reason.as_str().into() }).inc();
                 info!(namespace = %ns, name = %name, secret = %secret_name, reason = reason.as_str(), token_hash = %record.token_hash, "token issued");
+                // A first token gets no Event: the status this reconcile writes (Ready=True TokenIssued,
+                // its time, hash and Secret) already says all an Event would, and at a mass issuance
+                // the Event was a fourth write per new directory (measured in BENCHMARKS.md). A token
+                // replacing another, a repair and every warning do get one: the status shows only
+                // the latest state, not that it changed.
+                if reason == IssueReason::Initial {
+                    return finish(ctx, dir, desired, &record, false, now).await;
+                }
                 let event_type = if reason.is_repair() { EventType::Warning } else { EventType::Normal };
-                // The Event's reason names the cause: Events of a directory with equal reasons fold into
-                // one series that keeps the first note (see `events`), so one generic reason would hide
-                // later causes.
-                let event_reason = if reason == IssueReason::Initial { "TokenIssued" } else { reason.as_str() };
                 let mut note =
                     format!("{} ({}); Secret {secret_name}, {}", reason.describe(), reason.as_str(), record.token_hash);
                 if let Some(previous) = &record.previous {
@@ -585,10 +589,12 @@ async fn reconcile_inner(dir: &ScimDirectory, ctx: &Context) -> Result<Action> {
                 }
                 // The Event goes out beside the status write rather than before it: Ready is what the
                 // user waits for, and a reconcile holds one of `--concurrency` slots for as many round
-                // trips as it makes one after the other.
+                // trips as it makes one after the other. Its reason names the cause: Events of a
+                // directory with equal reasons fold into one series that keeps the first note (see
+                // `events`), so one generic reason would hide later causes.
                 let (finished, ()) = tokio::join!(
                     finish(ctx, dir, desired, &record, false, now),
-                    publish(ctx, dir, event_type, event_reason, &note)
+                    publish(ctx, dir, event_type, reason.as_str(), &note)
                 );
                 return finished;
             }
