@@ -1,5 +1,5 @@
 //! Project tasks: `cargo xtask demo [--once]`, `cargo xtask bench [...]`, `cargo xtask bench-verify [...]` and
-//! `cargo xtask chaos [...]` (crash safety under faults, docs/reliability.md).
+//! `cargo xtask chaos [...]` (crash safety under faults, docs/reliability.md); `--help` on each.
 //!
 //! `demo` is the operator's main job end to end on a fresh machine: it builds (or finds) a local
 //! kube-apiserver + etcd, installs the CRD, runs the operator, applies an example with the real
@@ -16,37 +16,48 @@ mod bench;
 mod bench_verify;
 mod chaos;
 
-pub(crate) const USAGE: &str = "usage:
-  cargo xtask demo [--once]
-      --once  exit after the example is Ready (used by the test command)
-  cargo xtask bench [--n N] [--runs K] [--peer eso] [--only operator,floor,eso,eso-matched] [--client-concurrency C] [--idle-secs S] [--rotations R] [--restarts K] [--release] [--check] [-- OPERATOR FLAGS]
-      the operator, the honest floor and (--peer eso, built by hack/eso.sh) External Secrets Operator, K runs each, interleaved;
-      defaults: --n 1000 --runs 3 --client-concurrency 16 --idle-secs 60 --rotations 300 --restarts 1; see BENCHMARKS.md
-  cargo xtask bench-verify [--n N] [--client-concurrency C] [--load-secs S] [--connections C] [--grpc-connections K] [--rounds R] [--rotations R] [--release] [--check]
-      the verifier's HTTP endpoint under oha (hack/oha.sh), behind nginx auth_request, and its gRPC service under
-      verify-load, each against its floor; --check: correctness only, verify-load for HTTP too (no oha);
-      defaults: --n 1000 --client-concurrency 16 --load-secs 20 --connections 32 --grpc-connections 2 --rounds 3 --rotations 100; see BENCHMARKS.md
-  XTASK_OPERATOR_BIN=PATH: run that prebuilt scim-token-operator instead of building one";
+/// Project tasks.
+#[derive(clap::Parser)]
+#[command(bin_name = "cargo xtask")]
+enum Task {
+    /// The operator's main job end to end on a local control plane, kept running until Ctrl-C
+    Demo {
+        /// Exit after the example is Ready (used by the test command)
+        #[arg(long)]
+        once: bool,
+    },
+    Bench(bench::Options),
+    BenchVerify(bench_verify::Options),
+    Chaos(chaos::Options),
+}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
-        ["demo"] => demo(false).await,
-        ["demo", "--once"] => demo(true).await,
-        ["bench", ..] => bench::run(bench::parse(&args[1..])?).await,
-        ["bench-verify", ..] => bench_verify::run(bench_verify::parse(&args[1..])?).await,
-        ["chaos", ..] => chaos_main(&args[1..]).await,
-        _ => {
-            eprintln!("{USAGE}\n{}", chaos::USAGE);
-            std::process::exit(2);
-        }
+    match <Task as clap::Parser>::parse() {
+        Task::Demo { once } => demo(once).await,
+        Task::Bench(o) => bench::run(usable("bench", o.validate())).await,
+        Task::BenchVerify(o) => bench_verify::run(usable("bench-verify", o.validate())).await,
+        Task::Chaos(o) => chaos_main(usable("chaos", o.validate())).await,
     }
 }
 
+/// Options that contradict each other are a usage error of the task, reported as clap reports its own.
+fn usable<T>(task: &str, validated: anyhow::Result<T>) -> T {
+    validated.unwrap_or_else(|e| {
+        let mut command = <Task as clap::CommandFactory>::command();
+        command.build();
+        let task = command.find_subcommand_mut(task).expect("a task of this command");
+        task.error(clap::error::ErrorKind::ValueValidation, e).exit()
+    })
+}
+
+/// `--idle-secs 10`: whole seconds.
+pub(crate) fn secs(s: &str) -> Result<Duration, String> {
+    s.parse().map(Duration::from_secs).map_err(|_| format!("{s:?} is not a whole number of seconds"))
+}
+
 /// `cargo xtask chaos`: prints the table and fails if any invariant is broken.
-async fn chaos_main(args: &[String]) -> anyhow::Result<()> {
-    let options = chaos::parse(args)?;
+async fn chaos_main(options: chaos::Options) -> anyhow::Result<()> {
     let bin = build_operator(&envtest::workspace_root(), options.release)?;
     let report = chaos::run(&options, &bin).await?;
     report.print();
@@ -278,4 +289,96 @@ pub(crate) fn terminate(child: &mut std::process::Child) {
     }
     let _ = child.kill();
     let _ = child.wait();
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Task {
+        Task::try_parse_from(std::iter::once("xtask").chain(args.iter().copied())).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Task::command().debug_assert();
+    }
+
+    #[test]
+    fn the_test_commands_invocations_parse() {
+        assert!(matches!(parse(&["demo", "--once"]), Task::Demo { once: true }));
+        let Task::Bench(b) =
+            parse(&["bench", "--n", "50", "--runs", "1", "--idle-secs", "10", "--rotations", "10", "--check"])
+        else {
+            panic!("not bench")
+        };
+        assert_eq!(
+            (b.n, b.runs, b.idle, b.rotations, b.restarts, b.check),
+            (50, 1, Duration::from_secs(10), 10, 1, true)
+        );
+        assert!(b.peer.is_none() && b.only.is_empty() && b.operator_args.is_empty() && !b.release);
+        let Task::BenchVerify(v) =
+            parse(&["bench-verify", "--n", "50", "--load-secs", "2", "--rounds", "1", "--rotations", "5", "--check"])
+        else {
+            panic!("not bench-verify")
+        };
+        assert_eq!(
+            (v.n, v.load, v.rounds, v.rotations, v.connections, v.check),
+            (50, Duration::from_secs(2), 1, 5, 32, true)
+        );
+    }
+
+    #[test]
+    fn operator_flags_follow_a_double_dash() {
+        let Task::Bench(b) = parse(&["bench", "--peer", "eso", "--only", "operator,eso", "--", "--concurrency", "32"])
+        else {
+            panic!("not bench")
+        };
+        assert_eq!(b.peer, Some(bench::Peer::Eso));
+        assert_eq!(b.only, ["operator", "eso"]);
+        assert_eq!(b.operator_args, ["--concurrency", "32"]);
+        assert_eq!(b.floor_concurrency(), 16 + 32);
+    }
+
+    #[test]
+    fn contradictions_and_unknown_values_are_refused() {
+        for args in [&["bench", "--only", "nope"][..], &["bench", "--peer", "vault"], &["bench", "--idle-secs", "1.5"]]
+        {
+            assert!(Task::try_parse_from(std::iter::once("xtask").chain(args.iter().copied())).is_err(), "{args:?}");
+        }
+        let Task::Bench(b) = parse(&["bench", "--n", "10", "--rotations", "11"]) else { panic!("not bench") };
+        assert!(b.validate().is_err());
+        let Task::Chaos(c) = parse(&[
+            "chaos",
+            "--leader-kills",
+            "0",
+            "--standby-kills",
+            "0",
+            "--apiserver-restarts",
+            "0",
+            "--etcd-restarts",
+            "0",
+            "--pauses",
+            "0",
+        ]) else {
+            panic!("not chaos")
+        };
+        assert!(c.validate().is_err(), "a chaos run without a fault");
+    }
+
+    #[test]
+    fn chaos_defaults_are_the_command_lines() {
+        let o = chaos::Options::default();
+        assert_eq!((o.n, o.rotations, o.counts.leader_kills, o.counts.leader_pauses), (1000, 300, 20, 1));
+        assert_eq!(
+            (o.max_restart_delay, o.racing_percent, o.converge_timeout),
+            (Duration::from_secs(20), 5, Duration::from_secs(300))
+        );
+        let Task::Chaos(c) = parse(&["chaos", "--seed", "7", "--max-restart-delay", "2.5"]) else {
+            panic!("not chaos")
+        };
+        assert_eq!((c.seed, c.max_restart_delay), (7, Duration::from_millis(2500)));
+    }
 }

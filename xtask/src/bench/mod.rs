@@ -14,7 +14,7 @@ mod report;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use envtest::ControlPlane;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DeleteParams, ListParams};
@@ -24,74 +24,64 @@ pub(crate) use cluster::{
     create_directories, http_get, peak_rss_kib, poll, start_operator, wait_all_ready, wait_leader,
 };
 
-#[derive(Debug, Clone)]
+/// `cargo xtask bench`; see BENCHMARKS.md.
+#[derive(Debug, Clone, clap::Args)]
+#[command(
+    about = "Issuance time, memory, CPU, writes and rotation latency of the operator next to an honest floor and (--peer eso) External Secrets Operator; every configuration --runs times, interleaved (BENCHMARKS.md)",
+    after_help = "XTASK_OPERATOR_BIN=PATH: run that prebuilt scim-token-operator instead of building one"
+)]
 pub struct Options {
+    /// Directories per run
+    #[arg(long, default_value_t = 1000)]
     pub n: usize,
-    /// Concurrency of the benchmark's own client (creates, and the floor's writes).
+    /// Concurrency of the benchmark's own client (creates, and the floor's writes)
+    #[arg(long, default_value_t = 16)]
     pub client_concurrency: usize,
+    /// Seconds the operator is left idle after its first run, its writes counted
+    #[arg(long = "idle-secs", value_name = "S", default_value = "60", value_parser = crate::secs)]
     pub idle: Duration,
+    /// Rotations, one at a time, for the rotation latency (first run)
+    #[arg(long, default_value_t = 300)]
     pub rotations: usize,
     /// How many times the operator is restarted after its first run (each restart's writes and peak
-    /// RSS measured): a restart re-lists and re-reconciles everything, so its peak has a spread too.
+    /// RSS measured): a restart re-lists and re-reconciles everything, so its peak has a spread too
+    #[arg(long, default_value_t = 1)]
     pub restarts: usize,
-    /// How many times each configuration runs (interleaved), for a median and a spread.
+    /// How many times each configuration runs (interleaved), for a median and a spread
+    #[arg(long, default_value_t = 3)]
     pub runs: usize,
-    /// Also run External Secrets Operator's Password generator (hack/eso.sh builds it).
-    pub peer: bool,
-    /// Run only these configurations (by slug: operator, floor, eso, eso-matched); all when empty.
+    /// Also run External Secrets Operator's Password generator (hack/eso.sh builds it)
+    #[arg(long, value_enum)]
+    pub peer: Option<Peer>,
+    /// Run only these configurations; all when not given
+    #[arg(long, value_delimiter = ',', value_parser = ["operator", "floor", "eso", "eso-matched"])]
     pub only: Vec<String>,
+    /// Build the operator with --release
+    #[arg(long)]
     pub release: bool,
-    /// Assert correctness and fail otherwise.
+    /// Assert correctness (all Ready, one status write per directory, zero writes while idle and
+    /// across a restart) and fail otherwise; never time
+    #[arg(long)]
     pub check: bool,
-    /// Extra flags for the operator (e.g. `--concurrency 32`).
+    /// Extra flags for the operator (e.g. `-- --concurrency 32`)
+    #[arg(last = true, value_name = "OPERATOR FLAGS")]
     pub operator_args: Vec<String>,
 }
 
-impl Default for Options {
-    fn default() -> Self {
-        Options {
-            n: 1000,
-            client_concurrency: 16,
-            idle: Duration::from_secs(60),
-            rotations: 300,
-            restarts: 1,
-            runs: 3,
-            peer: false,
-            only: vec![],
-            release: false,
-            check: false,
-            operator_args: vec![],
-        }
-    }
+/// The peer a user would pick instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Peer {
+    /// External Secrets Operator's Password generator
+    Eso,
 }
 
-pub fn parse(args: &[String]) -> anyhow::Result<Options> {
-    let mut o = Options::default();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut value = || it.next().cloned().with_context(|| format!("{a} needs a value"));
-        match a.as_str() {
-            "--n" => o.n = value()?.parse()?,
-            "--client-concurrency" => o.client_concurrency = value()?.parse()?,
-            "--idle-secs" => o.idle = Duration::from_secs(value()?.parse()?),
-            "--rotations" => o.rotations = value()?.parse()?,
-            "--runs" => o.runs = value()?.parse()?,
-            "--restarts" => o.restarts = value()?.parse()?,
-            "--peer" => match value()?.as_str() {
-                "eso" => o.peer = true,
-                other => bail!("unknown peer {other}: the one peer is `eso` (External Secrets Operator)"),
-            },
-            "--only" => o.only = value()?.split(',').map(str::to_owned).collect(),
-            "--release" => o.release = true,
-            "--check" => o.check = true,
-            "--" => o.operator_args.extend(it.by_ref().cloned()),
-            other => bail!("unknown bench option {other}\n{}", crate::USAGE),
-        }
+impl Options {
+    pub fn validate(self) -> anyhow::Result<Self> {
+        ensure!(self.n > 0 && self.rotations <= self.n, "--rotations must not exceed --n");
+        ensure!(self.runs > 0, "--runs must be at least 1");
+        ensure!(self.restarts > 0, "--restarts must be at least 1");
+        Ok(self)
     }
-    ensure!(o.n > 0 && o.rotations <= o.n, "--rotations must not exceed --n");
-    ensure!(o.runs > 0, "--runs must be at least 1");
-    ensure!(o.restarts > 0, "--restarts must be at least 1");
-    Ok(o)
 }
 
 impl Options {
@@ -168,7 +158,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     println!("==> starting the control plane");
     let cp = ControlPlane::start().await?;
     let client = cp.client().await;
-    let peer = if o.peer { Some(eso::Eso::prepare(&root, &cp)?) } else { None };
+    let peer = if o.peer == Some(Peer::Eso) { Some(eso::Eso::prepare(&root, &cp)?) } else { None };
     let mut configs = vec![Config::Operator, Config::Floor];
     if peer.is_some() {
         configs.extend([Config::Eso(eso::Settings::Defaults), Config::Eso(eso::Settings::Matched)]);

@@ -33,7 +33,7 @@ use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use envtest::ControlPlane;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ListParams};
@@ -45,68 +45,53 @@ use self::memory::Memory;
 use self::procs::{Floor, Guard, Verifier};
 use crate::bench::{create_directories, start_operator, wait_all_ready, wait_leader};
 
-#[derive(Debug, Clone)]
+/// `cargo xtask bench-verify`; see BENCHMARKS.md.
+#[derive(Debug, Clone, clap::Args)]
+#[command(
+    about = "The verifier's HTTP endpoint under oha (hack/oha.sh), behind nginx auth_request, and its gRPC service under verify-load, each against its floor (BENCHMARKS.md)",
+    after_help = "XTASK_OPERATOR_BIN=PATH: run that prebuilt scim-token-operator instead of building one"
+)]
 pub struct Options {
+    /// Directories issued, all indexed by the verifier
+    #[arg(long, default_value_t = 1000)]
     pub n: usize,
-    /// Concurrency of the benchmark's own creates.
+    /// Concurrency of the benchmark's own creates
+    #[arg(long, default_value_t = 16)]
     pub client_concurrency: usize,
-    /// Length of each load run.
+    /// Seconds of each load run
+    #[arg(long = "load-secs", value_name = "S", default_value = "20", value_parser = crate::secs)]
     pub load: Duration,
-    /// Requests in flight: HTTP connections the load generator keeps open, gRPC requests in flight.
+    /// Requests in flight: HTTP connections the load generator keeps open, gRPC requests in flight
+    #[arg(long, default_value_t = 32)]
     pub connections: usize,
-    /// HTTP/2 connections the gRPC requests share.
+    /// HTTP/2 connections the gRPC requests share (as Envoy on two cores: one per worker thread)
+    #[arg(long, default_value_t = 2)]
     pub grpc_connections: usize,
     /// Alternating floor/verifier peak runs (the median of each is reported): a shared machine's load
-    /// drifts, and whichever ran first would otherwise pay for it.
+    /// drifts, and whichever ran first would otherwise pay for it
+    #[arg(long, default_value_t = 3)]
     pub rounds: usize,
+    /// Rotations timed until the verifier follows them
+    #[arg(long, default_value_t = 100)]
     pub rotations: usize,
+    /// Build the operator and the helpers with --release
+    #[arg(long)]
     pub release: bool,
     /// Print the correctness verdict (asserted in every mode) as the check line of the test command;
-    /// the HTTP load runs use `verify-load` instead of oha.
+    /// the HTTP load runs use `verify-load` instead of oha
+    #[arg(long)]
     pub check: bool,
 }
 
-impl Default for Options {
-    fn default() -> Self {
-        Options {
-            n: 1000,
-            client_concurrency: 16,
-            load: Duration::from_secs(20),
-            connections: 32,
-            // As Envoy on two cores: one HTTP/2 connection to the authorization cluster per worker thread.
-            grpc_connections: 2,
-            rounds: 3,
-            rotations: 100,
-            release: false,
-            check: false,
-        }
+impl Options {
+    pub fn validate(self) -> anyhow::Result<Self> {
+        ensure!(self.n > 0 && self.rotations <= self.n, "--rotations must not exceed --n");
+        ensure!(
+            self.load >= Duration::from_secs(1) && self.connections > 0 && self.grpc_connections > 0 && self.rounds > 0,
+            "--load-secs, --connections, --grpc-connections and --rounds must be positive"
+        );
+        Ok(self)
     }
-}
-
-pub fn parse(args: &[String]) -> anyhow::Result<Options> {
-    let mut o = Options::default();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut value = || it.next().cloned().with_context(|| format!("{a} needs a value"));
-        match a.as_str() {
-            "--n" => o.n = value()?.parse()?,
-            "--client-concurrency" => o.client_concurrency = value()?.parse()?,
-            "--load-secs" => o.load = Duration::from_secs(value()?.parse()?),
-            "--connections" => o.connections = value()?.parse()?,
-            "--grpc-connections" => o.grpc_connections = value()?.parse()?,
-            "--rounds" => o.rounds = value()?.parse()?,
-            "--rotations" => o.rotations = value()?.parse()?,
-            "--release" => o.release = true,
-            "--check" => o.check = true,
-            other => bail!("unknown bench-verify option {other}\n{}", crate::USAGE),
-        }
-    }
-    ensure!(o.n > 0 && o.rotations <= o.n, "--rotations must not exceed --n");
-    ensure!(
-        o.load >= Duration::from_secs(1) && o.connections > 0 && o.grpc_connections > 0 && o.rounds > 0,
-        "--load-secs, --connections, --grpc-connections and --rounds must be positive"
-    );
-    Ok(o)
 }
 
 const NS: &str = "bench";

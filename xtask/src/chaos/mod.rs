@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use envtest::ControlPlane;
 use k8s_openapi::api::core::v1::{Event, Secret};
 use kube::api::{Api, ListParams, PostParams};
@@ -30,85 +30,76 @@ pub(crate) use self::schedule::Counts;
 use self::schedule::Fault;
 use self::verdict::{Snapshot, TokenCounts};
 
-pub(crate) const USAGE: &str = "  cargo xtask chaos [--seed S] [--n N] [--rotations R] [--leader-kills K] [--standby-kills K] [--apiserver-restarts K] [--etcd-restarts K] [--pauses K] [--max-restart-delay SECS] [--release] [-- OPERATOR FLAGS]
-      crash safety under load (docs/reliability.md); defaults: --n 1000 --rotations 300 --leader-kills 20 --standby-kills 2
-      --apiserver-restarts 2 --etcd-restarts 1 --pauses 1 --max-restart-delay 20; a random seed unless given";
-
 /// How long a wave's requests go on after its fault is injected.
 const WAVE_TAIL: Duration = Duration::from_secs(2);
 /// The operator's Lease duration (`src/cli.rs`); a pause must outlast it.
 const LEASE: Duration = Duration::from_secs(15);
 
-#[derive(Clone, Debug)]
+/// `cargo xtask chaos`: crash safety under load (docs/reliability.md). The defaults are the full run;
+/// `tests/chaos.rs` starts from them too.
+#[derive(Clone, Debug, clap::Parser)]
+#[command(
+    about = "Crash safety under load: two replicas, N directories, a seeded fault schedule, then the invariants (docs/reliability.md)"
+)]
 pub(crate) struct Options {
+    /// The fault schedule's seed (a random one unless given; printed, so a run can be repeated)
+    #[arg(long, default_value_t = random_seed(), hide_default_value = true)]
     pub(crate) seed: u64,
+    /// Directories, created in waves
+    #[arg(long, default_value_t = 1000)]
     pub(crate) n: usize,
+    /// Rotations requested in the waves (at most two per directory)
+    #[arg(long, default_value_t = 300)]
     pub(crate) rotations: usize,
+    #[command(flatten)]
     pub(crate) counts: Counts,
-    /// Upper bound of the kubelet-like delay before a killed replica is started again.
+    /// Upper bound of the kubelet-like delay before a killed replica is started again, in seconds.
+    #[arg(long = "max-restart-delay", value_name = "SECS", default_value = "20", value_parser = secs_f64)]
     pub(crate) max_restart_delay: Duration,
     /// Share of each wave's creates that get a rotation right after the create, in percent (part
     /// of `rotations`).
+    #[arg(skip = 5_usize)]
     pub(crate) racing_percent: usize,
-    /// How long the cluster may take to converge after the last fault before the run fails.
+    /// How long the cluster may take to converge after the last fault before the run fails. Longer
+    /// than the operator's default --min-issue-interval (1m): an automatic re-issue deferred by it
+    /// must still be seen.
+    #[arg(skip = Duration::from_secs(300))]
     pub(crate) converge_timeout: Duration,
+    /// Build the operator with --release
+    #[arg(long)]
     pub(crate) release: bool,
+    /// Extra flags for the operator replicas
+    #[arg(last = true, value_name = "OPERATOR FLAGS")]
     pub(crate) operator_args: Vec<String>,
 }
 
 impl Default for Options {
+    /// The command line's defaults.
     fn default() -> Self {
-        Options {
-            seed: random_seed(),
-            n: 1000,
-            rotations: 300,
-            counts: Counts {
-                leader_kills: 20,
-                standby_kills: 2,
-                apiserver_restarts: 2,
-                etcd_restarts: 1,
-                leader_pauses: 1,
-            },
-            max_restart_delay: Duration::from_secs(20),
-            racing_percent: 5,
-            // Longer than the operator's default --min-issue-interval (1m): an automatic re-issue
-            // deferred by it must still be seen.
-            converge_timeout: Duration::from_secs(300),
-            release: false,
-            operator_args: vec![],
-        }
+        <Options as clap::Parser>::parse_from(["chaos"])
     }
+}
+
+impl Options {
+    pub(crate) fn validate(self) -> anyhow::Result<Self> {
+        ensure!(self.n > 0 && self.counts.total() > 0, "need at least one directory and one fault");
+        ensure!(self.rotations <= 2 * self.n, "--rotations must not exceed 2 × --n (two per directory at most)");
+        Ok(self)
+    }
+}
+
+/// `--max-restart-delay 2.5`: seconds, fractions allowed.
+fn secs_f64(s: &str) -> Result<Duration, String> {
+    s.parse::<f64>()
+        .ok()
+        .and_then(|v| Duration::try_from_secs_f64(v).ok())
+        .ok_or_else(|| format!("{s:?} is not a number of seconds"))
 }
 
 /// A seed from the clock, printed so that the run can be repeated.
 pub(crate) fn random_seed() -> u64 {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     schedule::Rng::new(now.as_nanos() as u64 ^ u64::from(std::process::id())).next_u64() % 1_000_000
-}
-
-pub(crate) fn parse(args: &[String]) -> anyhow::Result<Options> {
-    let mut o = Options::default();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut value = || it.next().cloned().with_context(|| format!("{a} needs a value"));
-        match a.as_str() {
-            "--seed" => o.seed = value()?.parse()?,
-            "--n" => o.n = value()?.parse()?,
-            "--rotations" => o.rotations = value()?.parse()?,
-            "--leader-kills" => o.counts.leader_kills = value()?.parse()?,
-            "--standby-kills" => o.counts.standby_kills = value()?.parse()?,
-            "--apiserver-restarts" => o.counts.apiserver_restarts = value()?.parse()?,
-            "--etcd-restarts" => o.counts.etcd_restarts = value()?.parse()?,
-            "--pauses" => o.counts.leader_pauses = value()?.parse()?,
-            "--max-restart-delay" => o.max_restart_delay = Duration::from_secs_f64(value()?.parse()?),
-            "--release" => o.release = true,
-            "--" => o.operator_args.extend(it.by_ref().cloned()),
-            other => bail!("unknown chaos option {other}\n{USAGE}"),
-        }
-    }
-    ensure!(o.n > 0 && o.counts.total() > 0, "need at least one directory and one fault");
-    ensure!(o.rotations <= 2 * o.n, "--rotations must not exceed 2 × --n (two per directory at most)");
-    Ok(o)
 }
 
 /// What a run found. [`Report::violations`] lists every broken invariant.

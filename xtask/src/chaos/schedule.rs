@@ -88,12 +88,22 @@ pub(crate) struct Step {
 }
 
 /// How many faults of each kind.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, clap::Args)]
 pub(crate) struct Counts {
+    /// SIGKILLs of the leader
+    #[arg(long, default_value_t = 20)]
     pub(crate) leader_kills: usize,
+    /// SIGKILLs of the standby
+    #[arg(long, default_value_t = 2)]
     pub(crate) standby_kills: usize,
+    /// kube-apiserver restarts in place
+    #[arg(long, default_value_t = 2)]
     pub(crate) apiserver_restarts: usize,
+    /// etcd restarts in place
+    #[arg(long, default_value_t = 1)]
     pub(crate) etcd_restarts: usize,
+    /// Leader pauses (SIGSTOP) past its Lease
+    #[arg(long = "pauses", default_value_t = 1)]
     pub(crate) leader_pauses: usize,
 }
 
