@@ -297,8 +297,12 @@ mod tests {
 
     use super::*;
 
+    fn try_parse(args: &[&str]) -> Result<Task, clap::Error> {
+        Task::try_parse_from(std::iter::once("xtask").chain(args.iter().copied()))
+    }
+
     fn parse(args: &[&str]) -> Task {
-        Task::try_parse_from(std::iter::once("xtask").chain(args.iter().copied())).unwrap_or_else(|e| panic!("{e}"))
+        try_parse(args).unwrap_or_else(|e| panic!("{e}"))
     }
 
     #[test]
@@ -346,7 +350,7 @@ mod tests {
     fn contradictions_and_unknown_values_are_refused() {
         for args in [&["bench", "--only", "nope"][..], &["bench", "--peer", "vault"], &["bench", "--idle-secs", "1.5"]]
         {
-            assert!(Task::try_parse_from(std::iter::once("xtask").chain(args.iter().copied())).is_err(), "{args:?}");
+            assert!(try_parse(args).is_err(), "{args:?}");
         }
         let Task::Bench(b) = parse(&["bench", "--n", "10", "--rotations", "11"]) else { panic!("not bench") };
         assert!(b.validate().is_err());
