@@ -82,9 +82,7 @@ impl Options {
         ensure!(self.restarts > 0, "--restarts must be at least 1");
         Ok(self)
     }
-}
 
-impl Options {
     /// The floor has as many requests in flight as the operator's run at most: the benchmark's
     /// concurrent creates plus the operator's concurrent reconciles (`--concurrency`, 16 by default).
     pub(crate) fn floor_concurrency(&self) -> usize {
