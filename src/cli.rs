@@ -74,9 +74,14 @@ pub struct RunArgs {
     /// How often the leader renews the Lease and a standby tries to take it.
     #[arg(long, env = "LEADER_ELECTION_RETRY_PERIOD", default_value = "2s", value_parser = interval)]
     pub retry_period: std::time::Duration,
-    /// Namespace of the Lease (default: the pod's namespace, else "default").
+    /// Namespace of the Lease and of the record key Secret (default: the pod's namespace, else "default").
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     pub lease_namespace: String,
+    /// Secret, in the operator's namespace, holding the key that seals the issue records on token
+    /// Secrets (created with a random key on the first start; keep it as private as the operator's
+    /// own credentials). See the README's "Issue records are sealed".
+    #[arg(long, env = "RECORD_KEY_SECRET", default_value = "scim-token-operator-record-key")]
+    pub record_key_secret: String,
     /// This replica's identity in the Lease and in Events (default: the pod name, else host name + pid).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
@@ -148,6 +153,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         format!("{}-{}", host.trim(), std::process::id())
     });
     let client = client(args.max_inflight_requests).await?;
+    // Before leadership: a replica that cannot read or create the key fails at once, not on takeover.
+    let record_key =
+        crate::secret::seal::load_or_create(client.clone(), &args.lease_namespace, &args.record_key_secret)
+            .await
+            .map_err(anyhow::Error::msg)?;
 
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
@@ -230,6 +240,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         instance: identity,
         min_issue_interval: args.min_issue_interval,
         fence,
+        record_key,
     };
     let mut stop = stop_rx.clone();
     let shutdown = async move {

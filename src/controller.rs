@@ -23,7 +23,7 @@ use crate::events::{EventType, Publisher};
 use crate::leader::{Fence, Fenced};
 use crate::metrics::{DirectoryLabels, ErrorLabels, Metrics, ReasonLabels, ScopeLabels};
 use crate::policy::{self, Decision, Desired, IssueReason, IssueRecord, SecretState};
-use crate::secret::{self, ObservedSecret, SecretCache, SecretView};
+use crate::secret::{self, ObservedSecret, RecordKey, SecretCache, SecretView};
 use crate::status;
 use crate::token::Token;
 
@@ -88,6 +88,8 @@ pub struct Settings {
     pub min_issue_interval: Duration,
     /// Checked right before every write: closed once this replica may no longer be the leader.
     pub fence: Fence,
+    /// Seals the issue records the operator writes, and tells them from records it did not write.
+    pub record_key: RecordKey,
 }
 
 /// Shared state of all reconciliations.
@@ -99,6 +101,7 @@ pub struct Context {
     pub failpoint: Option<String>,
     pub min_issue_interval: SignedDuration,
     pub fence: Fence,
+    pub record_key: RecordKey,
     /// Becomes true once the Secret cache holds its initial list. Reconciles wait on this channel rather
     /// than on `Store::wait_until_ready` directly: several tasks awaiting that at once were observed to
     /// wake only the first (found by the end-to-end suite with three directories at startup).
@@ -321,6 +324,7 @@ async fn run_scope(
         metrics,
         failpoint: settings.failpoint.clone(),
         fence: settings.fence.clone(),
+        record_key: settings.record_key.clone(),
         min_issue_interval: SignedDuration::try_from(settings.min_issue_interval).unwrap_or(SignedDuration::MAX),
         secrets_synced,
         failures: Mutex::default(),
@@ -475,7 +479,7 @@ async fn reconcile_inner(dir: &ScimDirectory, ctx: &Context) -> Result<Action> {
     // whose labels were stripped, or a foreign one), and after a create lost a race with another writer.
     for _ in 0..4 {
         let now = Timestamp::now();
-        let state = secret::observe(dir, observed.as_deref());
+        let state = secret::observe(dir, observed.as_deref(), &ctx.record_key);
         let decision = policy::decide(desired.as_ref().map_err(String::as_str), &status_view, &state, now);
         let first_token =
             matches!(decision, Decision::Issue(IssueReason::Initial)) && dir.status.is_none() && !create_refused;
@@ -506,7 +510,9 @@ async fn reconcile_inner(dir: &ScimDirectory, ctx: &Context) -> Result<Action> {
                 let message = format!(
                     "Secret {secret_name} exists and is not managed by this ScimDirectory; it is left untouched. Delete it or choose another spec.secretName"
                 );
-                let status = status::with(dir, None, status::condition(dir, false, "SecretConflict", &message, now));
+                // Fail closed: the token fields leave the status, so the verifier stops accepting a
+                // token the operator can no longer rotate or revoke (the Secret is no longer its own).
+                let status = status::without_token(dir, status::condition(dir, false, "SecretConflict", &message, now));
                 if write_status(ctx, dir, status).await? {
                     publish(ctx, dir, EventType::Warning, "SecretConflict", &message).await;
                 }
@@ -534,11 +540,14 @@ async fn reconcile_inner(dir: &ScimDirectory, ctx: &Context) -> Result<Action> {
                     previous: policy::overlap(desired, reason, &state, now),
                     ..policy::new_record(desired, token.hash(), reason, now)
                 };
-                let manifest = secret::desired_secret(dir, &token, &record);
+                let manifest = secret::desired_secret(dir, &token, &record, &ctx.record_key);
                 let written = match &state {
                     SecretState::Missing => {
                         ctx.fence.check()?;
-                        match secrets.create(&post_params(), &secret::initial_secret(dir, &token, &record)).await {
+                        match secrets
+                            .create(&post_params(), &secret::initial_secret(dir, &token, &record, &ctx.record_key))
+                            .await
+                        {
                             // The template goes on with server-side apply, so that removing a key from it
                             // later removes it from the Secret. A crash in between leaves a Secret that
                             // already holds the token and its record: it is adopted, and the template
@@ -601,7 +610,7 @@ async fn reconcile_inner(dir: &ScimDirectory, ctx: &Context) -> Result<Action> {
             Decision::Keep { record, restore_record, expired, overlap_ended } => {
                 let desired = desired.as_ref().expect("a Keep decision implies a valid spec");
                 if let Some(current) = &observed
-                    && (restore_record || secret::metadata_drifted(dir, current, &record))
+                    && (restore_record || secret::metadata_drifted(dir, current, &record, &ctx.record_key))
                 {
                     restore_metadata(ctx, dir, &secrets, current, &record, now).await?;
                     if overlap_ended {
@@ -643,7 +652,7 @@ async fn restore_metadata(
                 .with_code(409),
         )))
     })?;
-    let manifest = secret::desired_secret(dir, &token, record);
+    let manifest = secret::desired_secret(dir, &token, record, &ctx.record_key);
     match apply_secret(ctx, secrets, manifest, current.resource_version.clone()).await {
         Ok(()) => Ok(()),
         Err(error) => Err(report_write_failure(ctx, dir, error, &token, now).await),
@@ -661,12 +670,14 @@ async fn report_write_failure(
     token: &Token,
     now: Timestamp,
 ) -> Error {
+    // The API server does not echo data values today, but neither the status, an Event nor the log
+    // that `error_policy` writes may ever be how a token leaks, whatever the status code.
+    let error = scrub(error, token);
     let Error::Kube(kube::Error::Api(status)) = &error else { return error };
     if !matches!(status.code, 403 | 422) {
         return error;
     }
-    // The API server does not echo data values, but a message must never be the way a token leaks.
-    let reason = status.message.replace(token.expose(), "[redacted]");
+    let reason = &status.message;
     let message = format!("the API server refused to write Secret {}: {reason}", dir.secret_name());
     let status = status::with(dir, None, status::condition(dir, false, "SecretWriteFailed", &message, now));
     match write_status(ctx, dir, status).await {
@@ -675,6 +686,25 @@ async fn report_write_failure(
         Err(e) => warn!(error = %e, "could not report the failed Secret write in the status"),
     }
     Error::SecretWriteRefused(message)
+}
+
+/// The error of a request that carried `token`, with the token (plaintext or base64) removed from
+/// every message the API server sent back.
+fn scrub(error: Error, token: &Token) -> Error {
+    match error {
+        Error::Kube(kube::Error::Api(mut status)) => {
+            status.message = token.redact_from(&status.message);
+            status.reason = token.redact_from(&status.reason);
+            if let Some(details) = status.details.as_mut() {
+                for cause in &mut details.causes {
+                    cause.message = token.redact_from(&cause.message);
+                    cause.field = token.redact_from(&cause.field);
+                }
+            }
+            Error::Kube(kube::Error::Api(status))
+        }
+        other => other,
+    }
 }
 
 fn duration_until(at: Timestamp, now: Timestamp) -> Duration {
@@ -735,7 +765,9 @@ async fn finish(
         status::condition(dir, true, "TokenRotated", &message, now)
     };
     ctx.export_expiry(dir, record.expires_at);
-    if write_status(ctx, dir, status::with(dir, Some(record), ready)).await? && expired {
+    // An overlap that has ended leaves the status (the verifier would refuse the token anyway).
+    let shown = policy::with_live_overlap(record, now);
+    if write_status(ctx, dir, status::with(dir, Some(&shown), ready)).await? && expired {
         publish(ctx, dir, EventType::Warning, "TokenExpired", "the token has expired").await;
     }
     Ok(match policy::next_wakeup(desired, record, now) {
@@ -839,5 +871,26 @@ mod tests {
         dir.metadata.annotations = Some(BTreeMap::from([("other".into(), "x".into())]));
         strip_directory_noise(&mut dir);
         assert_eq!(dir.metadata.annotations, None);
+    }
+
+    #[test]
+    fn errors_of_token_writes_are_scrubbed_whatever_their_code() {
+        let token = Token::generate();
+        let b64 = serde_json::to_string(&k8s_openapi::ByteString(token.expose().as_bytes().to_vec())).unwrap();
+        for code in [400, 403, 409, 422, 500] {
+            let mut status =
+                kube::core::Status::failure(&format!("bad {} / {b64}", token.expose()), "Invalid").with_code(code);
+            status.details = Some(
+                serde_json::from_value(json!({ "causes": [{
+                    "reason": "FieldValueInvalid",
+                    "message": format!("Invalid value: {b64}"),
+                    "field": "data.token",
+                }] }))
+                .unwrap(),
+            );
+            let scrubbed = scrub(Error::Kube(kube::Error::Api(Box::new(status))), &token);
+            let shown = format!("{scrubbed} {scrubbed:?}");
+            assert!(!shown.contains(token.expose()) && !shown.contains(b64.trim_matches('"')), "{code}: {shown}");
+        }
     }
 }

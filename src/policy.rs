@@ -169,6 +169,10 @@ pub enum RecordState {
     Absent,
     /// Readable but inconsistent (an expiry that is not issue time + lifetime): someone wrote it by hand.
     Forged(String),
+    /// Readable and consistent, but not sealed with the operator's record key (see
+    /// [`crate::secret::seal`]): written by someone else, or before the key existed (an upgrade), or
+    /// under a key since lost. Believed only as far as the status vouches for it.
+    Unsealed(IssueRecord),
 }
 
 /// What the status last said about the token, used only to tell a deleted Secret from a new directory
@@ -314,6 +318,15 @@ pub fn decide(desired: Result<&Desired, &str>, status: &StatusView, secret: &Sec
         }
         RecordState::Valid(record) => (record.clone(), false),
         RecordState::Forged(_) => return Decision::Issue(IssueReason::RecordTampered),
+        // Not sealed by us: re-sealed as the status's record if the status says the same, else a
+        // record someone else wrote (a token of their choosing with its hash, a pushed-out expiry, a
+        // revived or planted previous token) and the token is replaced.
+        RecordState::Unsealed(record) => match &status.record {
+            Some(from_status) if &record.token_hash == token_hash && vouches(from_status, record, now) => {
+                (from_status.clone(), true)
+            }
+            _ => return Decision::Issue(IssueReason::RecordTampered),
+        },
         // Annotations stripped: the token is still ours if the status vouches for exactly this hash.
         RecordState::Absent => match &status.record {
             Some(from_status) if &from_status.token_hash == token_hash => (from_status.clone(), true),
@@ -346,7 +359,39 @@ pub fn decide(desired: Result<&Desired, &str>, status: &StatusView, secret: &Sec
     } else {
         record
     };
-    Decision::Keep { record, restore_record: restore_record || overlap_ended, expired, overlap_ended }
+    // A previous token lives no longer than the overlap the spec allows now: none without one.
+    let bounded = bound_previous(desired, &record);
+    let shortened = bounded.previous != record.previous;
+    Decision::Keep {
+        record: bounded,
+        restore_record: restore_record || overlap_ended || shortened,
+        expired,
+        overlap_ended,
+    }
+}
+
+/// Whether the status's record (which tenants cannot write) says what an unsealed record says about
+/// everything that decides a token's fate. The reason and the end-overlap request are not compared
+/// (the status does not carry the latter); an overlap that has ended is no longer compared either.
+fn vouches(from_status: &IssueRecord, record: &IssueRecord, now: Timestamp) -> bool {
+    let live = |r: &IssueRecord| r.previous.clone().filter(|p| p.valid_until > now);
+    from_status.token_hash == record.token_hash
+        && from_status.rotation_generation == record.rotation_generation
+        && from_status.rotation_request == record.rotation_request
+        && from_status.issued_at == record.issued_at
+        && from_status.expires_at == record.expires_at
+        && live(from_status) == live(record)
+}
+
+/// The record with its previous token cut to what the spec allows: dropped without
+/// `spec.rotationOverlap`, ended at most that long after the issue otherwise.
+pub fn bound_previous(desired: &Desired, record: &IssueRecord) -> IssueRecord {
+    let previous = record.previous.as_ref().and_then(|previous| {
+        let window = desired.rotation_overlap.as_ref()?;
+        let latest = record.issued_at.saturating_add(window.as_signed_duration()).expect("in range");
+        Some(PreviousToken { token_hash: previous.token_hash.clone(), valid_until: previous.valid_until.min(latest) })
+    });
+    IssueRecord { previous, ..record.clone() }
 }
 
 /// The overlap a new token opens for the one it replaces: only for rotations somebody planned (a spec
@@ -401,15 +446,22 @@ pub fn throttle(
     }
 }
 
+/// The record without its previous token once that token's window has ended.
+pub fn with_live_overlap(record: &IssueRecord, now: Timestamp) -> IssueRecord {
+    IssueRecord { previous: record.previous.clone().filter(|p| p.valid_until > now), ..record.clone() }
+}
+
 /// When a token must be renewed, if `renewBefore` is set and the token expires.
 pub fn renewal_time(desired: &Desired, record: &IssueRecord) -> Option<Timestamp> {
     record.expires_at?.checked_sub(desired.renew_before.as_ref()?.as_signed_duration()).ok()
 }
 
-/// The next instant at which the decision can change by itself (renewal or expiry), so the controller
-/// requeues exactly then instead of polling.
+/// The next instant at which the decision or the status can change by itself (renewal, expiry, the
+/// end of an overlap, when the status drops the previous token), so the controller requeues exactly
+/// then instead of polling.
 pub fn next_wakeup(desired: &Desired, record: &IssueRecord, now: Timestamp) -> Option<Timestamp> {
-    [renewal_time(desired, record), record.expires_at].into_iter().flatten().filter(|t| *t > now).min()
+    let overlap_end = record.previous.as_ref().map(|p| p.valid_until);
+    [renewal_time(desired, record), record.expires_at, overlap_end].into_iter().flatten().filter(|t| *t > now).min()
 }
 
 /// The record of a token issued now for `desired`.
@@ -451,6 +503,12 @@ mod tests {
     }
     fn owned(h: Option<TokenHash>, record: Option<IssueRecord>) -> SecretState {
         SecretState::Owned { token_hash: h, record: record.map_or(RecordState::Absent, RecordState::Valid) }
+    }
+    fn unsealed(h: Option<TokenHash>, record: IssueRecord) -> SecretState {
+        SecretState::Owned { token_hash: h, record: RecordState::Unsealed(record) }
+    }
+    fn with_previous(r: &IssueRecord, h: TokenHash, until: &str) -> IssueRecord {
+        IssueRecord { previous: Some(PreviousToken { token_hash: h, valid_until: ts(until) }), ..r.clone() }
     }
     const T0: &str = "2026-01-01T00:00:00Z";
 
@@ -677,6 +735,70 @@ mod tests {
                 "2026-03-31T23:59:59Z",
                 keep(&rec_exp, false, false),
             ),
+            (
+                "unsealed record the status vouches for (an upgrade, a lost key): re-sealed, no new token",
+                Ok(with_expiry.clone()),
+                status_with(&rec_exp),
+                unsealed(Some(hash('a')), rec_exp.clone()),
+                T0,
+                keep(&rec_exp, true, false),
+            ),
+            (
+                "unsealed record with the issue time pushed forward",
+                Ok(with_expiry.clone()),
+                status_with(&rec_exp),
+                unsealed(Some(hash('a')), record(&with_expiry, hash('a'), "2026-01-01T00:00:50Z")),
+                T0,
+                Decision::Issue(IssueReason::RecordTampered),
+            ),
+            (
+                "unsealed record no status vouches for (a planted Secret record)",
+                Ok(base.clone()),
+                StatusView::default(),
+                unsealed(Some(hash('a')), rec.clone()),
+                T0,
+                Decision::Issue(IssueReason::RecordTampered),
+            ),
+            (
+                "unsealed record naming a token of someone's choosing, with its hash",
+                Ok(base.clone()),
+                status_with(&rec),
+                unsealed(Some(hash('b')), record(&base, hash('b'), T0)),
+                T0,
+                Decision::Issue(IssueReason::RecordTampered),
+            ),
+            (
+                "unsealed record with a previous token planted",
+                Ok(base.clone()),
+                status_with(&rec),
+                unsealed(Some(hash('a')), with_previous(&rec, hash('c'), "2026-01-01T01:00:00Z")),
+                T0,
+                Decision::Issue(IssueReason::RecordTampered),
+            ),
+            (
+                "sealed previous token, but the spec has no rotationOverlap (any more): dropped",
+                Ok(base.clone()),
+                status_with(&rec),
+                owned(Some(hash('a')), Some(with_previous(&rec, hash('c'), "2026-01-01T01:00:00Z"))),
+                T0,
+                keep(&rec, true, false),
+            ),
+            (
+                "sealed previous token beyond the spec's overlap: cut to it",
+                Ok(base.clone().with_overlap(Some("10m"), None).unwrap()),
+                status_with(&rec),
+                owned(Some(hash('a')), Some(with_previous(&rec, hash('c'), "2026-01-01T01:00:00Z"))),
+                T0,
+                keep(&with_previous(&rec, hash('c'), "2026-01-01T00:10:00Z"), true, false),
+            ),
+            (
+                "sealed previous token within the spec's overlap: kept as is",
+                Ok(base.clone().with_overlap(Some("1h"), None).unwrap()),
+                status_with(&rec),
+                owned(Some(hash('a')), Some(with_previous(&rec, hash('c'), "2026-01-01T01:00:00Z"))),
+                T0,
+                keep(&with_previous(&rec, hash('c'), "2026-01-01T01:00:00Z"), false, false),
+            ),
         ];
         for (name, desired, status, secret, now, want) in cases {
             let got = decide(desired.as_ref().map_err(String::as_str), &status, &secret, ts(now));
@@ -896,5 +1018,10 @@ mod tests {
         assert_eq!(next_wakeup(&renewing, &r, ts("2026-04-02T00:00:00Z")), None);
         let perpetual = desired(0, None, None, None);
         assert_eq!(next_wakeup(&perpetual, &record(&perpetual, hash('a'), T0), ts(T0)), None);
+        // The end of an overlap: the status then drops the previous token.
+        let overlapping = with_previous(&record(&perpetual, hash('a'), T0), hash('b'), "2026-01-01T01:00:00Z");
+        assert_eq!(next_wakeup(&perpetual, &overlapping, ts(T0)), Some(ts("2026-01-01T01:00:00Z")));
+        assert_eq!(with_live_overlap(&overlapping, ts("2026-01-01T00:59:59Z")), overlapping);
+        assert_eq!(with_live_overlap(&overlapping, ts("2026-01-01T01:00:00Z")).previous, None);
     }
 }

@@ -68,6 +68,17 @@ pub fn with(dir: &ScimDirectory, record: Option<&IssueRecord>, ready: Condition)
     status
 }
 
+/// The status of a directory whose token the operator no longer controls (its Secret is someone
+/// else's): no token fields at all, so no verifier accepts the token any longer.
+pub fn without_token(dir: &ScimDirectory, ready: Condition) -> ScimDirectoryStatus {
+    ScimDirectoryStatus {
+        observed_generation: dir.metadata.generation,
+        secret_name: Some(dir.secret_name()),
+        conditions: vec![ready],
+        ..ScimDirectoryStatus::default()
+    }
+}
+
 pub fn condition(dir: &ScimDirectory, ready: bool, reason: &str, message: &str, now: Timestamp) -> Condition {
     let status = if ready { "True" } else { "False" };
     // Keep the transition time while the condition's status does not change, so a steady state

@@ -81,6 +81,24 @@ impl Token {
     pub fn hash(&self) -> TokenHash {
         TokenHash::of_bytes(self.expose().as_bytes())
     }
+
+    /// `text` with every form of this token a request carrying it could echo replaced: the plaintext
+    /// and its base64 (a Secret's `data`, with and without padding, standard and URL-safe alphabets).
+    pub fn redact_from(&self, text: &str) -> String {
+        // k8s-openapi's ByteString serializes as standard, padded base64: the form `data` carries.
+        let encoded = serde_json::to_string(&k8s_openapi::ByteString(self.expose().as_bytes().to_vec()))
+            .expect("bytes serialize");
+        let padded = Zeroizing::new(encoded.trim_matches('"').to_owned());
+        let unpadded = padded.trim_end_matches('=');
+        let url_safe = Zeroizing::new(unpadded.replace('+', "-").replace('/', "_"));
+        let mut out = text.to_owned();
+        for form in [self.expose(), padded.as_str(), unpadded, url_safe.as_str()] {
+            if !form.is_empty() {
+                out = out.replace(form, "[redacted]");
+            }
+        }
+        out
+    }
 }
 
 impl fmt::Debug for Token {
@@ -362,5 +380,19 @@ mod tests {
         ] {
             assert_eq!(TokenHash::parse(&bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn redaction_covers_the_plaintext_and_its_base64() {
+        let token = Token::generate();
+        let b64 = serde_json::to_string(&k8s_openapi::ByteString(token.expose().as_bytes().to_vec())).unwrap();
+        let b64 = b64.trim_matches('"');
+        let message =
+            format!("data.token: Invalid value: \"{b64}\" and {} and {}", token.expose(), b64.trim_end_matches('='));
+        let redacted = token.redact_from(&message);
+        assert!(!redacted.contains(token.expose()), "{redacted}");
+        assert!(!redacted.contains(b64.trim_end_matches('=')), "{redacted}");
+        assert_eq!(redacted.matches("[redacted]").count(), 3, "{redacted}");
+        assert_eq!(token.redact_from("nothing here"), "nothing here");
     }
 }

@@ -35,20 +35,6 @@ async fn assert_status_matches_secret(env: &Env, dir: &str, secret: &str) -> Str
     token
 }
 
-/// Moves a Secret's issue record back in time so that its token (of `lifetime` seconds) expires four
-/// seconds from now; returns that instant.
-async fn backdate(env: &Env, secret: &str, lifetime: i64) -> k8s_openapi::jiff::Timestamp {
-    use k8s_openapi::jiff::Timestamp;
-    let soon = Timestamp::from_second(Timestamp::now().as_second() + 4).unwrap();
-    let issued = Timestamp::from_second(soon.as_second() - lifetime).unwrap();
-    let annotations = json!({ "metadata": { "annotations": {
-        "scim.tokenops.dev/issued-at": issued.to_string(),
-        "scim.tokenops.dev/expires-at": soon.to_string(),
-    } } });
-    env.secrets().patch(secret, &PatchParams::default(), &Patch::Merge(annotations)).await.unwrap();
-    soon
-}
-
 async fn patch_spec(env: &Env, name: &str, spec: serde_json::Value) {
     env.dirs().patch(name, &PatchParams::default(), &Patch::Merge(json!({ "spec": spec }))).await.unwrap();
 }
@@ -340,7 +326,7 @@ async fn expiry_is_reported_at_the_instant_it_happens() {
     // Token lifetimes are at least an hour, so the test back-dates the record on the Secret (where the
     // operator reads it) so that the token expires a few seconds from now; the operator must wake up
     // then by itself. Issue time and expiry stay consistent: an expiry alone is caught as forged.
-    backdate(&env, "globex-scim-token", 15552000).await;
+    env.backdate("globex", 15552000, 4).await;
     // Renewal (14d before) is due at once for such a token: the operator renews instead of expiring.
     let renewed = wait_for("renewal", Duration::from_secs(30), || async {
         env.token("globex-scim-token").await.filter(|t| *t != token)
@@ -358,7 +344,7 @@ async fn expiry_is_reported_at_the_instant_it_happens() {
     })
     .await;
     env.wait_ready_reason("globex", "TokenRotated").await;
-    let soon = backdate(&env, "globex-scim-token", 7200).await;
+    let soon = env.backdate("globex", 7200, 4).await;
     let d = env.wait_ready_reason("globex", "TokenExpired").await;
     assert_eq!(d.ready_condition().unwrap().status, "False");
     let now = k8s_openapi::jiff::Timestamp::now().as_second();

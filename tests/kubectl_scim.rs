@@ -10,7 +10,6 @@ use std::process::{Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use scim_token_operator::token::Token;
 use serde_json::{Value, json};
@@ -364,15 +363,9 @@ async fn check_refuses_an_expired_token_and_status_says_what_to_do() {
     let fresh = scim.check("acme", &token);
     assert!(fresh.ok().stdout.starts_with("yes: the current token") && fresh.stdout.contains("m)"), "{fresh:?}");
 
-    // Back-dated consistently: issued two hours ago, so it expired an hour ago (expires-at alone would
-    // be tampering, and re-issued).
-    let issued = Timestamp::from_second(Timestamp::now().as_second() - 7200).unwrap();
-    let expired = Timestamp::from_second(issued.as_second() + 3600).unwrap();
-    let record = json!({ "metadata": { "annotations": {
-        "scim.tokenops.dev/issued-at": issued.to_string(),
-        "scim.tokenops.dev/expires-at": expired.to_string(),
-    } } });
-    env.secrets().patch("acme-scim-token", &PatchParams::default(), &Patch::Merge(record)).await.unwrap();
+    // Back-dated through the operator's record key (a hand edit would be tampering, and re-issued):
+    // issued two hours ago, so it expired an hour ago.
+    let expired = env.backdate("acme", 3600, -3600).await;
     env.wait_ready_reason("acme", "TokenExpired").await;
     assert_eq!(env.token("acme-scim-token").await.unwrap(), token, "not re-issued");
 

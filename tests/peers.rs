@@ -12,9 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kube::api::{Patch, PatchParams};
 use scim_token_operator::token::Token;
-use serde_json::json;
 use support::{Env, HttpResponse, free_port, http_request, wait_for};
 
 const PEERS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers");
@@ -96,15 +94,7 @@ async fn directories(env: &Env) {
 
 /// Back-dates globex's issue record so that its token expires two seconds from now.
 async fn expire_soon(env: &Env) -> k8s_openapi::jiff::Timestamp {
-    use k8s_openapi::jiff::Timestamp;
-    let soon = Timestamp::from_second(Timestamp::now().as_second() + 2).unwrap();
-    let issued = Timestamp::from_second(soon.as_second() - 90 * 86_400).unwrap();
-    let backdate = json!({ "metadata": { "annotations": {
-        "scim.tokenops.dev/issued-at": issued.to_string(),
-        "scim.tokenops.dev/expires-at": soon.to_string(),
-    } } });
-    env.secrets().patch("globex-scim-token", &PatchParams::default(), &Patch::Merge(backdate)).await.unwrap();
-    soon
+    env.backdate("globex", 90 * 86_400, 2).await
 }
 
 /// nginx with the proven configuration: tenant-a bound to directory `ns/acme`, tenant-b to `ns/globex`.

@@ -19,9 +19,11 @@ use crate::policy::{IssueReason, IssueRecord, PreviousToken, RecordState, Secret
 use crate::token::{Token, TokenHash};
 
 mod cache;
+pub mod seal;
 mod view;
 
 pub use cache::SecretCache;
+pub use seal::{RecordKey, SEAL_ANNOTATION, Seal};
 pub use view::SecretView;
 
 /// Data key holding the plaintext token.
@@ -142,13 +144,20 @@ pub fn is_directory_controlled(meta: &ObjectMeta) -> bool {
     })
 }
 
-/// Classifies a Secret found under the directory's Secret name.
-pub fn observe(dir: &ScimDirectory, secret: Option<&SecretView>) -> SecretState {
+/// Classifies a Secret found under the directory's Secret name. A record is
+/// [`RecordState::Valid`] only with this directory's seal under `key`.
+pub fn observe(dir: &ScimDirectory, secret: Option<&SecretView>, key: &RecordKey) -> SecretState {
     let Some(secret) = secret else { return SecretState::Missing };
     if !secret.is_controlled_by(dir) {
         return SecretState::Foreign;
     }
-    SecretState::Owned { token_hash: secret.token_hash.clone(), record: secret.record.clone() }
+    let record = match &secret.record {
+        RecordState::Valid(record) if !key.verifies(dir, record, secret.seal.as_ref()) => {
+            RecordState::Unsealed(record.clone())
+        }
+        other => other.clone(),
+    };
+    SecretState::Owned { token_hash: secret.token_hash.clone(), record }
 }
 
 /// Whether `meta` carries a controller ownerReference to exactly this directory (by UID).
@@ -220,8 +229,11 @@ pub fn read_record(annotations: &BTreeMap<String, String>) -> RecordState {
     }
 }
 
-fn record_annotations(dir: &ScimDirectory, record: &IssueRecord) -> BTreeMap<String, String> {
+/// The issue record as the operator writes it: its annotations, sealed with `key`. Public for the
+/// end-to-end tests, which hold the key and back-date records through it (a tenant cannot).
+pub fn record_annotations(dir: &ScimDirectory, record: &IssueRecord, key: &RecordKey) -> BTreeMap<String, String> {
     let mut a = BTreeMap::from([
+        (SEAL_ANNOTATION.to_owned(), key.seal(dir, record)),
         (DIRECTORY_ANNOTATION.to_owned(), dir.metadata.name.clone().unwrap_or_default()),
         (HASH_ANNOTATION.to_owned(), record.token_hash.to_string()),
         (GENERATION_ANNOTATION.to_owned(), record.rotation_generation.to_string()),
@@ -264,16 +276,16 @@ fn digest(labels: &BTreeMap<String, String>, annotations: &BTreeMap<String, Stri
 }
 
 /// The complete desired Secret: the token, the issue record, the template and its digest.
-pub fn desired_secret(dir: &ScimDirectory, token: &Token, record: &IssueRecord) -> Secret {
-    secret_with(metadata(dir, record, true), token)
+pub fn desired_secret(dir: &ScimDirectory, token: &Token, record: &IssueRecord, key: &RecordKey) -> Secret {
+    secret_with(metadata(dir, record, key, true), token)
 }
 
 /// The Secret as first created (with `create`, which never overwrites): without the template. Fields
 /// a `create` sets are owned by an Update-operation manager, which server-side apply never prunes, so
 /// the template is added by a server-side apply right after, and a key later dropped from the
 /// template is then removed from the Secret.
-pub fn initial_secret(dir: &ScimDirectory, token: &Token, record: &IssueRecord) -> Secret {
-    secret_with(metadata(dir, record, false), token)
+pub fn initial_secret(dir: &ScimDirectory, token: &Token, record: &IssueRecord, key: &RecordKey) -> Secret {
+    secret_with(metadata(dir, record, key, false), token)
 }
 
 fn secret_with(metadata: ObjectMeta, token: &Token) -> Secret {
@@ -286,11 +298,11 @@ fn secret_with(metadata: ObjectMeta, token: &Token) -> Secret {
 }
 
 /// Name, owner, the managed-by label, the issue record and, `with_template`, the template and its digest.
-fn metadata(dir: &ScimDirectory, record: &IssueRecord, with_template: bool) -> ObjectMeta {
+fn metadata(dir: &ScimDirectory, record: &IssueRecord, key: &RecordKey, with_template: bool) -> ObjectMeta {
     let (mut labels, mut annotations) = if with_template { template(dir) } else { Default::default() };
     let template_digest = digest(&labels, &annotations);
     labels.insert(MANAGED_BY_LABEL.to_owned(), MANAGED_BY_VALUE.to_owned());
-    annotations.extend(record_annotations(dir, record));
+    annotations.extend(record_annotations(dir, record, key));
     if let Some(digest) = template_digest {
         annotations.insert(TEMPLATE_ANNOTATION.to_owned(), digest);
     }
@@ -318,8 +330,8 @@ pub fn stored_token(secret: &Secret) -> Option<Token> {
 
 /// True when the Secret lacks any of the labels/annotations the directory wants on it, or was last
 /// given another template (a key the template dropped is still there).
-pub fn metadata_drifted(dir: &ScimDirectory, secret: &SecretView, record: &IssueRecord) -> bool {
-    let want = metadata(dir, record, true);
+pub fn metadata_drifted(dir: &ScimDirectory, secret: &SecretView, record: &IssueRecord, key: &RecordKey) -> bool {
+    let want = metadata(dir, record, key, true);
     // A wanted digest is among the wanted annotations; an unwanted one must be gone.
     let wants_digest = want.annotations.as_ref().is_some_and(|a| a.contains_key(TEMPLATE_ANNOTATION));
     !secret.has_labels(want.labels.as_ref())
@@ -376,18 +388,19 @@ mod tests {
     #[test]
     fn secret_round_trips_its_record_and_is_owned() {
         let dir = directory();
+        let key = RecordKey::generate();
         let token = Token::generate();
         let desired = Desired::parse(3, Some("90d"), None, Some("req-1")).unwrap();
         let record = new_record(&desired, token.hash(), IssueReason::Initial, Timestamp::now());
-        let secret = desired_secret(&dir, &token, &record);
+        let secret = desired_secret(&dir, &token, &record, &key);
 
         assert_eq!(secret.metadata.name.as_deref(), Some("acme-scim-token"));
         assert_eq!(secret.metadata.labels.as_ref().unwrap()["team"], "idp");
         assert_eq!(secret.metadata.annotations.as_ref().unwrap()["note"], "hi");
         assert_eq!(secret.metadata.annotations.as_ref().unwrap()[HASH_ANNOTATION], token.hash().to_string());
-        assert!(!metadata_drifted(&dir, &SecretView::of(&secret), &record));
+        assert!(!metadata_drifted(&dir, &SecretView::of(&secret), &record, &key));
         assert_eq!(
-            observe(&dir, Some(&SecretView::of(&secret))),
+            observe(&dir, Some(&SecretView::of(&secret)), &key),
             SecretState::Owned { token_hash: Some(token.hash()), record: RecordState::Valid(record.clone()) }
         );
         assert_eq!(stored_token(&secret).unwrap().expose(), token.expose());
@@ -398,73 +411,75 @@ mod tests {
     #[test]
     fn the_template_is_applied_after_create_and_its_changes_are_drift() {
         let mut dir = directory();
+        let key = RecordKey::generate();
         let token = Token::generate();
         let desired = Desired::parse(0, None, None, None).unwrap();
         let record = new_record(&desired, token.hash(), IssueReason::Initial, Timestamp::now());
 
         // Created without the template (create-owned fields are never pruned by server-side apply).
-        let created = initial_secret(&dir, &token, &record);
+        let created = initial_secret(&dir, &token, &record, &key);
         assert!(!created.metadata.labels.as_ref().unwrap().contains_key("team"));
         assert!(!created.metadata.annotations.as_ref().unwrap().contains_key(TEMPLATE_ANNOTATION));
         assert_eq!(read_record(created.metadata.annotations.as_ref().unwrap()), RecordState::Valid(record.clone()));
         assert!(has_template(&dir));
         let created = SecretView::of(&created);
-        assert!(metadata_drifted(&dir, &created, &record), "the template still has to be applied");
+        assert!(metadata_drifted(&dir, &created, &record, &key), "the template still has to be applied");
 
-        let applied = SecretView::of(&desired_secret(&dir, &token, &record));
-        assert!(!metadata_drifted(&dir, &applied, &record));
+        let applied = SecretView::of(&desired_secret(&dir, &token, &record, &key));
+        assert!(!metadata_drifted(&dir, &applied, &record, &key));
         // Another label on the Secret is no drift; a key dropped from the template is.
-        let mut extra = desired_secret(&dir, &token, &record);
+        let mut extra = desired_secret(&dir, &token, &record, &key);
         extra.metadata.labels.as_mut().unwrap().insert("someone".into(), "else".into());
-        assert!(!metadata_drifted(&dir, &SecretView::of(&extra), &record));
+        assert!(!metadata_drifted(&dir, &SecretView::of(&extra), &record, &key));
         // A label taken off or changed is drift; so is another type.
-        for (key, value) in [("team", None), ("team", Some("other")), (MANAGED_BY_LABEL, Some("someone"))] {
-            let mut changed = desired_secret(&dir, &token, &record);
+        for (label, value) in [("team", None), ("team", Some("other")), (MANAGED_BY_LABEL, Some("someone"))] {
+            let mut changed = desired_secret(&dir, &token, &record, &key);
             let labels = changed.metadata.labels.as_mut().unwrap();
             match value {
-                Some(v) => labels.insert(key.into(), v.into()),
-                None => labels.remove(key),
+                Some(v) => labels.insert(label.into(), v.into()),
+                None => labels.remove(label),
             };
-            assert!(metadata_drifted(&dir, &SecretView::of(&changed), &record), "{key}: {value:?}");
+            assert!(metadata_drifted(&dir, &SecretView::of(&changed), &record, &key), "{label}: {value:?}");
         }
-        let mut retyped = desired_secret(&dir, &token, &record);
+        let mut retyped = desired_secret(&dir, &token, &record, &key);
         retyped.type_ = Some("kubernetes.io/basic-auth".into());
-        assert!(metadata_drifted(&dir, &SecretView::of(&retyped), &record));
+        assert!(metadata_drifted(&dir, &SecretView::of(&retyped), &record, &key));
         dir.spec.secret_template.as_mut().unwrap().annotations.remove("note");
-        assert!(metadata_drifted(&dir, &applied, &record), "the Secret still carries the dropped key");
-        assert!(!metadata_drifted(&dir, &SecretView::of(&desired_secret(&dir, &token, &record)), &record));
+        assert!(metadata_drifted(&dir, &applied, &record, &key), "the Secret still carries the dropped key");
+        assert!(!metadata_drifted(&dir, &SecretView::of(&desired_secret(&dir, &token, &record, &key)), &record, &key));
         // No template: no digest, nothing to apply after the create.
         dir.spec.secret_template = None;
         assert!(!has_template(&dir));
-        assert!(metadata_drifted(&dir, &applied, &record));
-        assert!(!metadata_drifted(&dir, &SecretView::of(&initial_secret(&dir, &token, &record)), &record));
+        assert!(metadata_drifted(&dir, &applied, &record, &key));
+        assert!(!metadata_drifted(&dir, &SecretView::of(&initial_secret(&dir, &token, &record, &key)), &record, &key));
     }
 
     #[test]
     fn ownership_and_stripped_metadata_are_recognised() {
         let dir = directory();
+        let key = RecordKey::generate();
         let token = Token::generate();
         let desired = Desired::parse(0, None, None, None).unwrap();
         let record = new_record(&desired, token.hash(), IssueReason::Initial, Timestamp::now());
-        let mut secret = ObservedSecret::of(&desired_secret(&dir, &token, &record));
+        let mut secret = ObservedSecret::of(&desired_secret(&dir, &token, &record, &key));
         assert!(is_directory_controlled(&secret.metadata));
 
         let mut other = dir.clone();
         other.metadata.uid = Some("uid-2".into());
         other.metadata.name = Some("other".into());
         let view = |s: &ObservedSecret| SecretView::from(s);
-        assert_eq!(observe(&other, Some(&view(&secret))), SecretState::Foreign, "another directory's Secret");
-        assert_eq!(observe(&dir, None), SecretState::Missing);
+        assert_eq!(observe(&other, Some(&view(&secret)), &key), SecretState::Foreign, "another directory's Secret");
+        assert_eq!(observe(&dir, None, &key), SecretState::Missing);
 
         secret.metadata.annotations = None;
-        assert!(metadata_drifted(&dir, &view(&secret), &record));
+        assert!(metadata_drifted(&dir, &view(&secret), &record, &key));
         assert_eq!(
-            observe(&dir, Some(&view(&secret))),
+            observe(&dir, Some(&view(&secret)), &key),
             SecretState::Owned { token_hash: Some(token.hash()), record: RecordState::Absent }
         );
 
         secret.metadata.owner_references = None;
-        assert_eq!(observe(&dir, Some(&view(&secret))), SecretState::Foreign);
+        assert_eq!(observe(&dir, Some(&view(&secret)), &key), SecretState::Foreign);
         assert!(!is_directory_controlled(&secret.metadata));
         // A controller reference to something else is not a directory's.
         let mut deployment_owned = dir.controller_owner_ref(&()).unwrap();
@@ -505,9 +520,10 @@ mod tests {
     #[test]
     fn the_expiry_is_derived_and_a_forged_one_is_caught() {
         let dir = directory();
+        let key = RecordKey::generate();
         let desired = Desired::parse(0, Some("90d"), None, None).unwrap();
         let record = new_record(&desired, Token::generate().hash(), IssueReason::Initial, Timestamp::now());
-        let annotations = record_annotations(&dir, &record);
+        let annotations = record_annotations(&dir, &record, &key);
         assert_eq!(read_record(&annotations), RecordState::Valid(record.clone()));
 
         let with = |key: &str, value: Option<&str>| {
@@ -535,7 +551,7 @@ mod tests {
         let until = Timestamp::from_second(record.issued_at.as_second() + 3600).unwrap();
         overlapping.previous = Some(PreviousToken { token_hash: TokenHash::of_bytes(b"old"), valid_until: until });
         overlapping.end_overlap_request = Some("e1".into());
-        let annotations = record_annotations(&dir, &overlapping);
+        let annotations = record_annotations(&dir, &overlapping, &key);
         assert_eq!(read_record(&annotations), RecordState::Valid(overlapping.clone()));
         let mut extended = annotations.clone();
         extended.insert(PREVIOUS_VALID_UNTIL_ANNOTATION.into(), "2099-01-01T00:00:00Z".into());
@@ -543,5 +559,43 @@ mod tests {
         let mut half = annotations.clone();
         half.remove(PREVIOUS_VALID_UNTIL_ANNOTATION);
         assert_eq!(read_record(&half), RecordState::Absent);
+    }
+
+    #[test]
+    fn only_a_record_sealed_for_this_directory_under_the_key_is_valid() {
+        let dir = directory();
+        let key = RecordKey::generate();
+        let token = Token::generate();
+        let desired = Desired::parse(0, Some("90d"), None, None).unwrap();
+        let record = new_record(&desired, token.hash(), IssueReason::Initial, Timestamp::now());
+        let secret = desired_secret(&dir, &token, &record, &key);
+        let state = |s: &Secret, d: &ScimDirectory, k: &RecordKey| match observe(d, Some(&SecretView::of(s)), k) {
+            SecretState::Owned { record, .. } => record,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(state(&secret, &dir, &key), RecordState::Valid(record.clone()));
+        // Under another key (a lost or replaced key), or without a seal (written before seals): unsealed.
+        assert_eq!(state(&secret, &dir, &RecordKey::generate()), RecordState::Unsealed(record.clone()));
+        let mut unsealed = secret.clone();
+        unsealed.metadata.annotations.as_mut().unwrap().remove(SEAL_ANNOTATION);
+        assert_eq!(state(&unsealed, &dir, &key), RecordState::Unsealed(record.clone()));
+        // Consistently back-dated by hand (issued-at and expires-at moved together): unsealed.
+        let mut moved = secret.clone();
+        let later = IssueRecord {
+            issued_at: Timestamp::from_second(record.issued_at.as_second() + 50).unwrap(),
+            expires_at: record.expires_at.map(|t| Timestamp::from_second(t.as_second() + 50).unwrap()),
+            ..record.clone()
+        };
+        let annotations = moved.metadata.annotations.as_mut().unwrap();
+        annotations.insert(ISSUED_AT_ANNOTATION.into(), later.issued_at.to_string());
+        annotations.insert(EXPIRES_AT_ANNOTATION.into(), later.expires_at.unwrap().to_string());
+        assert_eq!(state(&moved, &dir, &key), RecordState::Unsealed(later));
+        // Another directory's sealed record, copied with its seal onto a Secret this one controls.
+        let mut other = dir.clone();
+        other.metadata.name = Some("globex".into());
+        let copied = desired_secret(&other, &token, &record, &key);
+        let mut planted = secret.clone();
+        planted.metadata.annotations = copied.metadata.annotations.clone();
+        assert_eq!(state(&planted, &dir, &key), RecordState::Unsealed(record.clone()));
     }
 }

@@ -13,7 +13,7 @@ use std::sync::LazyLock;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use super::{ObservedSecret, TEMPLATE_ANNOTATION, read_record};
+use super::{ObservedSecret, SEAL_ANNOTATION, Seal, TEMPLATE_ANNOTATION, read_record};
 use crate::api::ScimDirectory;
 use crate::policy::RecordState;
 use crate::token::TokenHash;
@@ -31,6 +31,8 @@ pub struct SecretView {
     pub token_hash: Option<TokenHash>,
     /// The issue record its annotations carry, read once per version rather than once per decision.
     pub record: RecordState,
+    /// The record's seal, as written (checked against the directory in [`super::observe`]).
+    pub seal: Option<Seal>,
     /// Whether it carries a template digest annotation.
     templated: bool,
     labels: EntryDigests,
@@ -76,6 +78,7 @@ impl From<&ObservedSecret> for SecretView {
             opaque: secret.type_.as_deref() == Some("Opaque"),
             token_hash: secret.token_hash.clone(),
             record: meta.annotations.as_ref().map_or(RecordState::Absent, read_record),
+            seal: meta.annotations.as_ref().and_then(|a| a.get(SEAL_ANNOTATION)).and_then(|v| Seal::parse(v)),
             templated: meta.annotations.as_ref().is_some_and(|a| a.contains_key(TEMPLATE_ANNOTATION)),
             labels: EntryDigests::of(meta.labels.as_ref()),
             annotations: EntryDigests::of(meta.annotations.as_ref()),

@@ -131,6 +131,53 @@ impl Env {
 }
 
 /// Polls `f` every 100 ms until it returns Some, or panics after `timeout`.
+/// Name of the record key Secret the operator creates in its namespace (the test namespace: every
+/// test's operator runs with `--lease-namespace` = its namespace).
+pub const RECORD_KEY_SECRET: &str = "scim-token-operator-record-key";
+
+impl Env {
+    /// The operator's record key, as a test with the cluster admin's rights reads it.
+    pub async fn record_key(&self) -> scim_token_operator::secret::RecordKey {
+        let secret = self.secrets().get(RECORD_KEY_SECRET).await.expect("the operator created its record key");
+        let bytes = &secret.data.as_ref().and_then(|d| d.get("key")).expect("data.key").0;
+        scim_token_operator::secret::RecordKey::from_bytes(bytes).unwrap()
+    }
+
+    /// Rewrites the issue record on directory `name`'s Secret and seals it with the operator's key:
+    /// the suite's test-only way to move a token through time (a tenant, who cannot read the key, can
+    /// only write an unsealed record, which the operator does not believe).
+    pub async fn rewrite_record(&self, name: &str, change: impl FnOnce(&mut scim_token_operator::policy::IssueRecord)) {
+        use scim_token_operator::policy::RecordState;
+        use scim_token_operator::secret;
+        let dir = self.dirs().get(name).await.unwrap();
+        let stored = self.secrets().get(&dir.secret_name()).await.unwrap();
+        let RecordState::Valid(mut record) = secret::read_record(stored.metadata.annotations.as_ref().unwrap()) else {
+            panic!("{name}'s Secret has no readable record")
+        };
+        change(&mut record);
+        let annotations = secret::record_annotations(&dir, &record, &self.record_key().await);
+        let patch = serde_json::json!({ "metadata": { "annotations": annotations } });
+        self.secrets()
+            .patch(&dir.secret_name(), &kube::api::PatchParams::default(), &kube::api::Patch::Merge(patch))
+            .await
+            .unwrap();
+    }
+
+    /// Back-dates directory `name`'s token (of `lifetime` seconds) so that it expires `in_secs` from
+    /// now; returns that instant.
+    pub async fn backdate(&self, name: &str, lifetime: i64, in_secs: i64) -> k8s_openapi::jiff::Timestamp {
+        use k8s_openapi::jiff::Timestamp;
+        let soon = Timestamp::from_second(Timestamp::now().as_second() + in_secs).unwrap();
+        let issued = Timestamp::from_second(soon.as_second() - lifetime).unwrap();
+        self.rewrite_record(name, |record| {
+            record.issued_at = issued;
+            record.expires_at = Some(soon);
+        })
+        .await;
+        soon
+    }
+}
+
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
 where
     F: FnMut() -> Fut,

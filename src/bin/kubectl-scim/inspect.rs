@@ -128,7 +128,8 @@ pub fn inspect(secret: &ObservedSecret, controller: Option<String>, namespace: &
     let annotations = secret.metadata.annotations.clone().unwrap_or_default();
     let state = read_record(&annotations);
     let (record_state, forged_because, record) = match &state {
-        RecordState::Valid(record) => ("Valid", None, Some(RecordView::from(record))),
+        // Read here without the key: consistent, its seal unchecked (only the operator holds the key).
+        RecordState::Valid(record) | RecordState::Unsealed(record) => ("Valid", None, Some(RecordView::from(record))),
         RecordState::Absent => ("Absent", None, None),
         RecordState::Forged(why) => ("Forged", Some(why.clone()), None),
     };

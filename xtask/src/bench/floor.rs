@@ -19,6 +19,9 @@ use serde_json::json;
 
 use super::cluster::{create, new_directory, retrying, wait_all_ready};
 
+/// The floor seals its records as the operator does (an HMAC per Secret: the same work).
+static FLOOR_KEY: std::sync::LazyLock<secret::RecordKey> = std::sync::LazyLock::new(secret::RecordKey::generate);
+
 pub(crate) async fn run(client: &kube::Client, ns: &str, n: usize, concurrency: usize) -> anyhow::Result<Duration> {
     let dirs: Api<ScimDirectory> = Api::namespaced(client.clone(), ns);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
@@ -48,7 +51,7 @@ async fn issue_one(dirs: &Api<ScimDirectory>, secrets: &Api<Secret>, i: usize) -
     let now = Timestamp::now();
     let token = Token::generate();
     let record = policy::new_record(&desired, token.hash(), IssueReason::Initial, now);
-    create(secrets, &secret::initial_secret(&dir, &token, &record)).await?;
+    create(secrets, &secret::initial_secret(&dir, &token, &record, &FLOOR_KEY)).await?;
     let ready = status::condition(&dir, true, "TokenIssued", IssueReason::Initial.describe(), now);
     let patch = json!({
         "apiVersion": ScimDirectory::api_version(&()),
