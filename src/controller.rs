@@ -306,13 +306,13 @@ async fn run_scope(
             .default_backoff()
             .filter_map(|event| std::future::ready(only_directory_secrets(event)))
             // Every event goes into the cache; the echoes of our own writes go no further.
-            .try_filter(move |event| {
-                let trigger = cache.apply(event);
+            .try_filter_map(move |mut event| {
+                let trigger = cache.apply(&mut event);
                 cached.set(i64::try_from(cache.len()).unwrap_or(i64::MAX));
                 if matches!(event, watcher::Event::InitDone) {
                     lists.secrets_listed();
                 }
-                std::future::ready(trigger)
+                std::future::ready(Ok(trigger.then_some(event)))
             })
             .touched_objects()
             .predicate_filter(predicates::resource_version, Default::default());

@@ -30,8 +30,11 @@ struct Views {
 
 impl SecretCache {
     /// Applies one watch event. Returns whether it should go on to trigger a reconcile: not when it
-    /// is the echo of a version the operator wrote itself (see [`SecretCache::expect_echo`]).
-    pub fn apply(&self, event: &Event<ObservedSecret>) -> bool {
+    /// is the echo of a version the operator wrote itself (see [`SecretCache::expect_echo`]). A
+    /// deletion of a Secret that no longer names its directory (an ownerReference stripped: the watch
+    /// evicts it as a delete) gets the reference it was cached under back, so that the directory is
+    /// triggered and fails closed rather than keep vouching for a token it no longer controls.
+    pub fn apply(&self, event: &mut Event<ObservedSecret>) -> bool {
         let mut views = self.inner.write().expect("poisoned");
         match event {
             Event::Apply(secret) => {
@@ -40,11 +43,15 @@ impl SecretCache {
                 if own {
                     views.echoes.remove(&key);
                 }
-                views.current.insert(key, Arc::new(SecretView::from(secret)));
+                views.current.insert(key, Arc::new(SecretView::from(&*secret)));
                 return !own;
             }
             Event::Delete(secret) => {
                 let key = key_of(secret);
+                let cut_loose = !super::is_directory_controlled(&secret.metadata);
+                if let Some(owner) = views.current.get(&key).and_then(|v| v.directory_owner()).filter(|_| cut_loose) {
+                    secret.metadata.owner_references = Some(vec![owner]);
+                }
                 views.current.remove(&key);
                 views.echoes.remove(&key);
             }
@@ -54,7 +61,7 @@ impl SecretCache {
                 views.relisting = Some(HashMap::new());
             }
             Event::InitApply(secret) => {
-                views.relisting.get_or_insert_default().insert(key_of(secret), Arc::new(SecretView::from(secret)));
+                views.relisting.get_or_insert_default().insert(key_of(secret), Arc::new(SecretView::from(&*secret)));
             }
             Event::InitDone => {
                 if let Some(listed) = views.relisting.take() {
@@ -127,12 +134,12 @@ mod tests {
     #[test]
     fn events_add_replace_and_remove_views() {
         let cache = SecretCache::default();
-        cache.apply(&Event::Apply(secret("a", "1")));
-        cache.apply(&Event::Apply(secret("a", "2")));
-        cache.apply(&Event::Apply(secret("b", "3")));
+        cache.apply(&mut Event::Apply(secret("a", "1")));
+        cache.apply(&mut Event::Apply(secret("a", "2")));
+        cache.apply(&mut Event::Apply(secret("b", "3")));
         assert_eq!(version(&cache, "a").as_deref(), Some("2"));
         assert_eq!(cache.get("elsewhere", "a"), None, "keyed by namespace too");
-        cache.apply(&Event::Delete(secret("a", "2")));
+        cache.apply(&mut Event::Delete(secret("a", "2")));
         assert_eq!(version(&cache, "a"), None);
         assert_eq!(cache.len(), 1);
     }
@@ -141,43 +148,68 @@ mod tests {
     fn echoes_of_own_writes_update_the_cache_but_trigger_nothing() {
         let cache = SecretCache::default();
         cache.expect_echo(&secret("a", "7").metadata);
-        assert!(cache.apply(&Event::Apply(secret("a", "6"))), "an older version, someone else's");
-        assert!(!cache.apply(&Event::Apply(secret("a", "7"))), "our own write");
+        assert!(cache.apply(&mut Event::Apply(secret("a", "6"))), "an older version, someone else's");
+        assert!(!cache.apply(&mut Event::Apply(secret("a", "7"))), "our own write");
         assert_eq!(version(&cache, "a").as_deref(), Some("7"));
-        assert!(cache.apply(&Event::Apply(secret("a", "7"))), "awaited once only");
-        assert!(cache.apply(&Event::Apply(secret("a", "8"))), "a later change by someone else");
+        assert!(cache.apply(&mut Event::Apply(secret("a", "7"))), "awaited once only");
+        assert!(cache.apply(&mut Event::Apply(secret("a", "8"))), "a later change by someone else");
 
         // An echo that arrived before the write's response is not awaited.
         cache.expect_echo(&secret("a", "8").metadata);
-        assert!(cache.apply(&Event::Apply(secret("a", "9"))));
+        assert!(cache.apply(&mut Event::Apply(secret("a", "9"))));
         // Neither is one a delete or a re-list has made moot.
         cache.expect_echo(&secret("a", "10").metadata);
-        cache.apply(&Event::Delete(secret("a", "9")));
-        assert!(cache.apply(&Event::Apply(secret("a", "10"))));
+        cache.apply(&mut Event::Delete(secret("a", "9")));
+        assert!(cache.apply(&mut Event::Apply(secret("a", "10"))));
         cache.expect_echo(&secret("b", "11").metadata);
-        cache.apply(&Event::Init);
-        cache.apply(&Event::InitDone);
-        assert!(cache.apply(&Event::Apply(secret("b", "11"))));
+        cache.apply(&mut Event::Init);
+        cache.apply(&mut Event::InitDone);
+        assert!(cache.apply(&mut Event::Apply(secret("b", "11"))));
         // Relisted objects always go on (a restarted watch may have missed changes).
-        assert!(cache.apply(&Event::InitApply(secret("b", "11"))));
+        assert!(cache.apply(&mut Event::InitApply(secret("b", "11"))));
     }
 
     #[test]
     fn a_relist_is_swapped_in_whole_when_done() {
         let cache = SecretCache::default();
-        cache.apply(&Event::Apply(secret("gone", "1")));
-        cache.apply(&Event::Apply(secret("kept", "1")));
-        cache.apply(&Event::Init);
-        cache.apply(&Event::InitApply(secret("kept", "5")));
+        cache.apply(&mut Event::Apply(secret("gone", "1")));
+        cache.apply(&mut Event::Apply(secret("kept", "1")));
+        cache.apply(&mut Event::Init);
+        cache.apply(&mut Event::InitApply(secret("kept", "5")));
         // Until the list is complete, lookups see the last complete state.
         assert_eq!(version(&cache, "gone").as_deref(), Some("1"));
         assert_eq!(version(&cache, "kept").as_deref(), Some("1"));
-        cache.apply(&Event::InitDone);
+        cache.apply(&mut Event::InitDone);
         assert_eq!(version(&cache, "gone"), None, "deleted while the watch was down");
         assert_eq!(version(&cache, "kept").as_deref(), Some("5"));
         // An empty re-list empties the cache.
-        cache.apply(&Event::Init);
-        cache.apply(&Event::InitDone);
+        cache.apply(&mut Event::Init);
+        cache.apply(&mut Event::InitDone);
         assert!(cache.is_empty());
+    }
+
+    #[test]
+    fn a_secret_cut_loose_from_its_directory_still_names_it_when_evicted() {
+        use crate::api::{ScimDirectory, ScimDirectorySpec};
+        use kube::Resource;
+        let mut dir = ScimDirectory::new("acme", ScimDirectorySpec::default());
+        dir.metadata.uid = Some("uid-1".into());
+        let mut owned = secret("acme-scim-token", "1");
+        owned.metadata.owner_references = Some(vec![dir.controller_owner_ref(&()).unwrap()]);
+        let cache = SecretCache::default();
+        cache.apply(&mut Event::Apply(owned.clone()));
+
+        // The watch turns the stripped Secret into a delete (see the controller's stream): it gets
+        // the reference it was cached under, so the directory is triggered.
+        let mut evicted = Event::Delete(secret("acme-scim-token", "2"));
+        assert!(cache.apply(&mut evicted));
+        let Event::Delete(evicted) = evicted else { unreachable!() };
+        assert_eq!(evicted.metadata.owner_references, owned.metadata.owner_references);
+        assert_eq!(version(&cache, "acme-scim-token"), None);
+        // A Secret never cached as a directory's gets nothing.
+        let mut unknown = Event::Delete(secret("other", "3"));
+        cache.apply(&mut unknown);
+        let Event::Delete(unknown) = unknown else { unreachable!() };
+        assert_eq!(unknown.metadata.owner_references, None);
     }
 }

@@ -11,7 +11,7 @@ use std::hash::BuildHasher;
 use std::sync::LazyLock;
 
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 
 use super::{ObservedSecret, SEAL_ANNOTATION, Seal, TEMPLATE_ANNOTATION, read_record};
 use crate::api::ScimDirectory;
@@ -25,6 +25,9 @@ pub struct SecretView {
     pub resource_version: Option<String>,
     /// UID of the object named by the Secret's controller ownerReference, whatever its kind.
     controller_uid: Option<Box<str>>,
+    /// Name of that object when it is a ScimDirectory: a Secret later cut loose from it (its
+    /// ownerReference stripped) still triggers that directory, which then reports the conflict.
+    directory: Option<Box<str>>,
     /// `type: Opaque`, the only type the operator writes.
     opaque: bool,
     /// Hash of `data.token`; `None` when the key is absent or empty.
@@ -60,6 +63,19 @@ impl SecretView {
         annotations.into_iter().flatten().all(|(k, v)| self.annotations.contains(k, v))
     }
 
+    /// The controller reference this view was cached under, if a ScimDirectory's.
+    pub fn directory_owner(&self) -> Option<OwnerReference> {
+        let (uid, name) = (self.controller_uid.as_deref()?, self.directory.as_deref()?);
+        Some(OwnerReference {
+            api_version: <ScimDirectory as kube::Resource>::api_version(&()).into_owned(),
+            kind: <ScimDirectory as kube::Resource>::kind(&()).into_owned(),
+            name: name.to_owned(),
+            uid: uid.to_owned(),
+            controller: Some(true),
+            block_owner_deletion: None,
+        })
+    }
+
     pub fn is_templated(&self) -> bool {
         self.templated
     }
@@ -75,6 +91,10 @@ impl From<&ObservedSecret> for SecretView {
         SecretView {
             resource_version: meta.resource_version.clone(),
             controller_uid: controller_uid(meta).map(Box::from),
+            directory: super::is_directory_controlled(meta)
+                .then(|| meta.owner_references.iter().flatten().find(|r| r.controller == Some(true)))
+                .flatten()
+                .map(|r| Box::from(r.name.as_str())),
             opaque: secret.type_.as_deref() == Some("Opaque"),
             token_hash: secret.token_hash.clone(),
             record: meta.annotations.as_ref().map_or(RecordState::Absent, read_record),
