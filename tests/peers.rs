@@ -154,6 +154,77 @@ async fn next_token(env: &Env, secret: &str, old: &str) -> String {
     wait_for("a new token", Duration::from_secs(30), || async { env.token(secret).await.filter(|t| t != old) }).await
 }
 
+/// Paths that start on tenant-a's route (or on none) and lead to tenant-b's once someone resolves
+/// them: dot segments, percent-encoded dots and slashes, backslashes, repeated slashes.
+const TRAVERSALS: &[&str] = &[
+    "/tenant-a/../tenant-b/v2/Users",
+    "/tenant-a/./../tenant-b/v2/Users",
+    "/tenant-a/v2/../../tenant-b/v2/Users",
+    "/tenant-a/%2e%2e/tenant-b/v2/Users",
+    "/tenant-a/%2E%2E/tenant-b/v2/Users",
+    "/tenant-a/.%2e/tenant-b/v2/Users",
+    "/tenant-a/..%2ftenant-b/v2/Users",
+    "/tenant-a/..%2Ftenant-b/v2/Users",
+    "/tenant-a/%2e%2e%2ftenant-b/v2/Users",
+    "/tenant-a%2f..%2ftenant-b/v2/Users",
+    "/tenant-a/..%5ctenant-b/v2/Users",
+    "/tenant-a//../tenant-b/v2/Users",
+    "/tenant-a/..//tenant-b/v2/Users",
+    "//tenant-b/v2/Users",
+    "///tenant-b/v2/Users",
+];
+
+/// What a backend that decodes the path and then resolves it itself (backslash as slash, repeated
+/// slashes merged, dot segments removed) serves for the path it received.
+fn resolved(path: &str) -> String {
+    let mut segments: Vec<&str> = Vec::new();
+    let path = path.replace('\\', "/");
+    for segment in path.split('/') {
+        match segment {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    format!("/{}", segments.join("/"))
+}
+
+/// Sends each of [`TRAVERSALS`] exactly as written (a raw HTTP/1.0 request line: no client library
+/// normalises it first) with tenant-a's valid token, and asserts that none reaches tenant-b: the proxy
+/// refuses it (400, 401, 403, or 404 for no route), or whatever it forwards to scim2-server is a path
+/// that stays outside tenant-b even for a backend that resolves it itself (read from scim2-server's
+/// debug log of each request's PATH_INFO, which WSGI has already percent-decoded). Returns each path's
+/// status, for the log.
+fn assert_no_traversal(port: u16, server_log: &Path, token_a: &str) -> Vec<(&'static str, u16)> {
+    let mut seen = Vec::new();
+    let mut failures = Vec::new();
+    for &path in TRAVERSALS {
+        let before = std::fs::metadata(server_log).map(|m| m.len()).unwrap_or(0) as usize;
+        let r = get(port, path, token_a);
+        let log = std::fs::read(server_log).unwrap_or_default();
+        let new = String::from_utf8_lossy(log.get(before..).unwrap_or_default()).into_owned();
+        let forwarded: Vec<&str> = new
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("'PATH_INFO': '"))
+            .map(|l| l.trim_end_matches(',').trim_end_matches('\''))
+            .collect();
+        if forwarded.iter().any(|p| resolved(p).starts_with("/tenant-b/")) {
+            failures.push(format!(
+                "{path}: status {}, reached scim2-server as {forwarded:?}, which a backend that resolves paths \
+                 serves from tenant-b",
+                r.status
+            ));
+        } else if !matches!(r.status, 400 | 401 | 403 | 404) {
+            failures.push(format!("{path}: status {}, forwarded as {forwarded:?}", r.status));
+        }
+        seen.push((path, r.status));
+    }
+    assert!(failures.is_empty(), "tenant-a's token, paths that lead to tenant-b:\n{}", failures.join("\n"));
+    seen
+}
+
 #[tokio::test]
 async fn nginx_gates_a_real_scim_server_and_a_real_scim_client_follows_rotations() {
     let peers = peers();
@@ -325,6 +396,19 @@ async fn envoy_ext_authz_over_grpc_gates_the_same_scim_server() {
     assert_eq!(r.status, 403);
     assert!(r.header("www-authenticate").is_some_and(|c| c.contains("insufficient_scope")), "{r:?}");
     assert_eq!(get(envoy_port, "/tenant-b/v2/Users", &globex).status, 200);
+
+    // Path tricks: tenant-a's token never reaches tenant-b's directory by a path that starts on
+    // tenant-a's route. Envoy normalises before routing (and rejects escaped slashes), so a path routes
+    // as what the backend will serve, and each tenant's route still needs its own token.
+    for (path, status) in assert_no_traversal(envoy_port, &dir.join("scim2-server.log"), &acme) {
+        eprintln!("envoy: {path} with tenant-a's token: {status}");
+    }
+    assert_eq!(
+        get(envoy_port, "/tenant-a/../tenant-b/v2/Users", &globex).status,
+        200,
+        "normalised to tenant-b's route"
+    );
+    assert_eq!(get(envoy_port, "/tenant-a/v2/../v2/Users", &acme).status, 200, "normalised, then forwarded");
 
     // Rotation: the old token refused within a second; with an overlap both work until its end.
     let (ok, _, err) = env.kubectl(&["annotate", "scimdir", "globex", "scim.tokenops.dev/rotate=r1"]);
