@@ -144,6 +144,92 @@ async fn next_token(env: &Env, secret: &str, old: &str) -> String {
     wait_for("a new token", Duration::from_secs(30), || async { env.token(secret).await.filter(|t| t != old) }).await
 }
 
+/// Paths that lead from tenant-a's route (or from none) to tenant-b's, or name tenant-b first and
+/// lead to tenant-a's, once someone resolves them: dot segments, percent-encoded dots and slashes,
+/// backslashes, repeated slashes.
+const TRAVERSALS: &[&str] = &[
+    "/tenant-a/../tenant-b/v2/Users",
+    "/tenant-a/./../tenant-b/v2/Users",
+    "/tenant-a/v2/../../tenant-b/v2/Users",
+    "/tenant-a/%2e%2e/tenant-b/v2/Users",
+    "/tenant-a/%2E%2E/tenant-b/v2/Users",
+    "/tenant-a/.%2e/tenant-b/v2/Users",
+    "/tenant-a/..%2ftenant-b/v2/Users",
+    "/tenant-a/..%2Ftenant-b/v2/Users",
+    "/tenant-a/%2e%2e%2ftenant-b/v2/Users",
+    "/tenant-a%2f..%2ftenant-b/v2/Users",
+    "/tenant-a/..%5ctenant-b/v2/Users",
+    "/tenant-a/..\\tenant-b/v2/Users",
+    "/tenant-a//../tenant-b/v2/Users",
+    "/tenant-a/..//tenant-b/v2/Users",
+    "//tenant-b/v2/Users",
+    "///tenant-b/v2/Users",
+    "/tenant-b/../tenant-a/v2/Users",
+    "/tenant-b/%2e%2e/tenant-a/v2/Users",
+    "/tenant-b/..%2ftenant-a/v2/Users",
+];
+
+/// What a backend that decodes the path and then resolves it itself (backslash as slash, repeated
+/// slashes merged, dot segments removed) serves for the path it received.
+fn resolved(path: &str) -> String {
+    let mut segments: Vec<&str> = Vec::new();
+    let path = path.replace('\\', "/");
+    for segment in path.split('/') {
+        match segment {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    format!("/{}", segments.join("/"))
+}
+
+/// The paths scim2-server received (PATH_INFO, already percent-decoded by WSGI) while `request` ran,
+/// read from its debug log.
+fn forwarded<T>(server_log: &Path, request: impl FnOnce() -> T) -> (T, Vec<String>) {
+    let before = std::fs::metadata(server_log).map(|m| m.len()).unwrap_or(0) as usize;
+    let result = request();
+    let log = std::fs::read(server_log).unwrap_or_default();
+    let new = String::from_utf8_lossy(log.get(before..).unwrap_or_default()).into_owned();
+    let paths = new
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("'PATH_INFO': '"))
+        .map(|l| l.trim_end_matches(',').trim_end_matches('\'').to_owned())
+        .collect();
+    (result, paths)
+}
+
+/// Sends each of [`TRAVERSALS`] exactly as written (a raw HTTP/1.0 request line: no client library
+/// normalises it first) with tenant-a's valid token, and asserts that none reaches tenant-b: whatever
+/// the proxy forwards to scim2-server names tenant-b neither as its first segment (where scim2-server
+/// takes the tenant from) nor once resolved (what a backend that resolves paths serves), and the
+/// answer is a refusal (400, 401, 403, or 404 for no route) or comes from scim2-server. Prints each
+/// path's status and what scim2-server received.
+fn assert_no_traversal(proxy: &str, port: u16, server_log: &Path, token_a: &str) {
+    // The log is read right: a plain request is seen as it was sent.
+    let (r, paths) = forwarded(server_log, || get(port, "/tenant-a/v2/Users", token_a));
+    assert_eq!((r.status, paths), (200, vec!["/tenant-a/v2/Users".to_owned()]));
+    let mut failures = Vec::new();
+    for &path in TRAVERSALS {
+        let (r, paths) = forwarded(server_log, || get(port, path, token_a));
+        let into_b =
+            |p: &String| p.trim_start_matches('/').starts_with("tenant-b/") || resolved(p).starts_with("/tenant-b/");
+        if paths.iter().any(into_b) {
+            failures.push(format!(
+                "{path}: status {}, reached scim2-server as {paths:?}: tenant-b's, for scim2-server's routing or \
+                 for a backend that resolves paths",
+                r.status
+            ));
+        } else if paths.is_empty() && !matches!(r.status, 400 | 401 | 403 | 404) {
+            failures.push(format!("{path}: status {}, nothing forwarded", r.status));
+        }
+        eprintln!("{proxy}: {path} with tenant-a's token: {}, scim2-server received {paths:?}", r.status);
+    }
+    assert!(failures.is_empty(), "tenant-a's token, paths that lead to tenant-b:\n{}", failures.join("\n"));
+}
+
 #[tokio::test]
 async fn nginx_gates_a_real_scim_server_and_a_real_scim_client_follows_rotations() {
     let peers = peers();
@@ -203,6 +289,16 @@ async fn nginx_gates_a_real_scim_server_and_a_real_scim_client_follows_rotations
     .unwrap();
     assert_eq!(forged.status, 403, "the route's binding wins over the client's header");
     assert_eq!(get(nginx_port, "/tenant-b/v2/Users", &globex).status, 200);
+
+    // Path tricks: tenant-a's token never reaches tenant-b's directory by a path that starts on
+    // tenant-a's route, and nginx forwards the path it routed and authorized, not the raw one.
+    assert_no_traversal("nginx", nginx_port, &dir.join("scim2-server.log"), &acme);
+    assert_eq!(
+        get(nginx_port, "/tenant-a/../tenant-b/v2/Users", &globex).status,
+        200,
+        "normalised to tenant-b's route"
+    );
+    assert_eq!(get(nginx_port, "/tenant-a/v2/../v2/Users", &acme).status, 200, "normalised, then forwarded");
     assert_eq!(get(nginx_port, "/elsewhere/v2/Users", &globex).status, 404, "no unbound route reaches the server");
 
     // Rotation without an overlap: the old token is refused within a second, the new one works.
@@ -315,6 +411,17 @@ async fn envoy_ext_authz_over_grpc_gates_the_same_scim_server() {
     assert_eq!(r.status, 403);
     assert!(r.header("www-authenticate").is_some_and(|c| c.contains("insufficient_scope")), "{r:?}");
     assert_eq!(get(envoy_port, "/tenant-b/v2/Users", &globex).status, 200);
+
+    // Path tricks: tenant-a's token never reaches tenant-b's directory by a path that starts on
+    // tenant-a's route. Envoy normalises before routing (and rejects escaped slashes), so a path routes
+    // as what the backend will serve, and each tenant's route still needs its own token.
+    assert_no_traversal("envoy", envoy_port, &dir.join("scim2-server.log"), &acme);
+    assert_eq!(
+        get(envoy_port, "/tenant-a/../tenant-b/v2/Users", &globex).status,
+        200,
+        "normalised to tenant-b's route"
+    );
+    assert_eq!(get(envoy_port, "/tenant-a/v2/../v2/Users", &acme).status, 200, "normalised, then forwarded");
 
     // Rotation: the old token refused within a second; with an overlap both work until its end.
     let (ok, _, err) = env.kubectl(&["annotate", "scimdir", "globex", "scim.tokenops.dev/rotate=r1"]);

@@ -136,7 +136,7 @@ pub(super) fn start_nginx(
     let plain = r#"
         # The benchmark's comparison: the same proxying to the same upstream, without auth_request.
         location /plain/ {
-            proxy_pass http://scim_backend;
+            proxy_pass http://scim_backend/plain/;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_set_header Host $http_host;
