@@ -262,7 +262,7 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
     );
     let cluster_role = find_of(&objects, "ClusterRole", "operator");
     assert_eq!(rules(cluster_role), OPERATOR_RULES.map(String::from).into());
-    let lease_role = find_of(&objects, "Role", "operator");
+    let lease_role = named(&objects, "Role", "all-scim-token-operator-leader-election");
     assert_eq!(lease_role["metadata"]["namespace"], ns.as_str(), "the Lease Role is in the release namespace");
     assert_eq!(
         rules(lease_role),
@@ -272,6 +272,7 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
         ]
         .into()
     );
+    check_record_key_rbac(&objects, &ns, "all-scim-token-operator", "all-scim-token-operator");
     assert!(of_component(&objects, "PodDisruptionBudget", "operator").next().is_none(), "one operator replica");
     check_deployment(find_of(&objects, "Deployment", "operator"), None);
     check_verifier(&objects, &ns, "all-scim-token-operator-verifier", None);
@@ -333,7 +334,12 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
             );
         }
     }
-    assert_eq!(objects.iter().filter(|o| o["kind"] == "Role").count(), 5, "2 watched namespaces × 2, and the Lease");
+    assert_eq!(
+        objects.iter().filter(|o| o["kind"] == "Role").count(),
+        6,
+        "2 watched namespaces × 2, the Lease and the record key"
+    );
+    check_record_key_rbac(&objects, &ns, "one-scim-token-operator", "one-scim-token-operator");
     let deployment = find_of(&objects, "Deployment", "operator");
     check_deployment(deployment, Some(&format!("{team},{team2}")));
     assert_eq!(deployment["spec"]["replicas"], 2);
@@ -386,6 +392,7 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
         ],
     );
     check_secret_write_policy(&objects, &ns, "custom");
+    check_record_key_rbac(&objects, &ns, "byo-scim-token-operator", "custom");
     assert_eq!(
         find(&objects, "NetworkPolicy")["spec"]["ingress"][0]["from"][0]["podSelector"],
         json!({ "matchLabels": { "app": "prometheus" } })
@@ -419,6 +426,37 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
     // The dry-run created nothing.
     let deployments: Api<Deployment> = Api::namespaced(admin.clone(), &ns);
     assert!(deployments.list(&ListParams::default()).await.unwrap().items.is_empty());
+}
+
+/// The object of `kind` named `name`.
+fn named<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    let mut matching = objects.iter().filter(|o| o["kind"] == kind && o["metadata"]["name"] == name);
+    let found = matching.next().unwrap_or_else(|| panic!("no {kind} {name} rendered"));
+    assert!(matching.next().is_none(), "more than one {kind} {name} rendered");
+    found
+}
+
+/// The record key (src: RECORD_KEY_SECRET, `<fullname>-record-key` in the release namespace): the
+/// operator's Deployment names it, and a Role + RoleBinding in the release namespace, whatever
+/// `watchNamespaces` says, let the operator's ServiceAccount get that Secret and create Secrets (which
+/// resourceNames cannot narrow; the secret-write policy does).
+fn check_record_key_rbac(objects: &[Value], namespace: &str, fullname: &str, service_account: &str) {
+    let record_key = format!("{fullname}-record-key");
+    let env = container_env(find_of(objects, "Deployment", "operator"), "pod", namespace);
+    assert!(env.contains(&("RECORD_KEY_SECRET".into(), record_key.clone())), "{env:?}");
+    let role = named(objects, "Role", &record_key);
+    assert_eq!(role["metadata"]["namespace"], namespace, "the record key's Role is in the release namespace");
+    assert_eq!(rules(role), ["/secrets: create".to_string(), format!("/secrets: get names=[\"{record_key}\"]")].into());
+    let binding = named(objects, "RoleBinding", &record_key);
+    assert_eq!(binding["metadata"]["namespace"], namespace);
+    assert_eq!(
+        binding["roleRef"],
+        json!({ "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": record_key })
+    );
+    assert_eq!(
+        binding["subjects"],
+        json!([{ "kind": "ServiceAccount", "name": service_account, "namespace": namespace }])
+    );
 }
 
 /// The verifier's objects: `scim-token-operator verify` with the operator's image and hardening, two
@@ -589,6 +627,19 @@ fn check_secret_write_policy(objects: &[Value], namespace: &str, service_account
             "name": "scim-token-operator-service-account",
             "expression": format!("request.userInfo.username == 'system:serviceaccount:{namespace}:{service_account}'")
         }])
+    );
+    // The one Secret it lets the operator create outside the token Secrets' rules is the one its
+    // Deployment names as the record key, in the release namespace.
+    let env = container_env(find_of(objects, "Deployment", "operator"), "pod", namespace);
+    let record_key = &env.iter().find(|(k, _)| k == "RECORD_KEY_SECRET").expect("RECORD_KEY_SECRET").1;
+    let variables = policy["spec"]["variables"].as_array().unwrap();
+    let is_record_key = variables.iter().find(|v| v["name"] == "recordKey").expect("the recordKey variable");
+    assert_eq!(
+        is_record_key["expression"],
+        format!(
+            "request.operation != \"DELETE\" && request.namespace == '{namespace}' && \
+             object.metadata.name == '{record_key}'"
+        )
     );
 }
 
@@ -1437,6 +1488,352 @@ async fn operator_works_with_exactly_the_charts_rbac() {
     assert!(!log.to_lowercase().contains("forbidden"), "the operator was never refused:\n{log}");
     team.assert_log_clean().await;
     other.assert_log_clean().await;
+
+    let (ok, _, err) = helm(cp, &["uninstall", release, "-n", &release_ns]);
+    assert!(ok, "{err}");
+}
+
+// Why the chart's secret-write policy refuses what the operator never writes, and the record key's own
+// rules (templates/validatingadmissionpolicy.yaml).
+const NOT_OPAQUE: &str = "the operator writes only Secrets of type Opaque";
+const SA_ANNOTATION: &str = "the operator never writes kubernetes.io/service-account.* annotations";
+const NOT_ONLY_TOKEN: &str = "a token Secret holds exactly one data key, token";
+const NOT_ONLY_KEY: &str = "the record key Secret holds exactly one data key, key";
+const RECORD_KEY_OWNED: &str = "the record key Secret has no ownerReferences";
+const RECORD_KEY_UPDATED: &str = "the record key Secret is created once and never updated";
+
+fn secret_of(value: Value) -> Secret {
+    serde_json::from_value(value).unwrap()
+}
+
+/// The record key Secret as the operator creates it (the contract of `RECORD_KEY_SECRET`): type Opaque,
+/// data exactly `key` (32 random bytes), the operator's name and the record-key component as labels
+/// (not the managed-by label of its token Secrets), no ownerReferences, no annotations.
+fn record_key_secret(name: &str) -> Value {
+    json!({
+        "metadata": {
+            "name": name,
+            "labels": { "app.kubernetes.io/name": "scim-token-operator", "app.kubernetes.io/component": "record-key" }
+        },
+        "type": "Opaque",
+        "data": { "key": k8s_openapi::ByteString((0..32u8).map(|i| i.wrapping_mul(97) ^ 0x5c).collect()) }
+    })
+}
+
+/// Asserts that a request was refused (403 or 422) before it reached storage: by the policy, or, when
+/// `reason` is None, by whatever the API server says first. Nothing of an admitted result is printed.
+fn refused<T>(result: kube::Result<T>, reason: Option<&str>, what: &str) {
+    match (result, reason) {
+        (Err(kube::Error::Api(status)), Some(reason)) => assert!(
+            status.code == 403
+                && status.message.contains("ValidatingAdmissionPolicy")
+                && status.message.contains(reason),
+            "{what} must be refused by the chart's ValidatingAdmissionPolicy ({reason:?}), got {status:?}"
+        ),
+        (Err(kube::Error::Api(status)), None) => {
+            assert!([403, 422].contains(&status.code), "{what} must be refused, got {status:?}")
+        }
+        (Err(other), _) => panic!("{what} must be refused, got {other:?}"),
+        (Ok(_), _) => panic!("{what} must be refused, but it was admitted"),
+    }
+}
+
+/// The secret-write policy admits exactly the operator's two kinds of Secret writes, as the operator
+/// makes them, and nothing that only resembles them: with cluster-wide RBAC (create on every Secret of
+/// the cluster), the ServiceAccount may not plant a service-account-token Secret in kube-system (the
+/// token controller would fill in a non-expiring token of any ServiceAccount it names, which the
+/// operator's account could read back), nor any other type, ServiceAccount annotation or data key; it
+/// creates its record key once, in the release namespace, and never changes it. Then, watching one
+/// namespace, the record key's own Role is what lets it read and create that Secret.
+#[tokio::test]
+async fn secret_write_policy_admits_only_the_operators_own_secrets() {
+    let cp = ControlPlane::shared();
+    let admin = cp.client().await;
+    let release_ns = cp.create_namespace("policy-op").await.unwrap();
+    let team_ns = cp.create_namespace("policy-team").await.unwrap();
+    let release = "keys";
+    let fullname = "keys-scim-token-operator";
+
+    let (ok, out, err) = helm(cp, &["install", release, CHART, "-n", &release_ns, "--set", "verifier.enabled=false"]);
+    assert!(ok, "helm install: {err}{out}");
+    // The record key's name, as the operator reads it from its Deployment.
+    let (ok, manifest, err) = helm(cp, &["get", "manifest", release, "-n", &release_ns]);
+    assert!(ok, "{err}");
+    let env = container_env(find_of(&parse_docs(&manifest), "Deployment", "operator"), "pod", &release_ns);
+    let record_key = env.iter().find(|(k, _)| k == "RECORD_KEY_SECRET").map(|(_, v)| v.clone());
+    assert_eq!(record_key.as_deref(), Some(format!("{fullname}-record-key").as_str()), "{env:?}");
+    let record_key = record_key.unwrap();
+
+    let user = format!("system:serviceaccount:{release_ns}:{fullname}");
+    let sa_group = format!("system:serviceaccounts:{release_ns}");
+    let groups = ["system:serviceaccounts", sa_group.as_str(), "system:authenticated"];
+    let as_operator = cp.impersonating_client(&user, &groups).await;
+    let secrets_in = |ns: &str| Api::<Secret>::namespaced(as_operator.clone(), ns);
+    let (team_secrets, release_secrets, kube_system) =
+        (secrets_in(&team_ns), secrets_in(&release_ns), secrets_in("kube-system"));
+    wait_until_policy_enforced(&team_secrets).await;
+    let dry_run = PostParams { dry_run: true, ..PostParams::default() };
+    let managed = json!({ "app.kubernetes.io/managed-by": "scim-token-operator" });
+
+    // The escalation: a service-account-token Secret for a powerful ServiceAccount, labelled and
+    // "controlled" by a ScimDirectory that does not exist, of an old and of the current API version.
+    for api_version in ["scim.tokenops.dev/v0", "scim.tokenops.dev/v1alpha1"] {
+        let fake_owner = json!({
+            "apiVersion": api_version,
+            "kind": "ScimDirectory",
+            "name": "x",
+            "uid": "0b5c3f0e-6a52-4d36-9a3e-2f1d8c7b9e41",
+            "controller": true
+        });
+        let planted = secret_of(json!({
+            "metadata": {
+                "name": "scim-escalation",
+                "labels": managed,
+                "annotations": { "kubernetes.io/service-account.name": "clusterrole-aggregation-controller" },
+                "ownerReferences": [fake_owner]
+            },
+            "type": "kubernetes.io/service-account-token"
+        }));
+        refused(
+            kube_system.create(&dry_run, &planted).await,
+            Some(NOT_OPAQUE),
+            &format!("a service-account-token Secret in kube-system, owner {api_version}"),
+        );
+    }
+
+    // A directory of the team (nobody reconciles it here) and the Secret the operator writes for it, from
+    // the operator's own code (src/secret/mod.rs), with a secretTemplate's label and annotation.
+    let mut dir: ScimDirectory = serde_yaml::from_str(BASIC).unwrap();
+    dir.spec.secret_template = Some(scim_token_operator::api::SecretTemplate {
+        labels: [("tenant".to_string(), "initech".to_string())].into(),
+        annotations: [("example.com/owner".to_string(), "identity".to_string())].into(),
+    });
+    let dir =
+        Api::<ScimDirectory>::namespaced(admin.clone(), &team_ns).create(&PostParams::default(), &dir).await.unwrap();
+    let token = Token::generate();
+    let record = scim_token_operator::policy::IssueRecord {
+        token_hash: token.hash(),
+        rotation_generation: 0,
+        expires_in: None,
+        rotation_request: None,
+        issued_at: k8s_openapi::jiff::Timestamp::now(),
+        expires_at: None,
+        reason: scim_token_operator::policy::IssueReason::Initial,
+        previous: None,
+        end_overlap_request: None,
+    };
+    let exact = scim_token_operator::secret::desired_secret(&dir, &token, &record);
+    let owner = serde_json::to_value(dir.controller_owner_ref(&()).unwrap()).unwrap();
+    // An old API version of the directory is not the operator's controller reference.
+    let mut old_version = owner.clone();
+    old_version["apiVersion"] = json!("scim.tokenops.dev/v0");
+    refused(
+        team_secrets.create(&dry_run, &test_secret("planted", managed.clone(), Some(&old_version))).await,
+        Some(NOT_OWNED),
+        "a token Secret controlled by scim.tokenops.dev/v0",
+    );
+    // What the operator writes, changed in one respect each (stringData is folded into data before
+    // admission: the extra key through stringData is refused too).
+    type Change = fn(&mut Value);
+    let variants: [(&str, &str, Change); 6] = [
+        ("a service-account-token Secret of the directory", NOT_OPAQUE, |s| {
+            s["type"] = json!("kubernetes.io/service-account-token");
+            s["metadata"]["annotations"]["kubernetes.io/service-account.name"] = json!("default");
+            s["data"] = json!(null);
+        }),
+        ("a basic-auth Secret", NOT_OPAQUE, |s| {
+            s["type"] = json!("kubernetes.io/basic-auth");
+            s["data"]["password"] = json!("aHVudGVyMg==");
+        }),
+        ("an Opaque Secret with a service-account.name annotation", SA_ANNOTATION, |s| {
+            s["metadata"]["annotations"]["kubernetes.io/service-account.name"] = json!("default");
+        }),
+        ("an Opaque Secret with a service-account.uid annotation", SA_ANNOTATION, |s| {
+            s["metadata"]["annotations"]["kubernetes.io/service-account.uid"] = json!("0b5c3f0e");
+        }),
+        ("an extra data key", NOT_ONLY_TOKEN, |s| s["data"]["ca.crt"] = json!("Y2E=")),
+        ("an extra stringData key", NOT_ONLY_TOKEN, |s| s["stringData"] = json!({ "ca.crt": "ca" })),
+    ];
+    let exact_value = serde_json::to_value(&exact).unwrap();
+    for (what, reason, change) in variants {
+        let mut secret = exact_value.clone();
+        change(&mut secret);
+        refused(team_secrets.create(&dry_run, &secret_of(secret)).await, Some(reason), what);
+    }
+    let mut no_token = exact_value.clone();
+    no_token["data"] = json!({ "other": "eA==" });
+    refused(team_secrets.create(&dry_run, &secret_of(no_token)).await, Some(NOT_ONLY_TOKEN), "a Secret without token");
+
+    // The exact Secret is admitted. Another test's operator watching every namespace may have issued
+    // the directory's Secret first: a 409 comes from storage, after admission.
+    match team_secrets.create(&PostParams::default(), &exact).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(status)) if status.code == 409 => {}
+        Err(other) => panic!("the operator's own token Secret must be admitted, got {other:?}"),
+    }
+    let name = exact.metadata.name.clone().unwrap();
+    let before = team_secrets.get(&name).await.unwrap().metadata.resource_version;
+    let (secrets, secret_name) = (&team_secrets, name.as_str());
+    let merge = move |patch: Value| async move {
+        secrets.patch(secret_name, &PatchParams::default(), &Patch::Merge(patch)).await
+    };
+    // Updates that change what it is: the type (immutable: the API server's validation refuses it
+    // before admission), a data key, a ServiceAccount annotation.
+    refused(merge(json!({ "type": "kubernetes.io/service-account-token" })).await, None, "changing the type");
+    refused(merge(json!({ "data": { "ca.crt": "Y2E=" } })).await, Some(NOT_ONLY_TOKEN), "adding a data key");
+    refused(merge(json!({ "stringData": { "extra": "x" } })).await, Some(NOT_ONLY_TOKEN), "adding a stringData key");
+    refused(merge(json!({ "data": { "token": null } })).await, Some(NOT_ONLY_TOKEN), "removing the token");
+    refused(
+        merge(json!({ "metadata": { "annotations": { "kubernetes.io/service-account.name": "default" } } })).await,
+        Some(SA_ANNOTATION),
+        "adding a service-account.name annotation",
+    );
+    team_secrets
+        .patch(
+            &name,
+            &PatchParams { dry_run: true, ..PatchParams::default() },
+            &Patch::Merge(json!({ "metadata": { "annotations": { "example.com/checked": "yes" } } })),
+        )
+        .await
+        .expect("an update that keeps the Secret's shape is admitted (dry run)");
+    assert_eq!(team_secrets.get(&name).await.unwrap().metadata.resource_version, before, "nothing changed");
+
+    // The record key: only its exact create, in the release namespace, under its name.
+    let record_key_with = |change: fn(&mut Value)| {
+        let mut secret = record_key_secret(&record_key);
+        change(&mut secret);
+        secret_of(secret)
+    };
+    refused(
+        release_secrets.create(&dry_run, &secret_of(record_key_secret(&format!("{record_key}-2")))).await,
+        Some(NOT_ONLY_TOKEN),
+        "a record key under another name",
+    );
+    refused(
+        team_secrets.create(&dry_run, &secret_of(record_key_secret(&record_key))).await,
+        Some(NOT_ONLY_TOKEN),
+        "a record key in another namespace",
+    );
+    refused(
+        release_secrets.create(&dry_run, &record_key_with(|s| s["data"]["extra"] = json!("eA=="))).await,
+        Some(NOT_ONLY_KEY),
+        "a record key with an extra key",
+    );
+    refused(
+        release_secrets.create(&dry_run, &record_key_with(|s| s["data"] = json!({ "token": "eA==" }))).await,
+        Some(NOT_ONLY_KEY),
+        "a token Secret under the record key's name",
+    );
+    refused(
+        release_secrets
+            .create(
+                &dry_run,
+                &record_key_with(|s| {
+                    s["metadata"]["ownerReferences"] = json!([{
+                        "apiVersion": "v1", "kind": "ConfigMap", "name": "x",
+                        "uid": "0b5c3f0e-6a52-4d36-9a3e-2f1d8c7b9e41"
+                    }])
+                }),
+            )
+            .await,
+        Some(RECORD_KEY_OWNED),
+        "a record key with an ownerReference",
+    );
+    refused(
+        release_secrets
+            .create(
+                &dry_run,
+                &record_key_with(|s| {
+                    s["metadata"]["annotations"] = json!({ "kubernetes.io/service-account.name": "default" })
+                }),
+            )
+            .await,
+        Some(SA_ANNOTATION),
+        "a record key with a service-account.name annotation",
+    );
+    refused(
+        release_secrets.create(&dry_run, &record_key_with(|s| s["type"] = json!("scim.tokenops.dev/record-key"))).await,
+        Some(NOT_OPAQUE),
+        "a record key of another type",
+    );
+    release_secrets
+        .create(&PostParams::default(), &secret_of(record_key_secret(&record_key)))
+        .await
+        .expect("the operator's record key is admitted");
+    // A second replica's create: admitted, then 409 from storage (it then reads the winner's key).
+    match release_secrets.create(&PostParams::default(), &secret_of(record_key_secret(&record_key))).await {
+        Err(kube::Error::Api(status)) if status.code == 409 => {}
+        other => panic!("a second create of the record key gets 409, got {:?}", other.map(|_| "admitted")),
+    }
+    let stored = release_secrets.get(&record_key).await.expect("the operator reads its record key");
+    for patch in [
+        json!({ "metadata": { "labels": { "example.com/x": "y" } } }),
+        json!({ "data": { "key": "eA==" } }),
+        json!({ "metadata": { "annotations": { "example.com/x": "y" } } }),
+    ] {
+        refused(
+            release_secrets.patch(&record_key, &PatchParams::default(), &Patch::Merge(&patch)).await,
+            Some(RECORD_KEY_UPDATED),
+            &format!("updating the record key with {patch}"),
+        );
+    }
+    let mut applied = record_key_secret(&record_key);
+    applied["apiVersion"] = json!("v1");
+    applied["kind"] = json!("Secret");
+    applied["data"]["key"] = json!(k8s_openapi::ByteString(vec![0; 32]));
+    refused(
+        release_secrets.patch(&record_key, &PatchParams::apply("intruder").force(), &Patch::Apply(&applied)).await,
+        Some(RECORD_KEY_UPDATED),
+        "applying another key onto the record key",
+    );
+    assert_eq!(release_secrets.get(&record_key).await.unwrap().data, stored.data, "the record key is unchanged");
+
+    // Watching one namespace: no cluster-wide RBAC; the Role in the release namespace grants get on the
+    // record key and create (bounded by the policy), and nothing else on Secrets there.
+    let (ok, out, err) = helm(
+        cp,
+        &[
+            "upgrade",
+            release,
+            CHART,
+            "-n",
+            &release_ns,
+            "--reuse-values",
+            "--set",
+            &format!("watchNamespaces={{{team_ns}}}"),
+        ],
+    );
+    assert!(ok, "helm upgrade: {err}{out}");
+    // The authorizer follows RBAC changes through its informers: wait until it has both the Role and the
+    // ClusterRole's removal.
+    let expected_secret_rules: BTreeSet<String> =
+        ["/secrets: create".to_string(), format!("/secrets: get names=[\"{record_key}\"]")].into();
+    wait_for("the namespaced record-key Role in effect", Duration::from_secs(30), || async {
+        let rules = allowed_rules(&as_operator, &release_ns).await;
+        let secrets: BTreeSet<String> = rules.into_iter().filter(|r| r.starts_with("/secrets")).collect();
+        (secrets == expected_secret_rules).then_some(())
+    })
+    .await;
+    release_secrets.get(&record_key).await.expect("the operator reads its record key");
+    forbidden(release_secrets.list(&ListParams::default()).await, "listing the release namespace's Secrets");
+    Api::<Secret>::namespaced(admin.clone(), &release_ns).delete(&record_key, &DeleteParams::default()).await.unwrap();
+    wait_for("the record key deleted", Duration::from_secs(30), || async {
+        release_secrets.get_opt(&record_key).await.unwrap().is_none().then_some(())
+    })
+    .await;
+    release_secrets
+        .create(&PostParams::default(), &secret_of(record_key_secret(&record_key)))
+        .await
+        .expect("the operator creates its record key through the namespaced Role");
+    forbidden(
+        kube_system.create(&dry_run, &secret_of(record_key_secret(&record_key))).await,
+        "a Secret in kube-system",
+    );
+    refused(
+        release_secrets.create(&dry_run, &test_secret("planted", json!({}), None)).await,
+        Some(NOT_LABELLED),
+        "another Secret in the release namespace",
+    );
 
     let (ok, _, err) = helm(cp, &["uninstall", release, "-n", &release_ns]);
     assert!(ok, "{err}");
