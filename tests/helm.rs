@@ -208,12 +208,35 @@ async fn bad_values_fail_with_a_message_naming_them() {
         ("verifier.resources.request.cpu=1", "request"),
         ("verifier.preStopSleepSeconds=-1", "preStopSleepSeconds"),
         ("prometheusRule.overlapEndsWithinSeconds=0", "overlapEndsWithinSeconds"),
+        ("verifier.networkPolicy.enable=true", "enable"),
+        ("verifier.networkPolicy.proxies[0].namespaceSelectr.matchLabels.a=b", "namespaceSelectr"),
+        ("verifier.networkPolicy.proxies[0].ipBlock.cidr=10.0.0.0/33", "cidr"),
+        ("verifier.networkPolicy.proxies=null", NO_PROXIES),
     ] {
         let (ok, out, err) = helm(cp, &["template", "bad", CHART, "--set", set]);
         assert!(!ok, "--set {set} must fail, rendered:\n{out}");
         assert!(err.contains(expected), "--set {set}: the error names {expected:?}: {err}");
     }
+    // An enabled verifier NetworkPolicy without a single proxy peer would block every proxy (every SCIM
+    // request failing closed): refused by the schema, and by the template when the schema is skipped.
+    let values = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("no-proxies.values.yaml");
+    std::fs::write(&values, "verifier:\n  networkPolicy:\n    proxies: []\n").unwrap();
+    let values = values.to_str().unwrap();
+    let (ok, out, err) = helm(cp, &["template", "bad", CHART, "-f", values]);
+    assert!(!ok && err.contains(NO_PROXIES), "no proxies must be refused by the schema: {err}{out}");
+    let (ok, out, err) = helm(cp, &["template", "bad", CHART, "-f", values, "--skip-schema-validation"]);
+    assert!(
+        !ok && err.contains("verifier.networkPolicy.proxies is empty while verifier.networkPolicy.enabled is true"),
+        "no proxies must be refused by the template: {err}{out}"
+    );
+    let (ok, _, err) =
+        helm(cp, &["template", "ok", CHART, "-f", values, "--set", "verifier.networkPolicy.enabled=false"]);
+    assert!(ok, "no proxies with the verifier's NetworkPolicy off: {err}");
 }
+
+/// The schema's refusal of an enabled verifier NetworkPolicy without proxies (values.schema.json).
+const NO_PROXIES: &str = "proxies with at least one peer while enabled (with none, the NetworkPolicy of the verifier \
+     would block every proxy and every SCIM request would fail closed)";
 
 #[tokio::test]
 async fn rendered_manifests_are_accepted_by_the_api_server() {
@@ -278,6 +301,11 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
     check_verifier(&objects, &ns, "all-scim-token-operator-verifier", None);
     check_secret_write_policy(&objects, &ns, "all-scim-token-operator");
     check_network_policy(&objects, &[]);
+    check_verifier_network_policy(
+        &objects,
+        &[json!({ "namespaceSelector": { "matchLabels": { "kubernetes.io/metadata.name": "ingress-nginx" } } })],
+        &[],
+    );
     dry_run(cp, &objects);
 
     // Two namespaces, two replicas, monitoring: Roles only (the operator's and the verifier's in each
@@ -293,6 +321,9 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
             "prometheusRule.enabled=true",
             "networkPolicy.apiServer.cidrs={10.0.0.1/32,127.0.0.1/32}",
             "minIssueInterval=90s",
+            "verifier.networkPolicy.proxies[0].namespaceSelector.matchLabels.kubernetes\\.io/metadata\\.name=istio-system",
+            "verifier.networkPolicy.proxies[0].podSelector.matchLabels.istio=ingressgateway",
+            "verifier.networkPolicy.proxies[1].ipBlock.cidr=10.20.0.0/16",
         ],
     );
     assert_eq!(
@@ -371,11 +402,27 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
     assert_eq!(monitor["spec"]["endpoints"][0]["honorLabels"], true);
     check_secret_write_policy(&objects, &ns, "one-scim-token-operator");
     check_network_policy(&objects, &["10.0.0.1/32", "127.0.0.1/32"]);
+    check_verifier_network_policy(
+        &objects,
+        &[
+            json!({
+                "namespaceSelector": { "matchLabels": { "kubernetes.io/metadata.name": "istio-system" } },
+                "podSelector": { "matchLabels": { "istio": "ingressgateway" } }
+            }),
+            json!({ "ipBlock": { "cidr": "10.20.0.0/16" } }),
+        ],
+        &["10.0.0.1/32", "127.0.0.1/32"],
+    );
     dry_run(cp, &objects);
 
     // Both switched off; an existing ServiceAccount is the one the policy confines; scrapers narrowed to
     // some pods of the monitoring namespaces.
-    let objects = render(cp, "off", &ns, &["secretWritePolicy.enabled=false", "networkPolicy.enabled=false"]);
+    let objects = render(
+        cp,
+        "off",
+        &ns,
+        &["secretWritePolicy.enabled=false", "networkPolicy.enabled=false", "verifier.networkPolicy.enabled=false"],
+    );
     for kind in ["NetworkPolicy", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"] {
         assert!(!kinds(&objects).contains(kind), "no {kind} when switched off");
     }
@@ -393,8 +440,11 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
     );
     check_secret_write_policy(&objects, &ns, "custom");
     check_record_key_rbac(&objects, &ns, "byo-scim-token-operator", "custom");
+    let ingress_nginx =
+        json!({ "namespaceSelector": { "matchLabels": { "kubernetes.io/metadata.name": "ingress-nginx" } } });
+    check_verifier_network_policy(&objects, &[ingress_nginx], &[]);
     assert_eq!(
-        find(&objects, "NetworkPolicy")["spec"]["ingress"][0]["from"][0]["podSelector"],
+        find_of(&objects, "NetworkPolicy", "operator")["spec"]["ingress"][0]["from"][0]["podSelector"],
         json!({ "matchLabels": { "app": "prometheus" } })
     );
     assert!(of_component(&objects, "ServiceAccount", "verifier").next().is_none());
@@ -509,7 +559,7 @@ fn check_verifier(objects: &[Value], namespace: &str, service_account: &str, wat
     for selector in [&operator["spec"]["selector"], &service_selector(find_of(objects, "Service", "operator"))] {
         assert!(!selects(selector, pod_labels), "an operator selector {selector} selects verifier pods");
     }
-    if let Some(policy) = objects.iter().find(|o| o["kind"] == "NetworkPolicy") {
+    if let Some(policy) = of_component(objects, "NetworkPolicy", "operator").next() {
         assert!(
             !selects(&policy["spec"]["podSelector"], pod_labels),
             "the operator's NetworkPolicy selects verifier pods"
@@ -647,7 +697,7 @@ fn check_secret_write_policy(objects: &[Value], namespace: &str, service_account
 /// CIDRs and DNS when those CIDRs are given, else left open.
 fn check_network_policy(objects: &[Value], api_server_cidrs: &[&str]) {
     let deployment = find_of(objects, "Deployment", "operator");
-    let spec = &find(objects, "NetworkPolicy")["spec"];
+    let spec = &find_of(objects, "NetworkPolicy", "operator")["spec"];
     assert_eq!(spec["podSelector"]["matchLabels"], deployment["spec"]["selector"]["matchLabels"]);
     assert_eq!(
         spec["ingress"],
@@ -678,6 +728,44 @@ fn check_network_policy(objects: &[Value], api_server_cidrs: &[&str]) {
             }
         ])
     );
+}
+
+/// The verifier's NetworkPolicy: its pods only; the verify ports (`http-verify`, `grpc`) only from
+/// `proxies`, the metrics port (which lists every directory) only from the operator's scrapers
+/// (`networkPolicy.metrics`); egress as the operator's (restricted only with the API server's CIDRs).
+fn check_verifier_network_policy(objects: &[Value], proxies: &[Value], api_server_cidrs: &[&str]) {
+    let deployment = find_of(objects, "Deployment", "verifier");
+    let policy = find_of(objects, "NetworkPolicy", "verifier");
+    let operator_policy = find_of(objects, "NetworkPolicy", "operator");
+    assert_ne!(policy["metadata"]["name"], operator_policy["metadata"]["name"]);
+    let spec = &policy["spec"];
+    assert_eq!(spec["podSelector"]["matchLabels"], deployment["spec"]["selector"]["matchLabels"]);
+    let operator_pods = &find_of(objects, "Deployment", "operator")["spec"]["template"]["metadata"]["labels"];
+    assert!(!selects(&spec["podSelector"], operator_pods), "the verifier's NetworkPolicy selects operator pods");
+    let scrapers = &operator_policy["spec"]["ingress"][0]["from"];
+    assert_eq!(
+        spec["ingress"],
+        json!([
+            {
+                "from": proxies,
+                "ports": [{ "port": "http-verify", "protocol": "TCP" }, { "port": "grpc", "protocol": "TCP" }]
+            },
+            { "from": scrapers, "ports": [{ "port": "http-metrics", "protocol": "TCP" }] }
+        ])
+    );
+    // Every port the policy names is a port of the verifier's container, and every container port is named.
+    let ports: BTreeSet<String> = deployment["spec"]["template"]["spec"]["containers"][0]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ports, ["grpc", "http-metrics", "http-verify"].map(String::from).into());
+    assert_eq!(spec["policyTypes"], operator_policy["spec"]["policyTypes"]);
+    assert_eq!(spec.get("egress"), operator_policy["spec"].get("egress"));
+    if api_server_cidrs.is_empty() {
+        assert!(spec.get("egress").is_none(), "egress stays open without the API server's CIDRs");
+    }
 }
 
 /// `kubectl apply --dry-run=server` of rendered objects: schema, admission and RBAC escalation checks.
