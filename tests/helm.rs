@@ -208,12 +208,35 @@ async fn bad_values_fail_with_a_message_naming_them() {
         ("verifier.resources.request.cpu=1", "request"),
         ("verifier.preStopSleepSeconds=-1", "preStopSleepSeconds"),
         ("prometheusRule.overlapEndsWithinSeconds=0", "overlapEndsWithinSeconds"),
+        ("verifier.networkPolicy.enable=true", "enable"),
+        ("verifier.networkPolicy.proxies[0].namespaceSelectr.matchLabels.a=b", "namespaceSelectr"),
+        ("verifier.networkPolicy.proxies[0].ipBlock.cidr=10.0.0.0/33", "cidr"),
+        ("verifier.networkPolicy.proxies=null", NO_PROXIES),
     ] {
         let (ok, out, err) = helm(cp, &["template", "bad", CHART, "--set", set]);
         assert!(!ok, "--set {set} must fail, rendered:\n{out}");
         assert!(err.contains(expected), "--set {set}: the error names {expected:?}: {err}");
     }
+    // An enabled verifier NetworkPolicy without a single proxy peer would block every proxy (every SCIM
+    // request failing closed): refused by the schema, and by the template when the schema is skipped.
+    let values = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("no-proxies.values.yaml");
+    std::fs::write(&values, "verifier:\n  networkPolicy:\n    proxies: []\n").unwrap();
+    let values = values.to_str().unwrap();
+    let (ok, out, err) = helm(cp, &["template", "bad", CHART, "-f", values]);
+    assert!(!ok && err.contains(NO_PROXIES), "no proxies must be refused by the schema: {err}{out}");
+    let (ok, out, err) = helm(cp, &["template", "bad", CHART, "-f", values, "--skip-schema-validation"]);
+    assert!(
+        !ok && err.contains("verifier.networkPolicy.proxies is empty while verifier.networkPolicy.enabled is true"),
+        "no proxies must be refused by the template: {err}{out}"
+    );
+    let (ok, _, err) =
+        helm(cp, &["template", "ok", CHART, "-f", values, "--set", "verifier.networkPolicy.enabled=false"]);
+    assert!(ok, "no proxies with the verifier's NetworkPolicy off: {err}");
 }
+
+/// The schema's refusal of an enabled verifier NetworkPolicy without proxies (values.schema.json).
+const NO_PROXIES: &str = "proxies with at least one peer while enabled (with none, the NetworkPolicy of the verifier \
+     would block every proxy and every SCIM request would fail closed)";
 
 #[tokio::test]
 async fn rendered_manifests_are_accepted_by_the_api_server() {
@@ -262,7 +285,7 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
     );
     let cluster_role = find_of(&objects, "ClusterRole", "operator");
     assert_eq!(rules(cluster_role), OPERATOR_RULES.map(String::from).into());
-    let lease_role = find_of(&objects, "Role", "operator");
+    let lease_role = named(&objects, "Role", "all-scim-token-operator-leader-election");
     assert_eq!(lease_role["metadata"]["namespace"], ns.as_str(), "the Lease Role is in the release namespace");
     assert_eq!(
         rules(lease_role),
@@ -272,11 +295,17 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
         ]
         .into()
     );
+    check_record_key_rbac(&objects, &ns, "all-scim-token-operator", "all-scim-token-operator");
     assert!(of_component(&objects, "PodDisruptionBudget", "operator").next().is_none(), "one operator replica");
     check_deployment(find_of(&objects, "Deployment", "operator"), None);
     check_verifier(&objects, &ns, "all-scim-token-operator-verifier", None);
     check_secret_write_policy(&objects, &ns, "all-scim-token-operator");
     check_network_policy(&objects, &[]);
+    check_verifier_network_policy(
+        &objects,
+        &[json!({ "namespaceSelector": { "matchLabels": { "kubernetes.io/metadata.name": "ingress-nginx" } } })],
+        &[],
+    );
     dry_run(cp, &objects);
 
     // Two namespaces, two replicas, monitoring: Roles only (the operator's and the verifier's in each
@@ -292,6 +321,9 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
             "prometheusRule.enabled=true",
             "networkPolicy.apiServer.cidrs={10.0.0.1/32,127.0.0.1/32}",
             "minIssueInterval=90s",
+            "verifier.networkPolicy.proxies[0].namespaceSelector.matchLabels.kubernetes\\.io/metadata\\.name=istio-system",
+            "verifier.networkPolicy.proxies[0].podSelector.matchLabels.istio=ingressgateway",
+            "verifier.networkPolicy.proxies[1].ipBlock.cidr=10.20.0.0/16",
         ],
     );
     assert_eq!(
@@ -333,7 +365,12 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
             );
         }
     }
-    assert_eq!(objects.iter().filter(|o| o["kind"] == "Role").count(), 5, "2 watched namespaces × 2, and the Lease");
+    assert_eq!(
+        objects.iter().filter(|o| o["kind"] == "Role").count(),
+        6,
+        "2 watched namespaces × 2, the Lease and the record key"
+    );
+    check_record_key_rbac(&objects, &ns, "one-scim-token-operator", "one-scim-token-operator");
     let deployment = find_of(&objects, "Deployment", "operator");
     check_deployment(deployment, Some(&format!("{team},{team2}")));
     assert_eq!(deployment["spec"]["replicas"], 2);
@@ -365,11 +402,27 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
     assert_eq!(monitor["spec"]["endpoints"][0]["honorLabels"], true);
     check_secret_write_policy(&objects, &ns, "one-scim-token-operator");
     check_network_policy(&objects, &["10.0.0.1/32", "127.0.0.1/32"]);
+    check_verifier_network_policy(
+        &objects,
+        &[
+            json!({
+                "namespaceSelector": { "matchLabels": { "kubernetes.io/metadata.name": "istio-system" } },
+                "podSelector": { "matchLabels": { "istio": "ingressgateway" } }
+            }),
+            json!({ "ipBlock": { "cidr": "10.20.0.0/16" } }),
+        ],
+        &["10.0.0.1/32", "127.0.0.1/32"],
+    );
     dry_run(cp, &objects);
 
     // Both switched off; an existing ServiceAccount is the one the policy confines; scrapers narrowed to
     // some pods of the monitoring namespaces.
-    let objects = render(cp, "off", &ns, &["secretWritePolicy.enabled=false", "networkPolicy.enabled=false"]);
+    let objects = render(
+        cp,
+        "off",
+        &ns,
+        &["secretWritePolicy.enabled=false", "networkPolicy.enabled=false", "verifier.networkPolicy.enabled=false"],
+    );
     for kind in ["NetworkPolicy", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"] {
         assert!(!kinds(&objects).contains(kind), "no {kind} when switched off");
     }
@@ -386,8 +439,12 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
         ],
     );
     check_secret_write_policy(&objects, &ns, "custom");
+    check_record_key_rbac(&objects, &ns, "byo-scim-token-operator", "custom");
+    let ingress_nginx =
+        json!({ "namespaceSelector": { "matchLabels": { "kubernetes.io/metadata.name": "ingress-nginx" } } });
+    check_verifier_network_policy(&objects, &[ingress_nginx], &[]);
     assert_eq!(
-        find(&objects, "NetworkPolicy")["spec"]["ingress"][0]["from"][0]["podSelector"],
+        find_of(&objects, "NetworkPolicy", "operator")["spec"]["ingress"][0]["from"][0]["podSelector"],
         json!({ "matchLabels": { "app": "prometheus" } })
     );
     assert!(of_component(&objects, "ServiceAccount", "verifier").next().is_none());
@@ -419,6 +476,37 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
     // The dry-run created nothing.
     let deployments: Api<Deployment> = Api::namespaced(admin.clone(), &ns);
     assert!(deployments.list(&ListParams::default()).await.unwrap().items.is_empty());
+}
+
+/// The object of `kind` named `name`.
+fn named<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    let mut matching = objects.iter().filter(|o| o["kind"] == kind && o["metadata"]["name"] == name);
+    let found = matching.next().unwrap_or_else(|| panic!("no {kind} {name} rendered"));
+    assert!(matching.next().is_none(), "more than one {kind} {name} rendered");
+    found
+}
+
+/// The record key (src: RECORD_KEY_SECRET, `<fullname>-record-key` in the release namespace): the
+/// operator's Deployment names it, and a Role + RoleBinding in the release namespace, whatever
+/// `watchNamespaces` says, let the operator's ServiceAccount get that Secret and create Secrets (which
+/// resourceNames cannot narrow; the secret-write policy does).
+fn check_record_key_rbac(objects: &[Value], namespace: &str, fullname: &str, service_account: &str) {
+    let record_key = format!("{fullname}-record-key");
+    let env = container_env(find_of(objects, "Deployment", "operator"), "pod", namespace);
+    assert!(env.contains(&("RECORD_KEY_SECRET".into(), record_key.clone())), "{env:?}");
+    let role = named(objects, "Role", &record_key);
+    assert_eq!(role["metadata"]["namespace"], namespace, "the record key's Role is in the release namespace");
+    assert_eq!(rules(role), ["/secrets: create".to_string(), format!("/secrets: get names=[\"{record_key}\"]")].into());
+    let binding = named(objects, "RoleBinding", &record_key);
+    assert_eq!(binding["metadata"]["namespace"], namespace);
+    assert_eq!(
+        binding["roleRef"],
+        json!({ "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": record_key })
+    );
+    assert_eq!(
+        binding["subjects"],
+        json!([{ "kind": "ServiceAccount", "name": service_account, "namespace": namespace }])
+    );
 }
 
 /// The verifier's objects: `scim-token-operator verify` with the operator's image and hardening, two
@@ -471,7 +559,7 @@ fn check_verifier(objects: &[Value], namespace: &str, service_account: &str, wat
     for selector in [&operator["spec"]["selector"], &service_selector(find_of(objects, "Service", "operator"))] {
         assert!(!selects(selector, pod_labels), "an operator selector {selector} selects verifier pods");
     }
-    if let Some(policy) = objects.iter().find(|o| o["kind"] == "NetworkPolicy") {
+    if let Some(policy) = of_component(objects, "NetworkPolicy", "operator").next() {
         assert!(
             !selects(&policy["spec"]["podSelector"], pod_labels),
             "the operator's NetworkPolicy selects verifier pods"
@@ -590,13 +678,26 @@ fn check_secret_write_policy(objects: &[Value], namespace: &str, service_account
             "expression": format!("request.userInfo.username == 'system:serviceaccount:{namespace}:{service_account}'")
         }])
     );
+    // The one Secret it lets the operator create outside the token Secrets' rules is the one its
+    // Deployment names as the record key, in the release namespace.
+    let env = container_env(find_of(objects, "Deployment", "operator"), "pod", namespace);
+    let record_key = &env.iter().find(|(k, _)| k == "RECORD_KEY_SECRET").expect("RECORD_KEY_SECRET").1;
+    let variables = policy["spec"]["variables"].as_array().unwrap();
+    let is_record_key = variables.iter().find(|v| v["name"] == "recordKey").expect("the recordKey variable");
+    assert_eq!(
+        is_record_key["expression"],
+        format!(
+            "request.operation != \"DELETE\" && request.namespace == '{namespace}' && \
+             object.metadata.name == '{record_key}'"
+        )
+    );
 }
 
 /// The NetworkPolicy: metrics only from the `monitoring` namespace; egress restricted to the API server's
 /// CIDRs and DNS when those CIDRs are given, else left open.
 fn check_network_policy(objects: &[Value], api_server_cidrs: &[&str]) {
     let deployment = find_of(objects, "Deployment", "operator");
-    let spec = &find(objects, "NetworkPolicy")["spec"];
+    let spec = &find_of(objects, "NetworkPolicy", "operator")["spec"];
     assert_eq!(spec["podSelector"]["matchLabels"], deployment["spec"]["selector"]["matchLabels"]);
     assert_eq!(
         spec["ingress"],
@@ -627,6 +728,44 @@ fn check_network_policy(objects: &[Value], api_server_cidrs: &[&str]) {
             }
         ])
     );
+}
+
+/// The verifier's NetworkPolicy: its pods only; the verify ports (`http-verify`, `grpc`) only from
+/// `proxies`, the metrics port (which lists every directory) only from the operator's scrapers
+/// (`networkPolicy.metrics`); egress as the operator's (restricted only with the API server's CIDRs).
+fn check_verifier_network_policy(objects: &[Value], proxies: &[Value], api_server_cidrs: &[&str]) {
+    let deployment = find_of(objects, "Deployment", "verifier");
+    let policy = find_of(objects, "NetworkPolicy", "verifier");
+    let operator_policy = find_of(objects, "NetworkPolicy", "operator");
+    assert_ne!(policy["metadata"]["name"], operator_policy["metadata"]["name"]);
+    let spec = &policy["spec"];
+    assert_eq!(spec["podSelector"]["matchLabels"], deployment["spec"]["selector"]["matchLabels"]);
+    let operator_pods = &find_of(objects, "Deployment", "operator")["spec"]["template"]["metadata"]["labels"];
+    assert!(!selects(&spec["podSelector"], operator_pods), "the verifier's NetworkPolicy selects operator pods");
+    let scrapers = &operator_policy["spec"]["ingress"][0]["from"];
+    assert_eq!(
+        spec["ingress"],
+        json!([
+            {
+                "from": proxies,
+                "ports": [{ "port": "http-verify", "protocol": "TCP" }, { "port": "grpc", "protocol": "TCP" }]
+            },
+            { "from": scrapers, "ports": [{ "port": "http-metrics", "protocol": "TCP" }] }
+        ])
+    );
+    // Every port the policy names is a port of the verifier's container, and every container port is named.
+    let ports: BTreeSet<String> = deployment["spec"]["template"]["spec"]["containers"][0]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ports, ["grpc", "http-metrics", "http-verify"].map(String::from).into());
+    assert_eq!(spec["policyTypes"], operator_policy["spec"]["policyTypes"]);
+    assert_eq!(spec.get("egress"), operator_policy["spec"].get("egress"));
+    if api_server_cidrs.is_empty() {
+        assert!(spec.get("egress").is_none(), "egress stays open without the API server's CIDRs");
+    }
 }
 
 /// `kubectl apply --dry-run=server` of rendered objects: schema, admission and RBAC escalation checks.
@@ -1437,6 +1576,352 @@ async fn operator_works_with_exactly_the_charts_rbac() {
     assert!(!log.to_lowercase().contains("forbidden"), "the operator was never refused:\n{log}");
     team.assert_log_clean().await;
     other.assert_log_clean().await;
+
+    let (ok, _, err) = helm(cp, &["uninstall", release, "-n", &release_ns]);
+    assert!(ok, "{err}");
+}
+
+// Why the chart's secret-write policy refuses what the operator never writes, and the record key's own
+// rules (templates/validatingadmissionpolicy.yaml).
+const NOT_OPAQUE: &str = "the operator writes only Secrets of type Opaque";
+const SA_ANNOTATION: &str = "the operator never writes kubernetes.io/service-account.* annotations";
+const NOT_ONLY_TOKEN: &str = "a token Secret holds exactly one data key, token";
+const NOT_ONLY_KEY: &str = "the record key Secret holds exactly one data key, key";
+const RECORD_KEY_OWNED: &str = "the record key Secret has no ownerReferences";
+const RECORD_KEY_UPDATED: &str = "the record key Secret is created once and never updated";
+
+fn secret_of(value: Value) -> Secret {
+    serde_json::from_value(value).unwrap()
+}
+
+/// The record key Secret as the operator creates it (the contract of `RECORD_KEY_SECRET`): type Opaque,
+/// data exactly `key` (32 random bytes), the operator's name and the record-key component as labels
+/// (not the managed-by label of its token Secrets), no ownerReferences, no annotations.
+fn record_key_secret(name: &str) -> Value {
+    json!({
+        "metadata": {
+            "name": name,
+            "labels": { "app.kubernetes.io/name": "scim-token-operator", "app.kubernetes.io/component": "record-key" }
+        },
+        "type": "Opaque",
+        "data": { "key": k8s_openapi::ByteString((0..32u8).map(|i| i.wrapping_mul(97) ^ 0x5c).collect()) }
+    })
+}
+
+/// Asserts that a request was refused (403 or 422) before it reached storage: by the policy, or, when
+/// `reason` is None, by whatever the API server says first. Nothing of an admitted result is printed.
+fn refused<T>(result: kube::Result<T>, reason: Option<&str>, what: &str) {
+    match (result, reason) {
+        (Err(kube::Error::Api(status)), Some(reason)) => assert!(
+            status.code == 403
+                && status.message.contains("ValidatingAdmissionPolicy")
+                && status.message.contains(reason),
+            "{what} must be refused by the chart's ValidatingAdmissionPolicy ({reason:?}), got {status:?}"
+        ),
+        (Err(kube::Error::Api(status)), None) => {
+            assert!([403, 422].contains(&status.code), "{what} must be refused, got {status:?}")
+        }
+        (Err(other), _) => panic!("{what} must be refused, got {other:?}"),
+        (Ok(_), _) => panic!("{what} must be refused, but it was admitted"),
+    }
+}
+
+/// The secret-write policy admits exactly the operator's two kinds of Secret writes, as the operator
+/// makes them, and nothing that only resembles them: with cluster-wide RBAC (create on every Secret of
+/// the cluster), the ServiceAccount may not plant a service-account-token Secret in kube-system (the
+/// token controller would fill in a non-expiring token of any ServiceAccount it names, which the
+/// operator's account could read back), nor any other type, ServiceAccount annotation or data key; it
+/// creates its record key once, in the release namespace, and never changes it. Then, watching one
+/// namespace, the record key's own Role is what lets it read and create that Secret.
+#[tokio::test]
+async fn secret_write_policy_admits_only_the_operators_own_secrets() {
+    let cp = ControlPlane::shared();
+    let admin = cp.client().await;
+    let release_ns = cp.create_namespace("policy-op").await.unwrap();
+    let team_ns = cp.create_namespace("policy-team").await.unwrap();
+    let release = "keys";
+    let fullname = "keys-scim-token-operator";
+
+    let (ok, out, err) = helm(cp, &["install", release, CHART, "-n", &release_ns, "--set", "verifier.enabled=false"]);
+    assert!(ok, "helm install: {err}{out}");
+    // The record key's name, as the operator reads it from its Deployment.
+    let (ok, manifest, err) = helm(cp, &["get", "manifest", release, "-n", &release_ns]);
+    assert!(ok, "{err}");
+    let env = container_env(find_of(&parse_docs(&manifest), "Deployment", "operator"), "pod", &release_ns);
+    let record_key = env.iter().find(|(k, _)| k == "RECORD_KEY_SECRET").map(|(_, v)| v.clone());
+    assert_eq!(record_key.as_deref(), Some(format!("{fullname}-record-key").as_str()), "{env:?}");
+    let record_key = record_key.unwrap();
+
+    let user = format!("system:serviceaccount:{release_ns}:{fullname}");
+    let sa_group = format!("system:serviceaccounts:{release_ns}");
+    let groups = ["system:serviceaccounts", sa_group.as_str(), "system:authenticated"];
+    let as_operator = cp.impersonating_client(&user, &groups).await;
+    let secrets_in = |ns: &str| Api::<Secret>::namespaced(as_operator.clone(), ns);
+    let (team_secrets, release_secrets, kube_system) =
+        (secrets_in(&team_ns), secrets_in(&release_ns), secrets_in("kube-system"));
+    wait_until_policy_enforced(&team_secrets).await;
+    let dry_run = PostParams { dry_run: true, ..PostParams::default() };
+    let managed = json!({ "app.kubernetes.io/managed-by": "scim-token-operator" });
+
+    // The escalation: a service-account-token Secret for a powerful ServiceAccount, labelled and
+    // "controlled" by a ScimDirectory that does not exist, of an old and of the current API version.
+    for api_version in ["scim.tokenops.dev/v0", "scim.tokenops.dev/v1alpha1"] {
+        let fake_owner = json!({
+            "apiVersion": api_version,
+            "kind": "ScimDirectory",
+            "name": "x",
+            "uid": "0b5c3f0e-6a52-4d36-9a3e-2f1d8c7b9e41",
+            "controller": true
+        });
+        let planted = secret_of(json!({
+            "metadata": {
+                "name": "scim-escalation",
+                "labels": managed,
+                "annotations": { "kubernetes.io/service-account.name": "clusterrole-aggregation-controller" },
+                "ownerReferences": [fake_owner]
+            },
+            "type": "kubernetes.io/service-account-token"
+        }));
+        refused(
+            kube_system.create(&dry_run, &planted).await,
+            Some(NOT_OPAQUE),
+            &format!("a service-account-token Secret in kube-system, owner {api_version}"),
+        );
+    }
+
+    // A directory of the team (nobody reconciles it here) and the Secret the operator writes for it, from
+    // the operator's own code (src/secret/mod.rs), with a secretTemplate's label and annotation.
+    let mut dir: ScimDirectory = serde_yaml::from_str(BASIC).unwrap();
+    dir.spec.secret_template = Some(scim_token_operator::api::SecretTemplate {
+        labels: [("tenant".to_string(), "initech".to_string())].into(),
+        annotations: [("example.com/owner".to_string(), "identity".to_string())].into(),
+    });
+    let dir =
+        Api::<ScimDirectory>::namespaced(admin.clone(), &team_ns).create(&PostParams::default(), &dir).await.unwrap();
+    let token = Token::generate();
+    let record = scim_token_operator::policy::IssueRecord {
+        token_hash: token.hash(),
+        rotation_generation: 0,
+        expires_in: None,
+        rotation_request: None,
+        issued_at: k8s_openapi::jiff::Timestamp::now(),
+        expires_at: None,
+        reason: scim_token_operator::policy::IssueReason::Initial,
+        previous: None,
+        end_overlap_request: None,
+    };
+    let exact = scim_token_operator::secret::desired_secret(&dir, &token, &record);
+    let owner = serde_json::to_value(dir.controller_owner_ref(&()).unwrap()).unwrap();
+    // An old API version of the directory is not the operator's controller reference.
+    let mut old_version = owner.clone();
+    old_version["apiVersion"] = json!("scim.tokenops.dev/v0");
+    refused(
+        team_secrets.create(&dry_run, &test_secret("planted", managed.clone(), Some(&old_version))).await,
+        Some(NOT_OWNED),
+        "a token Secret controlled by scim.tokenops.dev/v0",
+    );
+    // What the operator writes, changed in one respect each (stringData is folded into data before
+    // admission: the extra key through stringData is refused too).
+    type Change = fn(&mut Value);
+    let variants: [(&str, &str, Change); 6] = [
+        ("a service-account-token Secret of the directory", NOT_OPAQUE, |s| {
+            s["type"] = json!("kubernetes.io/service-account-token");
+            s["metadata"]["annotations"]["kubernetes.io/service-account.name"] = json!("default");
+            s["data"] = json!(null);
+        }),
+        ("a basic-auth Secret", NOT_OPAQUE, |s| {
+            s["type"] = json!("kubernetes.io/basic-auth");
+            s["data"]["password"] = json!("aHVudGVyMg==");
+        }),
+        ("an Opaque Secret with a service-account.name annotation", SA_ANNOTATION, |s| {
+            s["metadata"]["annotations"]["kubernetes.io/service-account.name"] = json!("default");
+        }),
+        ("an Opaque Secret with a service-account.uid annotation", SA_ANNOTATION, |s| {
+            s["metadata"]["annotations"]["kubernetes.io/service-account.uid"] = json!("0b5c3f0e");
+        }),
+        ("an extra data key", NOT_ONLY_TOKEN, |s| s["data"]["ca.crt"] = json!("Y2E=")),
+        ("an extra stringData key", NOT_ONLY_TOKEN, |s| s["stringData"] = json!({ "ca.crt": "ca" })),
+    ];
+    let exact_value = serde_json::to_value(&exact).unwrap();
+    for (what, reason, change) in variants {
+        let mut secret = exact_value.clone();
+        change(&mut secret);
+        refused(team_secrets.create(&dry_run, &secret_of(secret)).await, Some(reason), what);
+    }
+    let mut no_token = exact_value.clone();
+    no_token["data"] = json!({ "other": "eA==" });
+    refused(team_secrets.create(&dry_run, &secret_of(no_token)).await, Some(NOT_ONLY_TOKEN), "a Secret without token");
+
+    // The exact Secret is admitted. Another test's operator watching every namespace may have issued
+    // the directory's Secret first: a 409 comes from storage, after admission.
+    match team_secrets.create(&PostParams::default(), &exact).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(status)) if status.code == 409 => {}
+        Err(other) => panic!("the operator's own token Secret must be admitted, got {other:?}"),
+    }
+    let name = exact.metadata.name.clone().unwrap();
+    let before = team_secrets.get(&name).await.unwrap().metadata.resource_version;
+    let (secrets, secret_name) = (&team_secrets, name.as_str());
+    let merge = move |patch: Value| async move {
+        secrets.patch(secret_name, &PatchParams::default(), &Patch::Merge(patch)).await
+    };
+    // Updates that change what it is: the type (immutable: the API server's validation refuses it
+    // before admission), a data key, a ServiceAccount annotation.
+    refused(merge(json!({ "type": "kubernetes.io/service-account-token" })).await, None, "changing the type");
+    refused(merge(json!({ "data": { "ca.crt": "Y2E=" } })).await, Some(NOT_ONLY_TOKEN), "adding a data key");
+    refused(merge(json!({ "stringData": { "extra": "x" } })).await, Some(NOT_ONLY_TOKEN), "adding a stringData key");
+    refused(merge(json!({ "data": { "token": null } })).await, Some(NOT_ONLY_TOKEN), "removing the token");
+    refused(
+        merge(json!({ "metadata": { "annotations": { "kubernetes.io/service-account.name": "default" } } })).await,
+        Some(SA_ANNOTATION),
+        "adding a service-account.name annotation",
+    );
+    team_secrets
+        .patch(
+            &name,
+            &PatchParams { dry_run: true, ..PatchParams::default() },
+            &Patch::Merge(json!({ "metadata": { "annotations": { "example.com/checked": "yes" } } })),
+        )
+        .await
+        .expect("an update that keeps the Secret's shape is admitted (dry run)");
+    assert_eq!(team_secrets.get(&name).await.unwrap().metadata.resource_version, before, "nothing changed");
+
+    // The record key: only its exact create, in the release namespace, under its name.
+    let record_key_with = |change: fn(&mut Value)| {
+        let mut secret = record_key_secret(&record_key);
+        change(&mut secret);
+        secret_of(secret)
+    };
+    refused(
+        release_secrets.create(&dry_run, &secret_of(record_key_secret(&format!("{record_key}-2")))).await,
+        Some(NOT_ONLY_TOKEN),
+        "a record key under another name",
+    );
+    refused(
+        team_secrets.create(&dry_run, &secret_of(record_key_secret(&record_key))).await,
+        Some(NOT_ONLY_TOKEN),
+        "a record key in another namespace",
+    );
+    refused(
+        release_secrets.create(&dry_run, &record_key_with(|s| s["data"]["extra"] = json!("eA=="))).await,
+        Some(NOT_ONLY_KEY),
+        "a record key with an extra key",
+    );
+    refused(
+        release_secrets.create(&dry_run, &record_key_with(|s| s["data"] = json!({ "token": "eA==" }))).await,
+        Some(NOT_ONLY_KEY),
+        "a token Secret under the record key's name",
+    );
+    refused(
+        release_secrets
+            .create(
+                &dry_run,
+                &record_key_with(|s| {
+                    s["metadata"]["ownerReferences"] = json!([{
+                        "apiVersion": "v1", "kind": "ConfigMap", "name": "x",
+                        "uid": "0b5c3f0e-6a52-4d36-9a3e-2f1d8c7b9e41"
+                    }])
+                }),
+            )
+            .await,
+        Some(RECORD_KEY_OWNED),
+        "a record key with an ownerReference",
+    );
+    refused(
+        release_secrets
+            .create(
+                &dry_run,
+                &record_key_with(|s| {
+                    s["metadata"]["annotations"] = json!({ "kubernetes.io/service-account.name": "default" })
+                }),
+            )
+            .await,
+        Some(SA_ANNOTATION),
+        "a record key with a service-account.name annotation",
+    );
+    refused(
+        release_secrets.create(&dry_run, &record_key_with(|s| s["type"] = json!("scim.tokenops.dev/record-key"))).await,
+        Some(NOT_OPAQUE),
+        "a record key of another type",
+    );
+    release_secrets
+        .create(&PostParams::default(), &secret_of(record_key_secret(&record_key)))
+        .await
+        .expect("the operator's record key is admitted");
+    // A second replica's create: admitted, then 409 from storage (it then reads the winner's key).
+    match release_secrets.create(&PostParams::default(), &secret_of(record_key_secret(&record_key))).await {
+        Err(kube::Error::Api(status)) if status.code == 409 => {}
+        other => panic!("a second create of the record key gets 409, got {:?}", other.map(|_| "admitted")),
+    }
+    let stored = release_secrets.get(&record_key).await.expect("the operator reads its record key");
+    for patch in [
+        json!({ "metadata": { "labels": { "example.com/x": "y" } } }),
+        json!({ "data": { "key": "eA==" } }),
+        json!({ "metadata": { "annotations": { "example.com/x": "y" } } }),
+    ] {
+        refused(
+            release_secrets.patch(&record_key, &PatchParams::default(), &Patch::Merge(&patch)).await,
+            Some(RECORD_KEY_UPDATED),
+            &format!("updating the record key with {patch}"),
+        );
+    }
+    let mut applied = record_key_secret(&record_key);
+    applied["apiVersion"] = json!("v1");
+    applied["kind"] = json!("Secret");
+    applied["data"]["key"] = json!(k8s_openapi::ByteString(vec![0; 32]));
+    refused(
+        release_secrets.patch(&record_key, &PatchParams::apply("intruder").force(), &Patch::Apply(&applied)).await,
+        Some(RECORD_KEY_UPDATED),
+        "applying another key onto the record key",
+    );
+    assert_eq!(release_secrets.get(&record_key).await.unwrap().data, stored.data, "the record key is unchanged");
+
+    // Watching one namespace: no cluster-wide RBAC; the Role in the release namespace grants get on the
+    // record key and create (bounded by the policy), and nothing else on Secrets there.
+    let (ok, out, err) = helm(
+        cp,
+        &[
+            "upgrade",
+            release,
+            CHART,
+            "-n",
+            &release_ns,
+            "--reuse-values",
+            "--set",
+            &format!("watchNamespaces={{{team_ns}}}"),
+        ],
+    );
+    assert!(ok, "helm upgrade: {err}{out}");
+    // The authorizer follows RBAC changes through its informers: wait until it has both the Role and the
+    // ClusterRole's removal.
+    let expected_secret_rules: BTreeSet<String> =
+        ["/secrets: create".to_string(), format!("/secrets: get names=[\"{record_key}\"]")].into();
+    wait_for("the namespaced record-key Role in effect", Duration::from_secs(30), || async {
+        let rules = allowed_rules(&as_operator, &release_ns).await;
+        let secrets: BTreeSet<String> = rules.into_iter().filter(|r| r.starts_with("/secrets")).collect();
+        (secrets == expected_secret_rules).then_some(())
+    })
+    .await;
+    release_secrets.get(&record_key).await.expect("the operator reads its record key");
+    forbidden(release_secrets.list(&ListParams::default()).await, "listing the release namespace's Secrets");
+    Api::<Secret>::namespaced(admin.clone(), &release_ns).delete(&record_key, &DeleteParams::default()).await.unwrap();
+    wait_for("the record key deleted", Duration::from_secs(30), || async {
+        release_secrets.get_opt(&record_key).await.unwrap().is_none().then_some(())
+    })
+    .await;
+    release_secrets
+        .create(&PostParams::default(), &secret_of(record_key_secret(&record_key)))
+        .await
+        .expect("the operator creates its record key through the namespaced Role");
+    forbidden(
+        kube_system.create(&dry_run, &secret_of(record_key_secret(&record_key))).await,
+        "a Secret in kube-system",
+    );
+    refused(
+        release_secrets.create(&dry_run, &test_secret("planted", json!({}), None)).await,
+        Some(NOT_LABELLED),
+        "another Secret in the release namespace",
+    );
 
     let (ok, _, err) = helm(cp, &["uninstall", release, "-n", &release_ns]);
     assert!(ok, "{err}");

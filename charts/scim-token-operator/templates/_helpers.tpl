@@ -60,6 +60,15 @@ binary takes them comma-separated in WATCH_NAMESPACE and runs one namespaced con
 {{- include "scim-token-operator.fullname" . }}
 {{- end }}
 
+{{/*
+Name of the record key Secret, in the release namespace (RECORD_KEY_SECRET): the operator gets it at
+startup and creates it when missing (type Opaque, data exactly `key`, no ownerReferences), and never
+updates or deletes it. The secret-write policy admits exactly that create and no other write of it.
+*/}}
+{{- define "scim-token-operator.recordKeySecretName" -}}
+{{- printf "%s-record-key" (include "scim-token-operator.fullname" .) }}
+{{- end }}
+
 {{- define "scim-token-operator.image" -}}
 {{- if .Values.image.digest }}
 {{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
