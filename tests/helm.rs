@@ -1710,7 +1710,12 @@ async fn secret_write_policy_admits_only_the_operators_own_secrets() {
         previous: None,
         end_overlap_request: None,
     };
-    let exact = scim_token_operator::secret::desired_secret(&dir, &token, &record);
+    let exact = scim_token_operator::secret::desired_secret(
+        &dir,
+        &token,
+        &record,
+        &scim_token_operator::secret::RecordKey::generate(),
+    );
     let owner = serde_json::to_value(dir.controller_owner_ref(&()).unwrap()).unwrap();
     // An old API version of the directory is not the operator's controller reference.
     let mut old_version = owner.clone();
