@@ -519,6 +519,85 @@ async fn inspect_secret_shows_the_record_and_says_when_it_is_forged_or_absent() 
     scim.assert_no_plaintext().await;
 }
 
+/// What a tenant who can write a Secret's annotations or post Events in its namespace might plant
+/// for the admin's terminal: retitle the window (OSC), clear the screen (CSI), an 8-bit CSI, a bidi
+/// override, and a forged line.
+const TERMINAL_ATTACK: &str = "\u{1b}]0;pwned\u{7}\u{1b}[2J\u{9b}31m\u{202e}\nacme: all fine";
+
+/// No raw terminal control from the cluster in what the plugin printed.
+fn assert_terminal_safe(run: &Run) {
+    for c in ['\u{1b}', '\u{7}', '\u{9b}', '\u{202e}'] {
+        assert!(!run.stdout.contains(c) && !run.stderr.contains(c), "{c:?} reached the terminal: {run:?}");
+    }
+}
+
+#[tokio::test]
+async fn status_and_inspect_show_tenant_written_terminal_controls_escaped() {
+    use k8s_openapi::api::core::v1::{Event, ObjectReference};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use kube::api::{Api, ObjectMeta, PostParams};
+
+    let env = Env::new("scim-escapes").await;
+    let scim = Scim::new(&env);
+    let mut op = env.operator(&[("MIN_ISSUE_INTERVAL", "1s")]);
+    let (ok, _, err) = env.apply(&directory("acme", "  rotationGeneration: 0\n"));
+    assert!(ok, "{err}");
+    let dir = env.wait_ready_reason("acme", "TokenIssued").await;
+    // With the operator stopped, so that nothing is repaired: a rotation request on the Secret's
+    // record and on the directory (pending), and an Event about the directory.
+    op.terminate().await;
+    let planted = json!({ "metadata": { "annotations": { "scim.tokenops.dev/rotation-request": TERMINAL_ATTACK } } });
+    env.secrets().patch("acme-scim-token", &PatchParams::default(), &Patch::Merge(planted)).await.unwrap();
+    let pending = json!({ "metadata": { "annotations": { "scim.tokenops.dev/rotate": TERMINAL_ATTACK } } });
+    env.dirs().patch("acme", &PatchParams::default(), &Patch::Merge(pending)).await.unwrap();
+    let now = Time(Timestamp::now());
+    let event = Event {
+        metadata: ObjectMeta { generate_name: Some("acme-".into()), ..ObjectMeta::default() },
+        involved_object: ObjectReference {
+            api_version: Some("scim.tokenops.dev/v1alpha1".into()),
+            kind: Some("ScimDirectory".into()),
+            name: Some("acme".into()),
+            namespace: Some(env.ns.clone()),
+            uid: dir.metadata.uid.clone(),
+            ..ObjectReference::default()
+        },
+        type_: Some("Warning".into()),
+        reason: Some("Pwned".into()),
+        message: Some(format!("look: {TERMINAL_ATTACK}")),
+        first_timestamp: Some(now.clone()),
+        last_timestamp: Some(now),
+        count: Some(1),
+        ..Event::default()
+    };
+    Api::<Event>::namespaced(env.client.clone(), &env.ns).create(&PostParams::default(), &event).await.unwrap();
+
+    let escaped = "\\x1b]0;pwned\\x07\\x1b[2J\\x9b31m\\u{202e}\\nacme: all fine";
+    let status = scim.run(&["status", "acme"]);
+    assert_terminal_safe(status.ok());
+    assert!(status.stdout.contains("Last event: Warning Pwned ("), "{status:?}");
+    assert!(status.stdout.contains(&format!("look: {escaped}")), "the Event message, escaped: {status:?}");
+    assert!(status.stdout.contains(&format!("scim.tokenops.dev/rotate={escaped}")), "{status:?}");
+    assert!(!status.stdout.lines().any(|l| l.starts_with("acme: all fine")), "no forged line: {status:?}");
+    let all = scim.run(&["status"]);
+    assert_terminal_safe(all.ok());
+
+    let inspected = scim.run(&["inspect", "secret", "acme-scim-token"]);
+    assert_terminal_safe(inspected.ok());
+    assert!(squeeze(&inspected.stdout).contains(&format!("Rotation request: {escaped}")), "{inspected:?}");
+
+    // Data output stays exact, and its serializers escape ESC themselves.
+    let json_status = scim.run(&["status", "acme", "-o", "json"]);
+    assert!(!json_status.ok().stdout.contains('\u{1b}'), "{json_status:?}");
+    let parsed: Value = serde_json::from_str(&json_status.stdout).unwrap();
+    assert_eq!(parsed["lastEvent"]["message"], format!("look: {TERMINAL_ATTACK}"));
+    assert_eq!(parsed["pendingRotationRequest"], TERMINAL_ATTACK);
+    let yaml_inspect = scim.run(&["inspect", "secret", "acme-scim-token", "-o", "yaml"]);
+    assert!(!yaml_inspect.ok().stdout.contains('\u{1b}'), "{yaml_inspect:?}");
+    let parsed: Value = serde_yaml::from_str(&yaml_inspect.stdout).unwrap();
+    assert_eq!(parsed["record"]["rotationRequest"], TERMINAL_ATTACK);
+    scim.assert_no_plaintext().await;
+}
+
 #[tokio::test]
 async fn errors_are_one_clear_line_with_a_non_zero_exit() {
     let env = Env::new("scim-errors").await;

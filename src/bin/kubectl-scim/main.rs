@@ -141,9 +141,10 @@ fn main() -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(e) => {
+            // API server messages and explanations quote what tenants wrote: made safe for a terminal.
             let message = e.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
             let _ = std::io::stdout().flush();
-            eprintln!("error: {message}");
+            eprintln!("error: {}", human::sanitize(&message));
             ExitCode::from(if check { 2 } else { 1 })
         }
     }
