@@ -653,6 +653,57 @@ async fn errors_are_one_clear_line_with_a_non_zero_exit() {
 }
 
 #[tokio::test]
+async fn a_token_given_where_a_name_belongs_is_never_echoed() {
+    let env = Env::new("scim-token-arg").await;
+    let scim = Scim::new(&env);
+    let token = Token::generate();
+    let t = token.expose();
+    // A token pasted as an argument: as the directory of check (whose stdin is where it belongs), as
+    // any other name, as a flag's value, inside a pasted header, or as an argument clap rejects.
+    let header = format!("Bearer {t}");
+    let cases: Vec<(Vec<&str>, i32)> = vec![
+        (vec!["check", t], 2),
+        (vec!["check", &header], 2),
+        (vec!["status", t], 1),
+        (vec!["rotate", t, "--wait"], 1),
+        (vec!["end-overlap", t], 1),
+        (vec!["token", t, "--force-stdout"], 1),
+        (vec!["inspect", "secret", t], 1),
+        (vec!["status", "--context", t], 1),
+        (vec!["status", "--as", t], 1),
+        (vec!["status", "--as-group", t], 1),
+        (vec!["status", "--user", t], 1),
+        (vec!["status", "--cluster", t], 1),
+        (vec!["rotate", "acme", t], 2),
+        (vec!["rotate", "acme", "--timeout", t], 2),
+        (vec!["status", "-o", t], 2),
+    ];
+    for (args, code) in cases {
+        // -n first: a later --kubeconfig wins over the harness's; `check` gets an empty stdin.
+        let run = scim.run_with(env.cp.kubeconfig_path(), &[&["-n", &env.ns][..], &args].concat(), Some(""), false);
+        let shown: Vec<&str> = args.iter().map(|a| if a.contains(&t[5..]) { "<the token>" } else { a }).collect();
+        assert_eq!(run.code, code, "{shown:?}: {}", run.stderr);
+        assert!(!run.stderr.contains(&t[5..]) && !run.stdout.contains(&t[5..]), "the token was echoed: {shown:?}");
+        assert!(run.stderr.contains("scim_<redacted>"), "it says a token was given: {shown:?}: {}", run.stderr);
+    }
+    // The kubeconfig's path (the harness passes one: here it is the only one).
+    let out = scim.kubectl().args(["scim", "status", "--kubeconfig", t]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("the --kubeconfig argument looks like a SCIM token") && !stderr.contains(&t[5..]));
+    scim.printed.lock().unwrap().push_str(&stderr);
+    let in_namespace = scim.run_with(env.cp.kubeconfig_path(), &["status", "-n", t], None, false);
+    in_namespace.one_line_error(1, "looks like a SCIM token");
+    assert!(!in_namespace.stderr.contains(&t[5..]));
+    let checked = scim.run_with(env.cp.kubeconfig_path(), &["check", t, "-n", &env.ns], Some(t), false);
+    checked.one_line_error(2, "the NAME argument looks like a SCIM token (scim_<redacted>)");
+    assert!(checked.stderr.contains("reads the token on stdin"), "{checked:?}");
+    // A name that merely contains the prefix is a name (and simply not found).
+    scim.run(&["status", "scim-acme"]).one_line_error(1, "\"scim-acme\" in namespace");
+    scim.assert_no_plaintext_without_operator();
+}
+
+#[tokio::test]
 async fn the_workload_example_is_accepted_by_the_api_server() {
     let env = Env::new("scim-example").await;
     let example = envtest::workspace_root().join("examples/workload-mounted-token.yaml");
