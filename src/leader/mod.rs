@@ -18,7 +18,7 @@ use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use serde_json::json;
 use tracing::{debug, warn};
 
-pub use fence::{Fence, Fenced};
+pub use fence::{Fence, FenceLayer, Fenced, limited};
 
 const FIELD_MANAGER: &str = "scim-token-operator-leader-election";
 
