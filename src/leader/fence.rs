@@ -71,6 +71,13 @@ impl Fence {
         self.state.lock().expect("poisoned").revoked = true;
     }
 
+    /// How long the fence stays open without another confirmed renewal; `None` before the first one
+    /// (and without leader election).
+    pub fn time_left(&self) -> Option<Duration> {
+        let deadline = self.renew_deadline?;
+        time_left(*self.state.lock().expect("poisoned"), deadline, Instant::now())
+    }
+
     /// Whether a write may be sent now.
     pub fn check(&self) -> Result<(), Fenced> {
         let Some(deadline) = self.renew_deadline else { return Ok(()) };
@@ -156,6 +163,13 @@ fn confirmed(state: State, sent_at: Instant) -> State {
     State { confirmed: Some(state.confirmed.map_or(sent_at, |c| c.max(sent_at))), ..state }
 }
 
+fn time_left(state: State, deadline: Duration, now: Instant) -> Option<Duration> {
+    if state.revoked {
+        return Some(Duration::ZERO);
+    }
+    Some(deadline.saturating_sub(now.saturating_duration_since(state.confirmed?)))
+}
+
 fn check(state: State, deadline: Duration, now: Instant) -> Result<(), Fenced> {
     if state.revoked {
         return Err(Fenced::Revoked);
@@ -193,6 +207,24 @@ mod tests {
         for (name, state, now_ms, want) in cases {
             assert_eq!(check(state, DEADLINE, at(t0, now_ms)), want, "{name}");
         }
+    }
+
+    #[test]
+    fn time_left_counts_down_from_the_last_confirmed_renewal() {
+        let t0 = Instant::now();
+        let renewed = |ms| State { confirmed: Some(at(t0, ms)), revoked: false };
+        let ms = Duration::from_millis;
+        let cases = [
+            ("never renewed", State { confirmed: None, revoked: false }, 0, None),
+            ("just renewed", renewed(0), 0, Some(DEADLINE)),
+            ("within the deadline", renewed(0), 9_000, Some(ms(1_000))),
+            ("past the deadline", renewed(0), 25_000, Some(Duration::ZERO)),
+            ("revoked", State { confirmed: Some(t0), revoked: true }, 1, Some(Duration::ZERO)),
+        ];
+        for (name, state, now_ms, want) in cases {
+            assert_eq!(time_left(state, DEADLINE, at(t0, now_ms)), want, "{name}");
+        }
+        assert_eq!(Fence::open().time_left(), None);
     }
 
     #[test]
