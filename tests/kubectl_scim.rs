@@ -585,9 +585,10 @@ async fn status_and_inspect_show_tenant_written_terminal_controls_escaped() {
     assert_terminal_safe(inspected.ok());
     assert!(squeeze(&inspected.stdout).contains(&format!("Rotation request: {escaped}")), "{inspected:?}");
 
-    // Data output stays exact, and its serializers escape ESC themselves.
+    // Data output stays exact; ESC is escaped by the serializers, and JSON escapes C1 controls and bidi
+    // overrides too (as \u009b, \u202e).
     let json_status = scim.run(&["status", "acme", "-o", "json"]);
-    assert!(!json_status.ok().stdout.contains('\u{1b}'), "{json_status:?}");
+    assert_terminal_safe(json_status.ok());
     let parsed: Value = serde_json::from_str(&json_status.stdout).unwrap();
     assert_eq!(parsed["lastEvent"]["message"], format!("look: {TERMINAL_ATTACK}"));
     assert_eq!(parsed["pendingRotationRequest"], TERMINAL_ATTACK);

@@ -38,7 +38,7 @@ pub fn sanitize(text: &str) -> Cow<'_, str> {
 
 /// Control characters (Unicode `Cc`: C0, DEL, C1) and the invisible format characters that change
 /// how the text around them reads.
-fn unsafe_for_terminal(c: char) -> bool {
+pub fn unsafe_for_terminal(c: char) -> bool {
     c.is_control()
         || matches!(
             c,
