@@ -152,10 +152,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         format!("{}-{}", host.trim(), std::process::id())
     });
-    let client = client(args.max_inflight_requests).await?;
-    // Before leadership: a replica that cannot read or create the key fails at once, not on takeover.
+    // The fence first: the controller's client checks it on every write once the write holds its
+    // permit (see `leader::limited`).
+    let fence = if args.leader_election { Fence::new(args.renew_deadline) } else { Fence::open() };
+    let client = fenced_client(args.max_inflight_requests, &fence).await?;
+    // Before leadership (so with a client the write fence does not hold back): a replica that cannot
+    // read or create the key fails at once, not on takeover. Two replicas racing to create it is
+    // harmless: the create is refused for the second, which reads the first one's key.
     let record_key =
-        crate::secret::seal::load_or_create(client.clone(), &args.lease_namespace, &args.record_key_secret)
+        crate::secret::seal::load_or_create(self::client(2).await?, &args.lease_namespace, &args.record_key_secret)
             .await
             .map_err(anyhow::Error::msg)?;
 
@@ -182,7 +187,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             retry_period: args.retry_period,
         };
         settings.validate().map_err(anyhow::Error::msg)?;
-        let fence = Fence::new(args.renew_deadline);
         // Its own client: Lease renewals must not queue behind a burst of the controller's requests.
         let mut elector = Elector::new(self::client(4).await?, settings, fence.clone());
         info!(lease = %args.lease_name, namespace = %args.lease_namespace, %identity, "waiting for leadership");
@@ -197,7 +201,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         info!(%identity, "acquired leadership");
         (fence, Some(elector))
     } else {
-        (Fence::open(), None)
+        (fence, None)
     };
 
     // The leader renews its Lease until told to release it (after a graceful stop) or until it loses
@@ -265,10 +269,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
 /// A client from the kubeconfig or the in-cluster config, with at most `max_inflight` requests at once.
 pub(crate) async fn client(max_inflight: usize) -> anyhow::Result<kube::Client> {
+    fenced_client(max_inflight, &Fence::open()).await
+}
+
+/// As [`client`], and refusing every write once `fence` is closed, checked after the write holds its
+/// permit: one that waited for a permit past the renew deadline is not sent.
+pub(crate) async fn fenced_client(max_inflight: usize, fence: &Fence) -> anyhow::Result<kube::Client> {
     let config = kube::Config::infer().await?;
     Ok(ClientBuilder::try_from(config)
         .map_err(explain_client_error)?
-        .with_layer(&tower::limit::ConcurrencyLimitLayer::new(max_inflight.max(1)))
+        .with_layer(&crate::leader::limited(max_inflight, fence.clone()))
         .build())
 }
 

@@ -58,7 +58,20 @@ pub enum Error {
 }
 
 impl Error {
+    /// The fence's refusal, whether the controller checked it (`Error::Fenced`) or the client did once
+    /// the write held its permit (inside a `kube::Error::Service`).
+    pub fn fenced(&self) -> Option<&Fenced> {
+        match self {
+            Error::Fenced(fenced) => Some(fenced),
+            Error::Kube(e) => Fenced::in_kube_error(e),
+            _ => None,
+        }
+    }
+
     pub fn metric_label(&self) -> &'static str {
+        if self.fenced().is_some() {
+            return "fenced";
+        }
         match self {
             Error::Kube(kube::Error::Api(s)) if s.code == 409 => "write_conflict",
             Error::Kube(_) => "kube",
@@ -429,7 +442,7 @@ pub async fn reconcile(dir: Arc<ScimDirectory>, ctx: Arc<Context>) -> Result<Act
 
 pub fn error_policy(dir: Arc<ScimDirectory>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconcile_errors.get_or_create(&ErrorLabels { error: error.metric_label().into() }).inc();
-    if let Error::Fenced(fenced) = error {
+    if let Some(fenced) = error.fenced() {
         // Not a conflict to retry: this replica is stopping, the next leader reconciles everything.
         tracing::error!(namespace = dir.namespace().unwrap_or_default(), name = dir.name_any(), error = %fenced, "write refused: no longer the leader");
         return Action::await_change();

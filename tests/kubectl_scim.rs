@@ -10,6 +10,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use scim_token_operator::token::Token;
 use serde_json::{Value, json};
@@ -512,6 +513,86 @@ async fn inspect_secret_shows_the_record_and_says_when_it_is_forged_or_absent() 
     scim.assert_no_plaintext().await;
 }
 
+/// What a tenant who can write a Secret's annotations or post Events in its namespace might plant
+/// for the admin's terminal: retitle the window (OSC), clear the screen (CSI), an 8-bit CSI, a bidi
+/// override, and a forged line.
+const TERMINAL_ATTACK: &str = "\u{1b}]0;pwned\u{7}\u{1b}[2J\u{9b}31m\u{202e}\nacme: all fine";
+
+/// No raw terminal control from the cluster in what the plugin printed.
+fn assert_terminal_safe(run: &Run) {
+    for c in ['\u{1b}', '\u{7}', '\u{9b}', '\u{202e}'] {
+        assert!(!run.stdout.contains(c) && !run.stderr.contains(c), "{c:?} reached the terminal: {run:?}");
+    }
+}
+
+#[tokio::test]
+async fn status_and_inspect_show_tenant_written_terminal_controls_escaped() {
+    use k8s_openapi::api::core::v1::{Event, ObjectReference};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use kube::api::{Api, ObjectMeta, PostParams};
+
+    let env = Env::new("scim-escapes").await;
+    let scim = Scim::new(&env);
+    let mut op = env.operator(&[("MIN_ISSUE_INTERVAL", "1s")]);
+    let (ok, _, err) = env.apply(&directory("acme", "  rotationGeneration: 0\n"));
+    assert!(ok, "{err}");
+    let dir = env.wait_ready_reason("acme", "TokenIssued").await;
+    // With the operator stopped, so that nothing is repaired: a rotation request on the Secret's
+    // record and on the directory (pending), and an Event about the directory.
+    op.terminate().await;
+    let planted = json!({ "metadata": { "annotations": { "scim.tokenops.dev/rotation-request": TERMINAL_ATTACK } } });
+    env.secrets().patch("acme-scim-token", &PatchParams::default(), &Patch::Merge(planted)).await.unwrap();
+    let pending = json!({ "metadata": { "annotations": { "scim.tokenops.dev/rotate": TERMINAL_ATTACK } } });
+    env.dirs().patch("acme", &PatchParams::default(), &Patch::Merge(pending)).await.unwrap();
+    let now = Time(Timestamp::now());
+    let event = Event {
+        metadata: ObjectMeta { generate_name: Some("acme-".into()), ..ObjectMeta::default() },
+        involved_object: ObjectReference {
+            api_version: Some("scim.tokenops.dev/v1alpha1".into()),
+            kind: Some("ScimDirectory".into()),
+            name: Some("acme".into()),
+            namespace: Some(env.ns.clone()),
+            uid: dir.metadata.uid.clone(),
+            ..ObjectReference::default()
+        },
+        type_: Some("Warning".into()),
+        reason: Some("Pwned".into()),
+        message: Some(format!("look: {TERMINAL_ATTACK}")),
+        first_timestamp: Some(now.clone()),
+        last_timestamp: Some(now),
+        count: Some(1),
+        ..Event::default()
+    };
+    Api::<Event>::namespaced(env.client.clone(), &env.ns).create(&PostParams::default(), &event).await.unwrap();
+
+    let escaped = "\\x1b]0;pwned\\x07\\x1b[2J\\x9b31m\\u{202e}\\nacme: all fine";
+    let status = scim.run(&["status", "acme"]);
+    assert_terminal_safe(status.ok());
+    assert!(status.stdout.contains("Last event: Warning Pwned ("), "{status:?}");
+    assert!(status.stdout.contains(&format!("look: {escaped}")), "the Event message, escaped: {status:?}");
+    assert!(status.stdout.contains(&format!("scim.tokenops.dev/rotate={escaped}")), "{status:?}");
+    assert!(!status.stdout.lines().any(|l| l.starts_with("acme: all fine")), "no forged line: {status:?}");
+    let all = scim.run(&["status"]);
+    assert_terminal_safe(all.ok());
+
+    let inspected = scim.run(&["inspect", "secret", "acme-scim-token"]);
+    assert_terminal_safe(inspected.ok());
+    assert!(squeeze(&inspected.stdout).contains(&format!("Rotation request: {escaped}")), "{inspected:?}");
+
+    // Data output stays exact; ESC is escaped by the serializers, and JSON escapes C1 controls and bidi
+    // overrides too (as \u009b, \u202e).
+    let json_status = scim.run(&["status", "acme", "-o", "json"]);
+    assert_terminal_safe(json_status.ok());
+    let parsed: Value = serde_json::from_str(&json_status.stdout).unwrap();
+    assert_eq!(parsed["lastEvent"]["message"], format!("look: {TERMINAL_ATTACK}"));
+    assert_eq!(parsed["pendingRotationRequest"], TERMINAL_ATTACK);
+    let yaml_inspect = scim.run(&["inspect", "secret", "acme-scim-token", "-o", "yaml"]);
+    assert!(!yaml_inspect.ok().stdout.contains('\u{1b}'), "{yaml_inspect:?}");
+    let parsed: Value = serde_yaml::from_str(&yaml_inspect.stdout).unwrap();
+    assert_eq!(parsed["record"]["rotationRequest"], TERMINAL_ATTACK);
+    scim.assert_no_plaintext().await;
+}
+
 #[tokio::test]
 async fn errors_are_one_clear_line_with_a_non_zero_exit() {
     let env = Env::new("scim-errors").await;
@@ -563,6 +644,57 @@ async fn errors_are_one_clear_line_with_a_non_zero_exit() {
     scim.run_with(&absent, &["status"], None, false).one_line_error(1, "cannot read kubeconfig");
     // A command line error is clap's (exit code 2), not ours.
     assert_eq!(scim.run(&["rotate"]).code, 2);
+    scim.assert_no_plaintext_without_operator();
+}
+
+#[tokio::test]
+async fn a_token_given_where_a_name_belongs_is_never_echoed() {
+    let env = Env::new("scim-token-arg").await;
+    let scim = Scim::new(&env);
+    let token = Token::generate();
+    let t = token.expose();
+    // A token pasted as an argument: as the directory of check (whose stdin is where it belongs), as
+    // any other name, as a flag's value, inside a pasted header, or as an argument clap rejects.
+    let header = format!("Bearer {t}");
+    let cases: Vec<(Vec<&str>, i32)> = vec![
+        (vec!["check", t], 2),
+        (vec!["check", &header], 2),
+        (vec!["status", t], 1),
+        (vec!["rotate", t, "--wait"], 1),
+        (vec!["end-overlap", t], 1),
+        (vec!["token", t, "--force-stdout"], 1),
+        (vec!["inspect", "secret", t], 1),
+        (vec!["status", "--context", t], 1),
+        (vec!["status", "--as", t], 1),
+        (vec!["status", "--as-group", t], 1),
+        (vec!["status", "--user", t], 1),
+        (vec!["status", "--cluster", t], 1),
+        (vec!["rotate", "acme", t], 2),
+        (vec!["rotate", "acme", "--timeout", t], 2),
+        (vec!["status", "-o", t], 2),
+    ];
+    for (args, code) in cases {
+        // -n first: a later --kubeconfig wins over the harness's; `check` gets an empty stdin.
+        let run = scim.run_with(env.cp.kubeconfig_path(), &[&["-n", &env.ns][..], &args].concat(), Some(""), false);
+        let shown: Vec<&str> = args.iter().map(|a| if a.contains(&t[5..]) { "<the token>" } else { a }).collect();
+        assert_eq!(run.code, code, "{shown:?}: {}", run.stderr);
+        assert!(!run.stderr.contains(&t[5..]) && !run.stdout.contains(&t[5..]), "the token was echoed: {shown:?}");
+        assert!(run.stderr.contains("scim_<redacted>"), "it says a token was given: {shown:?}: {}", run.stderr);
+    }
+    // The kubeconfig's path (the harness passes one: here it is the only one).
+    let out = scim.kubectl().args(["scim", "status", "--kubeconfig", t]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("the --kubeconfig argument looks like a SCIM token") && !stderr.contains(&t[5..]));
+    scim.printed.lock().unwrap().push_str(&stderr);
+    let in_namespace = scim.run_with(env.cp.kubeconfig_path(), &["status", "-n", t], None, false);
+    in_namespace.one_line_error(1, "looks like a SCIM token");
+    assert!(!in_namespace.stderr.contains(&t[5..]));
+    let checked = scim.run_with(env.cp.kubeconfig_path(), &["check", t, "-n", &env.ns], Some(t), false);
+    checked.one_line_error(2, "the NAME argument looks like a SCIM token (scim_<redacted>)");
+    assert!(checked.stderr.contains("reads the token on stdin"), "{checked:?}");
+    // A name that merely contains the prefix is a name (and simply not found).
+    scim.run(&["status", "scim-acme"]).one_line_error(1, "\"scim-acme\" in namespace");
     scim.assert_no_plaintext_without_operator();
 }
 

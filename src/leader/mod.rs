@@ -18,7 +18,7 @@ use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use serde_json::json;
 use tracing::{debug, warn};
 
-pub use fence::{Fence, Fenced};
+pub use fence::{Fence, FenceLayer, Fenced, limited};
 
 const FIELD_MANAGER: &str = "scim-token-operator-leader-election";
 
@@ -65,6 +65,16 @@ pub enum Lost {
     NotRenewed(Duration),
     #[error("the Lease is held by {0}")]
     TakenBy(String),
+}
+
+/// A Lease call that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    #[error(transparent)]
+    Kube(#[from] kube::Error),
+    /// Treated as any failed attempt; the call is abandoned (its connection with it).
+    #[error("the API server did not answer within {0:?}")]
+    TimedOut(Duration),
 }
 
 /// The outcome of one attempt to acquire or renew.
@@ -117,16 +127,28 @@ impl Elector {
                 Ok(Attempt::Holding) => {}
                 Ok(Attempt::HeldBy(other)) => break Lost::TakenBy(other),
                 Ok(Attempt::Contended) => debug!("the Lease changed while being renewed; trying again"),
-                Err(e) => warn!(error = %e, "could not renew the Lease"),
+                Err(e) => {
+                    warn!(error = %e, "could not renew the Lease");
+                    // A call that timed out did so at the deadline: step down now, not a period later.
+                    if let Err(Fenced::Expired { .. }) = self.fence.check() {
+                        break Lost::NotRenewed(self.settings.renew_deadline);
+                    }
+                }
             }
         };
         self.fence.revoke();
         lost
     }
 
-    /// Hands the Lease over (a graceful stop), so a standby need not wait for it to expire.
-    pub async fn release(&mut self) -> Result<(), kube::Error> {
+    /// Hands the Lease over (a graceful stop), so a standby need not wait for it to expire. Bounded by
+    /// the renew deadline: a hung API server does not hold up the stop (the Lease then expires).
+    pub async fn release(&mut self) -> Result<(), LeaseError> {
         self.fence.revoke();
+        let limit = self.settings.renew_deadline;
+        tokio::time::timeout(limit, self.hand_over()).await.map_err(|_| LeaseError::TimedOut(limit))?
+    }
+
+    async fn hand_over(&mut self) -> Result<(), LeaseError> {
         let Some(lease) = self.api.get_opt(&self.settings.name).await? else { return Ok(()) };
         if holder(&lease) != Some(self.settings.identity.as_str()) {
             return Ok(());
@@ -141,8 +163,17 @@ impl Elector {
         Ok(())
     }
 
-    /// One round: read the Lease, and write ourselves in as holder if it is ours or free or expired.
-    pub async fn try_acquire_or_renew(&mut self) -> Result<Attempt, kube::Error> {
+    /// One round: read the Lease, and write ourselves in as holder if it is ours or free or expired;
+    /// every call of it bounded by [`attempt_timeout`].
+    pub async fn try_acquire_or_renew(&mut self) -> Result<Attempt, LeaseError> {
+        let limit = attempt_timeout(self.settings.renew_deadline, self.fence.time_left());
+        match tokio::time::timeout(limit, self.attempt()).await {
+            Ok(attempt) => Ok(attempt?),
+            Err(_) => Err(LeaseError::TimedOut(limit)),
+        }
+    }
+
+    async fn attempt(&mut self) -> Result<Attempt, kube::Error> {
         // Taken before anything is sent: a renewal counts from no later than when others can see it.
         let sent_at = Instant::now();
         let now = Timestamp::now();
@@ -215,6 +246,21 @@ impl Elector {
     }
 }
 
+/// How long one attempt to acquire or renew may take, its Lease calls together (`time_left`: until
+/// the fence would close, for a leader; `None` for a standby).
+///
+/// A leader waits until its fence would close, the renew deadline after the start of its last
+/// confirmed renewal, and no longer: at that moment it stops being the leader anyway ("leader while its
+/// last confirmed renewal is younger than the renew deadline"), so a call still hanging then would only
+/// keep it from noticing while its writes are refused. Cutting it shorter (say at the retry period)
+/// would instead turn a slow but working API server, e.g. one busy with this operator's own mass
+/// issuance, into a lost leadership. A standby waits the renew deadline: an acquisition confirmed
+/// later than that after it was sent would open a fence already closed. This is client-go's rule too
+/// (its renew loop runs under a context with the renew deadline).
+fn attempt_timeout(renew_deadline: Duration, time_left: Option<Duration>) -> Duration {
+    time_left.map_or(renew_deadline, |left| left.min(renew_deadline))
+}
+
 fn holder(lease: &Lease) -> Option<&str> {
     lease.spec.as_ref()?.holder_identity.as_deref().filter(|h| !h.is_empty())
 }
@@ -270,6 +316,120 @@ mod tests {
         assert!(!held(seen, lease, seen + lease));
         // A clock that cannot go back: "now" before "seen" (read on another thread) still holds.
         assert!(held(seen + Duration::from_secs(1), lease, seen));
+    }
+
+    /// An API server for the Lease that answers or hangs as `hang(method, call number)` says.
+    mod hanging {
+        use super::*;
+        use axum::http::{Method, Request, Response, StatusCode};
+        use kube::client::Body;
+        use std::sync::{Arc, Mutex};
+
+        pub struct Calls(pub Arc<Mutex<Vec<Method>>>);
+
+        impl Calls {
+            pub fn list(&self) -> Vec<Method> {
+                self.0.lock().unwrap().clone()
+            }
+        }
+
+        /// A client whose Lease (held by "me", or absent) answers at once unless `hang` says otherwise.
+        pub fn client(exists: bool, hang: fn(&Method, usize) -> bool) -> (kube::Client, Calls) {
+            let calls = Arc::new(Mutex::new(Vec::new()));
+            let seen = calls.clone();
+            let service = tower::service_fn(move |request: Request<Body>| {
+                let method = request.method().clone();
+                let n = {
+                    let mut calls = seen.lock().unwrap();
+                    calls.push(method.clone());
+                    calls.iter().filter(|m| **m == method).count()
+                };
+                async move {
+                    if hang(&method, n) {
+                        std::future::pending::<()>().await;
+                    }
+                    let lease = Lease {
+                        metadata: ObjectMeta {
+                            name: Some("l".into()),
+                            resource_version: Some(format!("{n}")),
+                            ..ObjectMeta::default()
+                        },
+                        spec: Some(LeaseSpec { holder_identity: Some("me".into()), ..LeaseSpec::default() }),
+                    };
+                    let response = if method == Method::GET && !exists {
+                        let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                            "reason": "NotFound", "code": 404, "message": "leases \"l\" not found"});
+                        Response::builder()
+                            .status(StatusCode::NOT_FOUND)
+                            .body(Body::from(status.to_string().into_bytes()))
+                    } else {
+                        Response::builder().body(Body::from(serde_json::to_vec(&lease).unwrap()))
+                    };
+                    Ok::<_, tower::BoxError>(response.unwrap())
+                }
+            });
+            (kube::Client::new(service, "ns"), Calls(calls))
+        }
+    }
+
+    fn fast() -> LeaseSettings {
+        LeaseSettings {
+            lease_duration: Duration::from_secs(1),
+            renew_deadline: Duration::from_millis(400),
+            retry_period: Duration::from_millis(100),
+            ..settings(0, 0, 0)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_leader_whose_renewal_hangs_steps_down_at_its_renew_deadline() {
+        // The Lease is read, and the renewal's patch never answers.
+        let (client, calls) = hanging::client(true, |method, _| *method == axum::http::Method::PATCH);
+        let fence = Fence::new(fast().renew_deadline);
+        let mut elector = Elector::new(client, fast(), fence.clone());
+        let started = Instant::now();
+        fence.confirm(started);
+        let lost = tokio::time::timeout(Duration::from_secs(5), elector.keep()).await;
+        assert_eq!(lost, Ok(Lost::NotRenewed(fast().renew_deadline)), "noticed: {:?}", calls.list());
+        let took = started.elapsed();
+        // When the fence closed: not before, and not whenever the hung call might end (never).
+        assert!(took >= fast().renew_deadline && took < Duration::from_secs(2), "{took:?}");
+        assert_eq!(fence.check(), Err(Fenced::Revoked));
+    }
+
+    #[tokio::test]
+    async fn a_standby_whose_call_hangs_tries_again() {
+        // No Lease; the first read never answers, the next ones do, and the Lease is created.
+        let (client, calls) = hanging::client(false, |method, n| *method == axum::http::Method::GET && n == 1);
+        let fence = Fence::new(fast().renew_deadline);
+        let mut elector = Elector::new(client, fast(), fence.clone());
+        let acquired = tokio::time::timeout(Duration::from_secs(5), elector.acquire()).await;
+        assert!(acquired.is_ok(), "stuck on the hung read: {:?}", calls.list());
+        assert_eq!(calls.list(), [axum::http::Method::GET, axum::http::Method::GET, axum::http::Method::POST]);
+        assert_eq!(fence.check(), Ok(()));
+    }
+
+    #[tokio::test]
+    async fn releasing_does_not_hang_on_the_api_server() {
+        let (client, _) = hanging::client(true, |method, _| *method == axum::http::Method::PATCH);
+        let mut elector = Elector::new(client, fast(), Fence::new(fast().renew_deadline));
+        let released = tokio::time::timeout(Duration::from_secs(5), elector.release()).await;
+        let error = released.expect("bounded").expect_err("timed out");
+        assert!(error.to_string().contains("did not answer within 400ms"), "{error}");
+    }
+
+    #[test]
+    fn an_attempt_may_take_until_the_fence_would_close() {
+        let deadline = Duration::from_secs(10);
+        for (time_left, want) in [
+            (None, deadline),
+            (Some(Duration::from_secs(10)), deadline),
+            (Some(Duration::from_millis(8_500)), Duration::from_millis(8_500)),
+            (Some(Duration::ZERO), Duration::ZERO),
+            (Some(Duration::from_secs(60)), deadline),
+        ] {
+            assert_eq!(attempt_timeout(deadline, time_left), want, "{time_left:?}");
+        }
     }
 
     #[test]

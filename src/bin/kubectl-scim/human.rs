@@ -1,6 +1,58 @@
-//! Formatting for people: relative times in kubectl's style, short hashes, aligned tables.
+//! Formatting for people: relative times in kubectl's style, short hashes, aligned tables, and
+//! cluster-provided text made safe for a terminal.
+
+use std::borrow::Cow;
+use std::fmt::Write as _;
 
 use k8s_openapi::jiff::Timestamp;
+
+/// Text from the cluster (Event and condition messages, annotations, labels, names, API server
+/// messages) as it may be shown on a terminal: every character that steers a terminal or hides or
+/// reorders text is shown as an escape instead. Control characters (C0, including ESC and newline,
+/// DEL and C1) become `\x1b`, `\n`, `\x9b`...; bidirectional overrides and isolates, zero-width and
+/// other invisible format characters, line and paragraph separators become `\u{202e}`... A tenant
+/// who can write an annotation or an Event can then neither retitle the admin's terminal, clear it,
+/// forge a line of output nor reverse what is read. Backslashes are kept as they are: this is for
+/// reading, not for parsing (`-o json|yaml` is for that).
+pub fn sanitize(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(unsafe_for_terminal) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\x{:02x}", u32::from(c));
+            }
+            c if unsafe_for_terminal(c) => {
+                let _ = write!(out, "\\u{{{:04x}}}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Control characters (Unicode `Cc`: C0, DEL, C1) and the invisible format characters that change
+/// how the text around them reads.
+pub fn unsafe_for_terminal(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{061c}'                      // Arabic letter mark
+            | '\u{180e}'                    // Mongolian vowel separator
+            | '\u{200b}'..='\u{200f}'        // zero-width space/joiners, LRM, RLM
+            | '\u{2028}'..='\u{202e}'        // line/paragraph separators, bidi embeddings and overrides
+            | '\u{2060}'..='\u{2064}'        // word joiner, invisible operators
+            | '\u{2066}'..='\u{206f}'        // bidi isolates, deprecated format characters
+            | '\u{feff}'                    // zero-width no-break space (BOM)
+            | '\u{fff9}'..='\u{fffb}'        // interlinear annotations
+            | '\u{e0000}'..='\u{e007f}' // tags: invisible ASCII look-alikes
+        )
+}
 
 /// A duration in whole seconds as kubectl prints ages (`k8s.io/apimachinery/pkg/util/duration`'s
 /// `HumanDuration`): `45s`, `3m20s`, `95m`, `5h10m`, `30h`, `3d4h`, `87d`, `2y30d`.
@@ -146,5 +198,36 @@ mod tests {
         assert_eq!(short_hash("weird"), "weird");
         let out = table(&["NAME", "READY"], &[vec!["acme".into(), "True".into()], vec!["b".into(), "-".into()]]);
         assert_eq!(out, "NAME   READY\nacme   True\nb      -\n");
+    }
+
+    #[test]
+    fn terminal_controls_in_cluster_text_are_shown_escaped() {
+        let cases = [
+            ("acme", "acme"),
+            ("", ""),
+            ("caf\u{e9} \u{1f600} \u{4e2d}\u{6587} a\\b", "caf\u{e9} \u{1f600} \u{4e2d}\u{6587} a\\b"),
+            // OSC: retitle the window; CSI: clear the screen, colours.
+            ("\u{1b}]0;pwned\u{7}", "\\x1b]0;pwned\\x07"),
+            ("\u{1b}[2J\u{1b}[31mred", "\\x1b[2J\\x1b[31mred"),
+            // A forged second line, a carriage return overwriting the line, tabs breaking the table.
+            ("ok\nacme: all fine", "ok\\nacme: all fine"),
+            ("secret\rfine", "secret\\rfine"),
+            ("a\tb", "a\\tb"),
+            ("nul\0 bell\u{7} bs\u{8} del\u{7f}", "nul\\x00 bell\\x07 bs\\x08 del\\x7f"),
+            // C1 controls: the 8-bit CSI, OSC, NEL.
+            ("\u{9b}2J \u{9d}0;x \u{85}", "\\x9b2J \\x9d0;x \\x85"),
+            // Bidi: "txt.exe" shown as "exe.txt".
+            ("\u{202e}txt.exe", "\\u{202e}txt.exe"),
+            ("\u{2066}a\u{2069} \u{200f}", "\\u{2066}a\\u{2069} \\u{200f}"),
+            ("zero\u{200b}width\u{feff}", "zero\\u{200b}width\\u{feff}"),
+            ("line\u{2028}sep", "line\\u{2028}sep"),
+            ("tag\u{e0041}", "tag\\u{e0041}"),
+        ];
+        for (input, want) in cases {
+            let got = sanitize(input);
+            assert_eq!(got, want, "{input:?}");
+            assert!(!got.chars().any(unsafe_for_terminal), "{got:?}");
+            assert_eq!(matches!(got, Cow::Borrowed(_)), input == want, "no copy of clean text: {input:?}");
+        }
     }
 }

@@ -14,7 +14,7 @@ use scim_token_operator::secret::{
 use serde::Serialize;
 
 use crate::cluster::Cluster;
-use crate::human::at;
+use crate::human::{at, sanitize};
 use crate::output::{OutputFormat, print_data};
 
 /// What `inspect secret -o json|yaml` prints.
@@ -91,7 +91,7 @@ pub async fn secret(cluster: &Cluster, name: &str, output: Option<OutputFormat>)
         None => match cluster.directories().get_opt(name).await.ok().flatten() {
             Some(dir) => {
                 let secret_name = dir.secret_name();
-                eprintln!("ScimDirectory {name} writes Secret {secret_name}:");
+                eprintln!("{}", sanitize(&format!("ScimDirectory {name} writes Secret {secret_name}:")));
                 let what =
                     format!("Secret {secret_name:?} of ScimDirectory {name:?} in namespace {:?}", cluster.namespace);
                 api.get(&secret_name).await.map_err(|e| cluster.fail(e, &what))?
@@ -222,7 +222,7 @@ pub fn render(i: &Inspection, now: Timestamp) -> String {
         .into_iter()
         .map(|(k, v)| {
             let label = if k.is_empty() { String::new() } else { format!("{k}:") };
-            format!("{label:width$}{v}\n")
+            format!("{label:width$}{}\n", sanitize(&v))
         })
         .collect()
 }
@@ -299,5 +299,36 @@ mod tests {
         let i = inspect(&secret(&token, &[]), Some("acme".into()), "t");
         assert_eq!(i.record_state, "Absent");
         assert!(render(&i, Timestamp::now()).contains("absent or unreadable"));
+    }
+
+    #[test]
+    fn annotation_values_cannot_steer_the_terminal() {
+        let token = Token::generate();
+        let hash = token.hash().to_string();
+        let evil = "\u{1b}]0;pwned\u{7}\u{1b}[2J\u{9b}31m\u{202e}\nStored token: forged";
+        let annotations = [
+            ("scim.tokenops.dev/directory", evil),
+            ("scim.tokenops.dev/token-hash", hash.as_str()),
+            ("scim.tokenops.dev/rotation-generation", "0"),
+            ("scim.tokenops.dev/rotation-request", evil),
+            ("scim.tokenops.dev/end-overlap-request", evil),
+            ("scim.tokenops.dev/token-expires-in", "never"),
+            (ISSUED_AT_ANNOTATION, "2026-01-01T00:00:00Z"),
+            ("scim.tokenops.dev/issue-reason", "Initial"),
+        ];
+        let valid = inspect(&secret(&token, &annotations), Some(format!("acme{evil}")), evil);
+        assert_eq!(valid.record_state, "Valid");
+        let mut forged = annotations.to_vec();
+        forged.push((EXPIRES_AT_ANNOTATION, evil));
+        let forged = inspect(&secret(&token, &forged), None, "t");
+        assert_eq!(forged.record_state, "Forged");
+        for i in [valid, forged] {
+            let out = render(&i, "2026-03-01T00:00:00Z".parse().unwrap());
+            for c in ['\u{1b}', '\u{7}', '\u{9b}', '\u{202e}'] {
+                assert!(!out.contains(c), "{c:?} in {out:?}");
+            }
+            assert!(out.contains("\\x1b]0;pwned\\x07\\x1b[2J\\x9b31m\\u{202e}\\nStored token: forged"), "{out}");
+            assert_eq!(out.lines().filter(|l| l.starts_with("Stored token:")).count(), 1, "no forged line: {out}");
+        }
     }
 }

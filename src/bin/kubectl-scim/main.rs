@@ -12,6 +12,7 @@ mod cluster;
 mod human;
 mod inspect;
 mod output;
+mod redact;
 mod rotate;
 mod status;
 mod token;
@@ -104,6 +105,21 @@ enum Inspect {
     },
 }
 
+impl Command {
+    /// The object name the command was given, if it takes one.
+    fn name(&self) -> Option<&str> {
+        match self {
+            Command::Status { name, .. } => name.as_deref(),
+            Command::Rotate { name, .. }
+            | Command::EndOverlap { name, .. }
+            | Command::Token { name, .. }
+            | Command::Check { name }
+            | Command::Inspect { what: Inspect::Secret { name, .. } } => Some(name),
+            Command::Completion { .. } => None,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum CompletionShell {
     Bash,
@@ -128,7 +144,15 @@ fn main() -> ExitCode {
         eprintln!("error: internal error: {}", message.lines().next().unwrap_or_default());
     }));
     disable_core_dumps();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // clap quotes the argument it rejects: a token pasted there is not repeated.
+        Err(e) if redact::contains_token(&e.to_string()) => {
+            eprint!("{}", redact::redact(&e.to_string()));
+            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+        }
+        Err(e) => e.exit(),
+    };
     let check = matches!(cli.command, Command::Check { .. });
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
@@ -141,9 +165,11 @@ fn main() -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(e) => {
+            // API server messages and explanations quote what tenants wrote: made safe for a terminal; and
+            // a token given where a name belongs is not repeated.
             let message = e.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
             let _ = std::io::stdout().flush();
-            eprintln!("error: {message}");
+            eprintln!("error: {}", human::sanitize(&redact::redact(&message)));
             ExitCode::from(if check { 2 } else { 1 })
         }
     }
@@ -155,6 +181,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         completion(shell, &mut std::io::stdout());
         return Ok(true);
     }
+    redact::refuse_token_arguments(&cli)?;
     let cluster = Cluster::connect(&cli.connection).await?;
     match cli.command {
         Command::Status { name, all_namespaces, output } => {

@@ -11,7 +11,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use scim_token_operator::api::{END_OVERLAP_ANNOTATION, ROTATE_ANNOTATION, ScimDirectory};
 
 use crate::cluster::Cluster;
-use crate::human::{at, human_duration};
+use crate::human::{at, human_duration, sanitize};
 use crate::status::explain;
 
 /// The field manager of our patches, as `kubectl` uses `kubectl-annotate`.
@@ -54,7 +54,7 @@ pub async fn rotate(cluster: &Cluster, name: &str, wait: bool, timeout: Duration
         ),
     }
     // The hash alone on stdout, for scripts: NEW=$(kubectl scim rotate acme --wait).
-    println!("{}", status.token_hash.unwrap_or_default());
+    println!("{}", sanitize(&status.token_hash.unwrap_or_default()));
     Ok(())
 }
 

@@ -11,7 +11,7 @@ use scim_token_operator::api::{ROTATE_ANNOTATION, ScimDirectory};
 use serde::Serialize;
 
 use crate::cluster::Cluster;
-use crate::human::{at, relative, short_hash, table, whole_seconds};
+use crate::human::{at, relative, sanitize, short_hash, table, whole_seconds};
 use crate::output::{OutputFormat, print_data};
 
 /// What `status -o json|yaml` prints for a directory.
@@ -100,7 +100,7 @@ pub async fn run(
         if all_namespaces {
             eprintln!("No ScimDirectories found.");
         } else {
-            eprintln!("No ScimDirectories found in namespace {}.", cluster.namespace);
+            eprintln!("No ScimDirectories found in namespace {}.", sanitize(&cluster.namespace));
         }
         return Ok(());
     }
@@ -108,9 +108,16 @@ pub async fn run(
     if name.is_some()
         && let Some(event) = &summaries[0].last_event
     {
-        println!("Last event: {} {} ({}): {}", event.type_, event.reason, relative(event.time, now), event.message);
+        println!("{}", last_event_line(event, now));
     }
     Ok(())
+}
+
+/// `Last event: Warning SecretConflict (5m ago): <message>`, below the table of one directory.
+fn last_event_line(event: &EventSummary, now: Timestamp) -> String {
+    let line =
+        format!("Last event: {} {} ({}): {}", event.type_, event.reason, relative(event.time, now), event.message);
+    sanitize(&line).into_owned()
 }
 
 /// The newest Event about each ScimDirectory (by UID) in scope. Events are context, not the answer:
@@ -257,19 +264,20 @@ pub fn render(summaries: &[Summary], all_namespaces: bool, now: Timestamp) -> St
             if all_namespaces {
                 row.insert(0, s.namespace.clone());
             }
-            row
+            // Sanitized before the widths are measured, so escapes keep the columns aligned.
+            row.into_iter().map(|cell| sanitize(&cell).into_owned()).collect()
         })
         .collect();
     let mut out = table(&headers, &rows);
     for s in summaries {
         let who = if all_namespaces { format!("{}/{}", s.namespace, s.name) } else { s.name.clone() };
         if let Some(explanation) = &s.explanation {
-            out.push_str(&format!("\n{who}: {explanation}"));
+            out.push_str(&format!("\n{}", sanitize(&format!("{who}: {explanation}"))));
         }
         if let Some(request) = &s.pending_rotation_request {
-            out.push_str(&format!(
-                "\n{who}: rotation requested ({ROTATE_ANNOTATION}={request}), not acted on yet by the operator."
-            ));
+            let line =
+                format!("{who}: rotation requested ({ROTATE_ANNOTATION}={request}), not acted on yet by the operator.");
+            out.push_str(&format!("\n{}", sanitize(&line)));
         }
     }
     if summaries.iter().any(|s| s.explanation.is_some() || s.pending_rotation_request.is_some()) {
@@ -394,5 +402,35 @@ mod tests {
         assert_eq!(expired.ready, "False");
         let out = render(&[expired], false, much_later);
         assert!(out.contains("\nacme: The token expired 3d ago"), "{out}");
+    }
+
+    /// No raw control or bidi character from the cluster reaches the terminal.
+    fn assert_terminal_safe(out: &str) {
+        for c in ['\u{1b}', '\u{7}', '\u{9b}', '\u{202e}', '\r'] {
+            assert!(!out.contains(c), "{c:?} in {out:?}");
+        }
+    }
+
+    #[test]
+    fn tenant_written_text_cannot_steer_the_terminal() {
+        let now = t("2026-01-12T00:00:00Z");
+        let evil = "\u{1b}]0;pwned\u{7}\u{1b}[2J\u{9b}31m\u{202e}\r";
+        let mut d = dir(Some(("False", "InvalidSpec", &format!("bad {evil}\nacme: forged line"))));
+        d.metadata.annotations = Some([(ROTATE_ANNOTATION.to_owned(), format!("r{evil}"))].into());
+        let event = EventSummary {
+            type_: format!("Warning{evil}"),
+            reason: format!("Reason{evil}"),
+            message: format!("message{evil}\nforged"),
+            time: t("2026-01-11T23:58:00Z"),
+        };
+        let s = summarize(&d, Some(event.clone()), now);
+        let out = render(std::slice::from_ref(&s), true, now);
+        assert_terminal_safe(&out);
+        assert!(out.contains("\\x1b]0;pwned\\x07\\x1b[2J\\x9b31m\\u{202e}\\r"), "shown escaped: {out}");
+        // The table, the explanation, the pending request: no line forged by a newline in a message.
+        assert_eq!(out.lines().filter(|l| !l.is_empty()).count(), 4, "{out}");
+        let line = last_event_line(&event, now);
+        assert_terminal_safe(&line);
+        assert!(!line.contains('\n') && line.contains("message\\x1b]0;pwned"), "{line:?}");
     }
 }

@@ -15,7 +15,7 @@ use scim_token_operator::token::{TOKEN_LEN, TOKEN_PREFIX, Token, TokenHash, has_
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::cluster::Cluster;
-use crate::human::{at, short_hash};
+use crate::human::{at, sanitize, short_hash};
 
 /// The flag that lets the plaintext go to a pipe or a file.
 pub const FORCE_FLAG: &str = "--force-stdout";
@@ -53,12 +53,17 @@ pub async fn token(cluster: &Cluster, name: &str, force_stdout: bool) -> anyhow:
     let hash = token.hash();
     let status = dir.status.clone().unwrap_or_default();
     let expires = status.token_expires_at.as_ref().map_or_else(|| "never".to_owned(), |t| at(t.0, now));
-    eprintln!("token of ScimDirectory {}/{name} (Secret {secret_name}): {hash}, expires {expires}", cluster.namespace);
+    let about = format!(
+        "token of ScimDirectory {}/{name} (Secret {secret_name}): {hash}, expires {expires}",
+        cluster.namespace
+    );
+    eprintln!("{}", sanitize(&about));
     if status.token_hash.as_deref() != Some(hash.as_str()) {
+        let other = status.token_hash.as_deref().map_or_else(|| "none".to_owned(), short_hash);
         eprintln!(
             "warning: the directory's status names another token ({}): the operator may be rotating it right now; \
              check with kubectl scim status {name}",
-            status.token_hash.as_deref().map_or_else(|| "none".to_owned(), short_hash)
+            sanitize(&other)
         );
     } else if status.token_expires_at.as_ref().is_some_and(|t| t.0 <= now) {
         eprintln!("warning: this token has expired; rotate it first: kubectl scim rotate {name} --wait");
@@ -193,7 +198,7 @@ pub async fn check(cluster: &Cluster, name: &str) -> anyhow::Result<bool> {
         }
     }
     // The answer, yes or no, goes to stdout; the exit code says it too.
-    println!("{line}");
+    println!("{}", sanitize(&line));
     Ok(verdict.works())
 }
 
