@@ -80,7 +80,7 @@ pub struct RunArgs {
     /// Secret, in the operator's namespace, holding the key that seals the issue records on token
     /// Secrets (created with a random key on the first start; keep it as private as the operator's
     /// own credentials). See the README's "Issue records are sealed".
-    #[arg(long, env = "RECORD_KEY_SECRET", default_value = "scim-token-operator-record-key")]
+    #[arg(long, env = "RECORD_KEY_SECRET", default_value = crate::secret::seal::DEFAULT_KEY_SECRET)]
     pub record_key_secret: String,
     /// This replica's identity in the Lease and in Events (default: the pod name, else host name + pid).
     #[arg(long, env = "POD_NAME")]

@@ -178,3 +178,40 @@ async fn a_secret_cut_loose_from_its_directory_fails_closed() {
     assert_eq!(check(&v, &token).status, 401);
     env.assert_log_clean().await;
 }
+
+#[tokio::test]
+async fn unsealed_records_the_status_vouches_for_are_resealed_without_a_new_token() {
+    let env = Env::new("reseal").await;
+    let mut op = env.operator(&[("MIN_ISSUE_INTERVAL", "1s")]);
+    let (ok, _, err) = env.apply(&directory("acme", "  tokenExpiresIn: 90d\n"));
+    assert!(ok, "{err}");
+    env.wait_ready_reason("acme", "TokenIssued").await;
+    let token = env.token("acme-scim-token").await.unwrap();
+    let seal_of = || async {
+        let secret = env.secrets().get("acme-scim-token").await.unwrap();
+        secret.metadata.annotations.unwrap_or_default().get("scim.tokenops.dev/record-seal").cloned()
+    };
+    let first_seal = seal_of().await.expect("the operator seals what it writes");
+
+    // A record as an operator before seals wrote it (the upgrade path): re-sealed, same token.
+    annotate(&env, "acme-scim-token", json!({ "scim.tokenops.dev/record-seal": null })).await;
+    let resealed = wait_for("the record re-sealed", Duration::from_secs(30), || async { seal_of().await }).await;
+    assert_eq!(resealed, first_seal, "the same key seals the same record the same way");
+    assert_eq!(env.token("acme-scim-token").await.unwrap(), token, "no new token");
+
+    // The key lost (or rotated on purpose): delete it and restart. A new key is made and the record
+    // re-sealed under it; the token stays.
+    op.terminate().await;
+    env.secrets().delete(support::RECORD_KEY_SECRET, &DeleteParams::default()).await.unwrap();
+    let _op = env.operator(&[("MIN_ISSUE_INTERVAL", "1s")]);
+    let under_new_key = wait_for("the record re-sealed under the new key", Duration::from_secs(30), || async {
+        seal_of().await.filter(|s| *s != first_seal)
+    })
+    .await;
+    assert!(under_new_key.starts_with("v1."), "{under_new_key}");
+    assert_eq!(env.token("acme-scim-token").await.unwrap(), token, "a new key costs no token");
+    let status = env.dirs().get("acme").await.unwrap().status.unwrap();
+    assert_eq!(status.token_hash.as_deref(), Some(sha256(&token).as_str()));
+    assert_eq!(warnings(&env.events_for("acme").await, "RecordTampered"), 0);
+    env.assert_log_clean().await;
+}

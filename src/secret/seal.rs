@@ -29,6 +29,8 @@ use crate::policy::IssueRecord;
 
 /// The annotation holding a record's seal.
 pub const SEAL_ANNOTATION: &str = "scim.tokenops.dev/record-seal";
+/// The record key's Secret unless `--record-key-secret` names another (the chart does).
+pub const DEFAULT_KEY_SECRET: &str = "scim-token-operator-record-key";
 /// Data key of the record key in its Secret.
 pub const KEY_DATA_KEY: &str = "key";
 /// Labels of the record key's Secret (never the managed-by label: it is no token Secret).

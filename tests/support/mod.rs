@@ -133,7 +133,7 @@ impl Env {
 /// Polls `f` every 100 ms until it returns Some, or panics after `timeout`.
 /// Name of the record key Secret the operator creates in its namespace (the test namespace: every
 /// test's operator runs with `--lease-namespace` = its namespace).
-pub const RECORD_KEY_SECRET: &str = "scim-token-operator-record-key";
+pub const RECORD_KEY_SECRET: &str = scim_token_operator::secret::seal::DEFAULT_KEY_SECRET;
 
 impl Env {
     /// The operator's record key, as a test with the cluster admin's rights reads it.

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::jiff::Timestamp;
 use kube::Api;
 use scim_token_operator::policy::{IssueRecord, RecordState};
+use scim_token_operator::secret::Seal;
 use scim_token_operator::secret::{
     DIRECTORY_ANNOTATION, ObservedSecret, TEMPLATE_ANNOTATION, is_controlled_by, is_directory_controlled, read_record,
 };
@@ -35,6 +36,10 @@ pub struct Inspection {
     pub forged_because: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub record: Option<RecordView>,
+    /// Whether the record carries a seal (`scim.tokenops.dev/record-seal`). Only the operator holds
+    /// the key that checks it; a record without one was not written by the operator (or by a version
+    /// before seals), and is believed only as far as the directory's status agrees with it.
+    pub sealed: bool,
     /// SHA-256 of the token the Secret holds now.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stored_token_hash: Option<String>,
@@ -146,6 +151,7 @@ pub fn inspect(secret: &ObservedSecret, controller: Option<String>, namespace: &
         record_state: record_state.to_owned(),
         forged_because,
         record,
+        sealed: annotations.get(scim_token_operator::secret::SEAL_ANNOTATION).is_some_and(|v| Seal::parse(v).is_some()),
         stored_token_hash: secret.token_hash.as_ref().map(|h| h.to_string()),
         annotations: if matches!(state, RecordState::Valid(_)) { BTreeMap::new() } else { ours },
     }
@@ -165,6 +171,16 @@ pub fn render(i: &Inspection, now: Timestamp) -> String {
     match &i.record {
         Some(r) => {
             lines.push(("Record", "valid".to_owned()));
+            lines.push((
+                "Seal",
+                if i.sealed {
+                    "present (checked by the operator, which alone holds the key)".to_owned()
+                } else {
+                    "NONE: not written by the operator; it re-seals the record if the directory's status \
+                     agrees with it, else replaces the token (RecordTampered)"
+                        .to_owned()
+                },
+            ));
             if let Some(dir) = &i.recorded_directory {
                 lines.push(("Directory", dir.clone()));
             }

@@ -124,6 +124,12 @@ pub(crate) fn overlaps(terms: &[Term], writes: &[Write]) -> Vec<String> {
     out
 }
 
+/// The writes but the creates of the operator's record key Secret (see `secret::seal`).
+pub(crate) fn without_record_key_create(writes: Vec<Write>) -> Vec<Write> {
+    let key = scim_token_operator::secret::seal::DEFAULT_KEY_SECRET;
+    writes.into_iter().filter(|w| !(w.resource == "secrets" && w.verb == "create" && w.name == key)).collect()
+}
+
 /// Secret writes to names outside `token_secrets`.
 pub(crate) fn foreign_secret_writes(writes: &[Write], token_secrets: &BTreeSet<String>) -> Vec<String> {
     writes
@@ -188,6 +194,16 @@ mod tests {
             event("chaos-op-a-1", "2026-01-01T00:00:03Z", "secrets", "s", 200),
         ]);
         assert_eq!(overlaps(&terms(&bad), &bad).len(), 1);
+    }
+
+    #[test]
+    fn the_record_key_create_is_no_foreign_write_but_its_update_would_be() {
+        let key = scim_token_operator::secret::seal::DEFAULT_KEY_SECRET;
+        let mut w = parsed(&[event("chaos-op-a-1", "2026-01-01T00:00:01Z", "secrets", key, 201)]);
+        w[0].verb = "create".into();
+        assert!(without_record_key_create(w.clone()).is_empty());
+        w[0].verb = "patch".into();
+        assert_eq!(foreign_secret_writes(&without_record_key_create(w), &BTreeSet::new()).len(), 1);
     }
 
     #[test]
