@@ -24,6 +24,12 @@ pub struct UsageLabels {
     pub token: String,
 }
 
+/// `http` (`/verify`), `grpc` or `metrics` (this endpoint and the probes).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub listener: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirectoryLabels {
     pub namespace: String,
@@ -37,6 +43,8 @@ pub struct VerifierMetrics {
     /// End of each open overlap window, for the "previous token still in use" alert.
     pub previous_valid_until: Family<DirectoryLabels, Gauge>,
     pub directories: Gauge,
+    connections_open: Family<ListenerLabels, Gauge>,
+    connections_refused: Family<ListenerLabels, Counter>,
 }
 
 impl Default for VerifierMetrics {
@@ -62,7 +70,23 @@ impl Default for VerifierMetrics {
             previous_valid_until.clone(),
         );
         registry.register("directories", "Directories with a token in the index", directories.clone());
-        VerifierMetrics { registry, requests, last_used, previous_valid_until, directories }
+        let connections_open = Family::<ListenerLabels, Gauge>::default();
+        let connections_refused = Family::<ListenerLabels, Counter>::default();
+        registry.register("connections", "Connections open, by listener", connections_open.clone());
+        registry.register(
+            "connections_refused",
+            "Connections closed at once because --max-connections were open, by listener",
+            connections_refused.clone(),
+        );
+        VerifierMetrics {
+            registry,
+            requests,
+            last_used,
+            previous_valid_until,
+            directories,
+            connections_open,
+            connections_refused,
+        }
     }
 }
 
@@ -92,6 +116,15 @@ impl VerifierMetrics {
         }
         self.previous_valid_until
             .remove(&DirectoryLabels { namespace: directory.namespace.clone(), name: directory.name.clone() });
+    }
+
+    /// The connection counts of one listener (`http`, `grpc` or `metrics`).
+    pub fn connections(&self, listener: &str) -> crate::server::ConnectionMetrics {
+        let labels = ListenerLabels { listener: listener.to_owned() };
+        crate::server::ConnectionMetrics {
+            open: self.connections_open.get_or_create(&labels).clone(),
+            refused: self.connections_refused.get_or_create(&labels).clone(),
+        }
     }
 
     pub fn encode(&self) -> String {

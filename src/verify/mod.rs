@@ -4,7 +4,8 @@
 //! It watches ScimDirectories (never Secrets: it has no access to them), keeps an [`index::Index`]
 //! from token hash to directory, and answers external-auth requests over it ([`http`]). Every
 //! replica serves (no leader election); a replica is ready once its initial list is in. It makes no
-//! writes to the API server.
+//! writes to the API server. Every listener is bounded: connections, request heads, time (see
+//! [`crate::server`]), and gRPC messages and streams.
 
 pub mod directory;
 pub mod grpc;
@@ -15,6 +16,7 @@ pub mod metrics;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use clap::Args;
 use futures::TryStreamExt;
@@ -29,7 +31,7 @@ use self::directory::WatchedDirectory;
 use self::http::Verifier;
 use self::index::Index;
 use self::metrics::{DirectoryLabels, VerifierMetrics};
-use crate::server::{self, Health};
+use crate::server::{self, Deadlines, Health, Limits, Slots};
 use crate::telemetry::{self, LogFormat};
 
 #[derive(Args, Debug, Clone)]
@@ -53,6 +55,44 @@ pub struct VerifyArgs {
     pub namespaces: Vec<String>,
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// Connections open at once on each listener (`--listen`, `--grpc-listen`, `--metrics-addr`); a
+    /// connection past it is accepted and closed at once.
+    #[arg(long, env = "VERIFY_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// HTTP: from a request's first byte (a connection's accept, for its first request) to its
+    /// complete head, or the connection is closed. gRPC: the HTTP/2 preface after the accept, and
+    /// each Check call as a whole.
+    #[arg(long, env = "VERIFY_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
+    pub header_read_timeout: Duration,
+    /// HTTP: a keep-alive connection without a request for this long is closed. Keep the proxies'
+    /// upstream keep-alive timeout below it (nginx `keepalive_timeout` in an `upstream`: 60s by
+    /// default; Envoy: the cluster's `idle_timeout`, 1h by default).
+    #[arg(long, env = "VERIFY_IDLE_TIMEOUT", default_value = "90s", value_parser = positive_duration)]
+    pub idle_timeout: Duration,
+    /// HTTP: largest request head (request line and headers) in bytes, at least 8192; a larger one
+    /// is answered 431. Also gRPC's HTTP/2 header list.
+    #[arg(long, env = "VERIFY_MAX_HEADER_BYTES", default_value_t = 16384, value_parser = clap::value_parser!(u32).range(8192..))]
+    pub max_header_bytes: u32,
+    /// gRPC: largest Check request in bytes; a larger one is refused (OUT_OF_RANGE).
+    #[arg(long, env = "VERIFY_GRPC_MAX_MESSAGE_BYTES", default_value_t = grpc::MAX_MESSAGE_BYTES as u32, value_parser = clap::value_parser!(u32).range(1024..))]
+    pub grpc_max_message_bytes: u32,
+}
+
+fn positive_duration(value: &str) -> Result<Duration, String> {
+    let lifetime: crate::duration::TokenLifetime = value.parse().map_err(|e| format!("{e}"))?;
+    let duration = lifetime.as_std();
+    if duration.is_zero() { Err("must be longer than 0s".into()) } else { Ok(duration) }
+}
+
+impl VerifyArgs {
+    fn limits(&self) -> Limits {
+        Limits {
+            max_connections: self.max_connections as usize,
+            header_read_timeout: self.header_read_timeout,
+            idle_timeout: self.idle_timeout,
+            max_header_bytes: self.max_header_bytes as usize,
+        }
+    }
 }
 
 pub async fn run(args: VerifyArgs) -> anyhow::Result<()> {
@@ -63,19 +103,29 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(VerifierMetrics::default());
     let verifier = Verifier { index: Arc::new(RwLock::new(Index::default())), metrics: metrics.clone() };
     let ready = Arc::new(AtomicBool::new(false));
+    let limits = args.limits();
 
     let encode = metrics.clone();
     let health = Health { encode: Arc::new(move || encode.encode()), ready: ready.clone() };
-    let probes = tokio::spawn(server::serve(args.metrics_addr, health));
+    let probes = tokio::spawn(server::serve_with(
+        args.metrics_addr,
+        health,
+        limits,
+        metrics.connections("metrics"),
+        std::future::pending(),
+    ));
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on --listen {}: {e}", args.listen))?;
-    info!(addr = %args.listen, "serving /verify");
+    info!(addr = %args.listen, ?limits, "serving /verify");
     let app = http::router(verifier.clone());
-    let endpoint =
-        tokio::spawn(
-            async move { axum::serve(listener, app).with_graceful_shutdown(crate::cli::shutdown_signal()).await },
-        );
+    let endpoint = tokio::spawn(server::serve_http(
+        listener,
+        app,
+        limits,
+        metrics.connections("http"),
+        crate::cli::shutdown_signal(),
+    ));
 
     let grpc = grpc::GrpcVerifier { verifier: verifier.clone(), strip_authorization: args.strip_authorization };
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -86,14 +136,29 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<()> {
     let grpc_listener = tokio::net::TcpListener::bind(args.grpc_listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on --grpc-listen {}: {e}", args.grpc_listen))?;
-    info!(addr = %args.grpc_listen, "serving envoy.service.auth.v3.Authorization (gRPC)");
+    info!(addr = %args.grpc_listen, max_message_bytes = args.grpc_max_message_bytes, "serving envoy.service.auth.v3.Authorization (gRPC)");
+    // The accepted connections within --max-connections, each with TCP_NODELAY and its preface due
+    // within --header-read-timeout.
+    let slots = Slots::new(limits.max_connections, metrics.connections("grpc"));
+    let incoming = futures::stream::unfold((grpc_listener, slots), move |(listener, slots)| async move {
+        loop {
+            let stream = server::accept(&listener).await;
+            if let Some(slot) = slots.take() {
+                let io = Deadlines::handshake(stream, grpc::PREFACE_BYTES, limits.header_read_timeout, slot);
+                return Some((Ok::<_, std::io::Error>(io), (listener, slots)));
+            }
+        }
+    });
     let grpc_server = tonic::transport::Server::builder()
+        // The whole Check call (its message trickled, say): the handler itself takes microseconds.
+        .timeout(limits.header_read_timeout)
+        .max_concurrent_streams(grpc::MAX_CONCURRENT_STREAMS)
+        .http2_max_header_list_size(args.max_header_bytes)
+        .http2_keepalive_interval(Some(grpc::KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(grpc::KEEPALIVE_TIMEOUT))
         .add_service(health_service)
-        .add_service(AuthorizationServer::new(grpc))
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(grpc_listener),
-            crate::cli::shutdown_signal(),
-        );
+        .add_service(AuthorizationServer::new(grpc).max_decoding_message_size(args.grpc_max_message_bytes as usize))
+        .serve_with_incoming_shutdown(incoming, crate::cli::shutdown_signal());
     let grpc_task = tokio::spawn(grpc_server);
     {
         // gRPC health follows readiness: SERVING once the index holds the initial list.
