@@ -2,21 +2,24 @@
 //! against clients that do not play along: connections that trickle a request head or send nothing
 //! are closed after the header read timeout while others are answered, an idle keep-alive
 //! connection is not mistaken for one, connections past `--max-connections` are closed at once, an
-//! oversized request head is refused, and so is an oversized gRPC message.
+//! oversized request head is refused, and so is an oversized gRPC message. And a replica whose watch
+//! keeps failing stops calling itself ready once `--max-staleness` has passed, and is ready again
+//! once the watch recovers.
 
 mod support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::path::Path;
 use std::time::Duration;
 
 use envoy_types::ext_authz::v3::pb::CheckRequest;
 use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request as AttrRequest};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use scim_token_operator::token::Token;
-use serde_json::json;
+use serde_json::{Value, json};
 use support::{Env, Verifier, http_request, wait_for};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -240,4 +243,93 @@ async fn an_oversized_grpc_message_is_refused() {
     // The connection and the service carry on.
     let again = client.check(check_request(&bearer(&token), 1024)).await.expect("a normal Check");
     assert_eq!(again.into_inner().status.unwrap().code, 0);
+}
+
+/// A kubeconfig whose user is the admin impersonating `user`.
+fn impersonating_kubeconfig(env: &Env, user: &str, path: &Path) {
+    let mut config: Value = serde_yaml::from_str(&std::fs::read_to_string(env.cp.kubeconfig_path()).unwrap()).unwrap();
+    for entry in config["users"].as_array_mut().unwrap() {
+        entry["user"]["as"] = json!(user);
+        entry["user"]["as-groups"] = json!(["system:authenticated"]);
+    }
+    std::fs::write(path, serde_yaml::to_string(&config).unwrap()).unwrap();
+}
+
+fn ready_status(v: &Verifier) -> Option<u16> {
+    http_request(v.metrics_port, "GET", "/readyz", &[]).map(|r| r.status)
+}
+
+/// The gRPC health service's overall status (what the chart's readiness probe asks).
+async fn grpc_health(v: &Verifier) -> Option<i32> {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", v.grpc_port)).ok()?;
+    let mut client = HealthClient::new(endpoint.connect().await.ok()?);
+    let response = client.check(HealthCheckRequest { service: String::new() }).await.ok()?;
+    Some(response.into_inner().status)
+}
+
+const SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+const NOT_SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+
+#[tokio::test]
+async fn a_replica_whose_watch_keeps_failing_turns_not_ready_and_recovers() {
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    let env = Env::new("vlimits-stale").await;
+    let token = Token::generate();
+    directory_with(&env, "acme", &token).await;
+    let user = format!("verifier-{}", env.ns);
+    let role: Role = serde_json::from_value(json!({
+        "metadata": { "name": "verifier" },
+        "rules": [{ "apiGroups": ["scim.tokenops.dev"], "resources": ["scimdirectories"], "verbs": ["list", "watch"] }],
+    }))
+    .unwrap();
+    let binding: RoleBinding = serde_json::from_value(json!({
+        "metadata": { "name": "verifier" },
+        "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "verifier" },
+        "subjects": [{ "apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user }],
+    }))
+    .unwrap();
+    let roles: Api<Role> = Api::namespaced(env.client.clone(), &env.ns);
+    let bindings: Api<RoleBinding> = Api::namespaced(env.client.clone(), &env.ns);
+    roles.create(&PostParams::default(), &role).await.unwrap();
+    bindings.create(&PostParams::default(), &binding).await.unwrap();
+    let kubeconfig = support::logs_dir().join(format!("{}-verifier.kubeconfig", env.ns));
+    impersonating_kubeconfig(&env, &user, &kubeconfig);
+    let v = env.verifier_with(&[
+        ("KUBECONFIG", kubeconfig.to_str().unwrap()),
+        ("VERIFY_MAX_STALENESS", "2s"),
+        // Each watch request lasts 2 s: a withdrawn permission is met at the next one.
+        ("VERIFY_WATCH_TIMEOUT", "2s"),
+    ]);
+    v.wait_ready().await;
+    let stale = "scim_token_verifier_index_stale ";
+    // A quiet watch that works is not stale, however long nothing changes (here: past the limit,
+    // across several renewals of the watch).
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(ready_status(&v), Some(200));
+    assert_eq!(grpc_health(&v).await, Some(SERVING));
+    assert_eq!(metric(&v, stale), Some(0.0));
+    assert_eq!(metric(&v, "scim_token_verifier_watch_errors_total"), Some(0.0));
+
+    // Its permission withdrawn: every watch and list now fails with 403.
+    bindings.delete("verifier", &DeleteParams::default()).await.unwrap();
+    wait_for("/readyz 503", Duration::from_secs(60), || async { (ready_status(&v) == Some(503)).then_some(()) }).await;
+    assert_eq!(metric(&v, stale), Some(1.0));
+    assert_eq!(grpc_health(&v).await, Some(NOT_SERVING));
+    assert!(metric(&v, "scim_token_verifier_watch_errors_total").is_some_and(|n| n >= 1.0));
+    assert!(metric(&v, "scim_token_verifier_index_staleness_seconds ").is_some_and(|s| s >= 2.0));
+    // Not ready, but still answering from its index (the proxies' Service routes elsewhere meanwhile).
+    assert_eq!(v.verify("/verify", &[("Authorization", &bearer(&token))]).status, 200);
+
+    // Restored: ready again.
+    bindings.create(&PostParams::default(), &binding).await.unwrap();
+    wait_for("/readyz 200 again", Duration::from_secs(60), || async { (ready_status(&v) == Some(200)).then_some(()) })
+        .await;
+    assert_eq!(metric(&v, stale), Some(0.0));
+    assert_eq!(metric(&v, "scim_token_verifier_index_staleness_seconds "), Some(0.0));
+    wait_for("gRPC health SERVING again", Duration::from_secs(10), || async {
+        (grpc_health(&v).await == Some(SERVING)).then_some(())
+    })
+    .await;
 }

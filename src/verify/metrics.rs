@@ -43,6 +43,12 @@ pub struct VerifierMetrics {
     /// End of each open overlap window, for the "previous token still in use" alert.
     pub previous_valid_until: Family<DirectoryLabels, Gauge>,
     pub directories: Gauge,
+    /// Failed attempts to list or watch ScimDirectories.
+    pub watch_errors: Counter,
+    /// Seconds the watch has been failing without recovering (0 while it works).
+    pub staleness_seconds: Gauge,
+    /// 1 while the watch has been failing for longer than `--max-staleness` (the replica is not ready).
+    pub stale: Gauge,
     connections_open: Family<ListenerLabels, Gauge>,
     connections_refused: Family<ListenerLabels, Counter>,
 }
@@ -70,6 +76,18 @@ impl Default for VerifierMetrics {
             previous_valid_until.clone(),
         );
         registry.register("directories", "Directories with a token in the index", directories.clone());
+        let (watch_errors, staleness_seconds, stale) = (Counter::default(), Gauge::default(), Gauge::default());
+        registry.register("watch_errors", "Failed attempts to list or watch ScimDirectories", watch_errors.clone());
+        registry.register(
+            "index_staleness_seconds",
+            "Seconds the ScimDirectory watch has been failing without recovering: how far behind the index may be (0 while the watch works, quiet or not)",
+            staleness_seconds.clone(),
+        );
+        registry.register(
+            "index_stale",
+            "1 while the watch has been failing for longer than --max-staleness: the replica reports not ready",
+            stale.clone(),
+        );
         let connections_open = Family::<ListenerLabels, Gauge>::default();
         let connections_refused = Family::<ListenerLabels, Counter>::default();
         registry.register("connections", "Connections open, by listener", connections_open.clone());
@@ -84,6 +102,9 @@ impl Default for VerifierMetrics {
             last_used,
             previous_valid_until,
             directories,
+            watch_errors,
+            staleness_seconds,
+            stale,
             connections_open,
             connections_refused,
         }
