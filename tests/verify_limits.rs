@@ -245,6 +245,42 @@ async fn an_oversized_grpc_message_is_refused() {
     assert_eq!(again.into_inner().status.unwrap().code, 0);
 }
 
+#[tokio::test]
+async fn grpc_connections_are_bounded_and_a_silent_one_is_closed() {
+    let env = Env::new("vlimits-grpcconn").await;
+    let token = Token::generate();
+    directory_with(&env, "acme", &token).await;
+    let v = env.verifier_with(&[("VERIFY_MAX_CONNECTIONS", "2"), ("VERIFY_HEADER_READ_TIMEOUT", "1s")]);
+    v.wait_ready().await;
+    let url = format!("http://127.0.0.1:{}", v.grpc_port);
+    let channel = || async { tonic::transport::Endpoint::from_shared(url.clone()).unwrap().connect().await };
+    // A connection that never sends the HTTP/2 preface is closed.
+    let mut silent = tokio::net::TcpStream::connect(("127.0.0.1", v.grpc_port)).await.unwrap();
+    let mut buf = Vec::new();
+    let closed = matches!(tokio::time::timeout(NEVER, silent.read_to_end(&mut buf)).await, Ok(Ok(_) | Err(_)));
+    assert!(closed, "a connection without a preface is closed by the verifier");
+    // Two connections, each answering a Check.
+    let mut held = vec![];
+    for _ in 0..2 {
+        let mut client = AuthorizationClient::new(channel().await.expect("connect"));
+        let r = client.check(check_request(&bearer(&token), 0)).await.expect("a Check");
+        assert_eq!(r.into_inner().status.unwrap().code, 0);
+        held.push(client);
+    }
+    // A third is refused: its Check fails, however the client reports the closed connection.
+    let third = match channel().await {
+        Ok(c) => AuthorizationClient::new(c).check(check_request(&bearer(&token), 0)).await.err(),
+        Err(e) => Some(tonic::Status::unavailable(e.to_string())),
+    };
+    assert!(third.is_some(), "a third connection over --max-connections 2 is refused");
+    assert!(metric(&v, "scim_token_verifier_connections_refused_total{listener=\"grpc\"}").is_some_and(|n| n >= 1.0));
+    // The two held ones still answer.
+    for client in &mut held {
+        let r = client.check(check_request(&bearer(&token), 0)).await.expect("a Check on a held connection");
+        assert_eq!(r.into_inner().status.unwrap().code, 0);
+    }
+}
+
 /// A kubeconfig whose user is the admin impersonating `user`.
 fn impersonating_kubeconfig(env: &Env, user: &str, path: &Path) {
     let mut config: Value = serde_yaml::from_str(&std::fs::read_to_string(env.cp.kubeconfig_path()).unwrap()).unwrap();
