@@ -346,7 +346,7 @@ async fn a_replica_whose_watch_keeps_failing_turns_not_ready_and_recovers() {
     assert_eq!(ready_status(&v), Some(200));
     assert_eq!(grpc_health(&v).await, Some(SERVING));
     assert_eq!(metric(&v, stale), Some(0.0));
-    assert_eq!(metric(&v, "scim_token_verifier_watch_errors_total"), Some(0.0));
+    // (Not "no watch error": a shared API server may fail one request; stale needs 2 s of failing.)
 
     // Its permission withdrawn: every watch and list now fails with 403.
     bindings.delete("verifier", &DeleteParams::default()).await.unwrap();
