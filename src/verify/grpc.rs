@@ -80,6 +80,30 @@ impl GrpcVerifier {
     }
 }
 
+/// Largest Check request decoded by default. An ext_authz `CheckRequest` carries the request's
+/// headers (all of them unless Envoy's `allowed_headers` says otherwise), its path and the peers'
+/// addresses: a few KiB, and within 64 KiB for any request Envoy accepts with its default header
+/// limit (`max_request_headers_kb`: 60). tonic's default, 4 MiB, let every stream in flight hold that
+/// much.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// Requests in flight on one HTTP/2 connection; Envoy opens another connection past it.
+pub const MAX_CONCURRENT_STREAMS: u32 = 128;
+/// HTTP/2 pings on every connection this often, and a peer that does not answer within the timeout
+/// is closed: a dead proxy's connection does not hold a slot.
+pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// The client's HTTP/2 connection preface (RFC 9113 §3.4), due within `--header-read-timeout` of the
+/// accept.
+pub const PREFACE_BYTES: usize = 24;
+
+impl tonic::transport::server::Connected for crate::server::Deadlines<tokio::net::TcpStream> {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.get_ref().connect_info()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;

@@ -71,8 +71,8 @@ type Digest32 = [u8; 32];
 /// Token hash → directory, for every directory the verifier watches.
 #[derive(Debug, Default)]
 pub struct Index {
-    /// Several credentials under one hash only if two statuses claim the same token: such a token
-    /// authenticates nobody (see [`Index::verify`]).
+    /// Several credentials under one hash only if two statuses claim the same token: see [`owner`]
+    /// for whom it authenticates.
     by_hash: HashMap<Digest32, Vec<Credential>>,
     /// The hashes each directory contributed, to replace them when its status changes.
     by_directory: HashMap<Arc<DirectoryId>, Vec<Digest32>>,
@@ -85,7 +85,8 @@ pub enum Denial {
     Missing,
     /// Not `Bearer <token>`, or not a token of ours (prefix, length, checksum): refused without a lookup.
     Malformed,
-    /// A well-formed token no directory has (never issued, rotated out, or claimed by two directories).
+    /// A well-formed token no directory has (never issued, rotated out, or claimed as current by two
+    /// directories, or as previous by two).
     Unknown,
     /// A known token past its expiry or the end of its overlap window.
     Expired,
@@ -196,10 +197,8 @@ impl Index {
         let Some(header) = authorization else { return Verdict::Denied(Denial::Missing) };
         let Some(token) = bearer_token(header) else { return Verdict::Denied(Denial::Malformed) };
         let digest: Digest32 = Sha256::digest(token.as_bytes()).into();
-        let credential = match self.by_hash.get(&digest).map(Vec::as_slice) {
-            Some([one]) => one,
-            // Unknown, or claimed by two directories: a status can be copied, a token cannot be shared.
-            _ => return Verdict::Denied(Denial::Unknown),
+        let Some(credential) = self.by_hash.get(&digest).and_then(|claims| owner(claims)) else {
+            return Verdict::Denied(Denial::Unknown);
         };
         if credential.valid_until.is_some_and(|until| now >= until) {
             return Verdict::Denied(Denial::Expired);
@@ -210,6 +209,22 @@ impl Index {
             }
             _ => Verdict::Allowed { directory: credential.directory.clone(), kind: credential.kind },
         }
+    }
+}
+
+/// The one credential a hash authenticates among the statuses claiming it, if any. A current claim
+/// wins over previous claims of other directories: a previous hash can be planted through a
+/// directory's own Secret, and must not lock the directory whose current token it is out. Two current
+/// claims, or (without a current one) two previous claims, authenticate nobody: a status can be
+/// copied, a token cannot be shared.
+fn owner(claims: &[Credential]) -> Option<&Credential> {
+    let mut current = claims.iter().filter(|c| c.kind == TokenKind::Current);
+    if let Some(first) = current.next() {
+        return current.next().is_none().then_some(first);
+    }
+    match claims {
+        [one] => Some(one),
+        _ => None,
     }
 }
 
@@ -391,6 +406,92 @@ mod tests {
         assert_eq!(index.verify(Some(&bearer(&a)), None, ts(NOW)), Verdict::Denied(Denial::Unknown));
         index.remove(&id("t2/copycat"));
         assert!(matches!(index.verify(Some(&bearer(&a)), None, ts(NOW)), Verdict::Allowed { .. }));
+    }
+
+    /// Who a hash authenticates when several statuses claim it: a current claim wins over any number
+    /// of previous claims of other directories (a previous hash can be planted through a directory's
+    /// own Secret, and must not lock another directory out); two claims of the same kind of different
+    /// directories authenticate nobody.
+    #[test]
+    fn claims_on_one_hash() {
+        let now = ts(NOW);
+        let until = "2026-06-01T00:30:00Z";
+        // (directory, claim as its current token?, claim as its previous token?)
+        type Claim = (&'static str, bool, bool);
+        let cases: Vec<(&str, Vec<Claim>, Verdict)> = vec![
+            (
+                "one current",
+                vec![("t1/victim", true, false)],
+                Verdict::Allowed { directory: Arc::new(id("t1/victim")), kind: TokenKind::Current },
+            ),
+            (
+                "one previous",
+                vec![("t1/victim", false, true)],
+                Verdict::Allowed { directory: Arc::new(id("t1/victim")), kind: TokenKind::Previous },
+            ),
+            (
+                "current beats another directory's previous",
+                vec![("t1/victim", true, false), ("t2/attacker", false, true)],
+                Verdict::Allowed { directory: Arc::new(id("t1/victim")), kind: TokenKind::Current },
+            ),
+            (
+                "the previous claim first: the same",
+                vec![("t2/attacker", false, true), ("t1/victim", true, false)],
+                Verdict::Allowed { directory: Arc::new(id("t1/victim")), kind: TokenKind::Current },
+            ),
+            (
+                "current beats any number of previous claims",
+                vec![("t2/a", false, true), ("t1/victim", true, false), ("t3/b", false, true), ("t4/c", false, true)],
+                Verdict::Allowed { directory: Arc::new(id("t1/victim")), kind: TokenKind::Current },
+            ),
+            (
+                "two currents: nobody",
+                vec![("t1/victim", true, false), ("t2/copycat", true, false)],
+                Verdict::Denied(Denial::Unknown),
+            ),
+            (
+                "two currents and a previous: nobody",
+                vec![("t1/victim", true, false), ("t2/copycat", true, false), ("t3/b", false, true)],
+                Verdict::Denied(Denial::Unknown),
+            ),
+            (
+                "two previous: nobody",
+                vec![("t1/victim", false, true), ("t2/attacker", false, true)],
+                Verdict::Denied(Denial::Unknown),
+            ),
+            (
+                "current and previous of one directory: its current",
+                vec![("t1/victim", true, true)],
+                Verdict::Allowed { directory: Arc::new(id("t1/victim")), kind: TokenKind::Current },
+            ),
+        ];
+        for (name, claims, want) in cases {
+            let shared = Token::generate();
+            let mut index = Index::default();
+            for (dir, current, previous) in &claims {
+                let id = id(dir);
+                // Every directory has a token of its own besides the shared hash.
+                let own = Token::generate();
+                let mut d = directory(&id.namespace, &id.name, if *current { &shared } else { &own }, None);
+                if *previous {
+                    let status = d.status.as_mut().unwrap();
+                    status.previous_token_hash = Some(shared.hash().to_string());
+                    status.previous_token_valid_until = Some(Time(ts(until)));
+                }
+                index.apply(&WatchedDirectory::from(&d));
+            }
+            assert_eq!(index.verify(Some(&bearer(&shared)), None, now), want, "case {name:?}");
+            // Each claim withdrawn in turn: the verdict is that of the claims left.
+            if let Some((dir, ..)) = claims.first() {
+                index.remove(&id(dir));
+                let rest: Vec<&Claim> = claims[1..].iter().collect();
+                let currents = rest.iter().filter(|c| c.1).count();
+                let previous = rest.iter().filter(|c| c.2 && !c.1).count();
+                let left = index.verify(Some(&bearer(&shared)), None, now);
+                let allowed = currents == 1 || (currents == 0 && previous == 1);
+                assert_eq!(matches!(left, Verdict::Allowed { .. }), allowed, "case {name:?} without {dir}: {left:?}");
+            }
+        }
     }
 
     #[test]

@@ -24,6 +24,12 @@ pub struct UsageLabels {
     pub token: String,
 }
 
+/// `http` (`/verify`), `grpc` or `metrics` (this endpoint and the probes).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub listener: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirectoryLabels {
     pub namespace: String,
@@ -37,6 +43,14 @@ pub struct VerifierMetrics {
     /// End of each open overlap window, for the "previous token still in use" alert.
     pub previous_valid_until: Family<DirectoryLabels, Gauge>,
     pub directories: Gauge,
+    /// Failed attempts to list or watch ScimDirectories.
+    pub watch_errors: Counter,
+    /// Seconds the watch has been failing without recovering (0 while it works).
+    pub staleness_seconds: Gauge,
+    /// 1 while the watch has been failing for longer than `--max-staleness` (the replica is not ready).
+    pub stale: Gauge,
+    connections_open: Family<ListenerLabels, Gauge>,
+    connections_refused: Family<ListenerLabels, Counter>,
 }
 
 impl Default for VerifierMetrics {
@@ -62,7 +76,38 @@ impl Default for VerifierMetrics {
             previous_valid_until.clone(),
         );
         registry.register("directories", "Directories with a token in the index", directories.clone());
-        VerifierMetrics { registry, requests, last_used, previous_valid_until, directories }
+        let (watch_errors, staleness_seconds, stale) = (Counter::default(), Gauge::default(), Gauge::default());
+        registry.register("watch_errors", "Failed attempts to list or watch ScimDirectories", watch_errors.clone());
+        registry.register(
+            "index_staleness_seconds",
+            "Seconds the ScimDirectory watch has been failing without recovering: how far behind the index may be (0 while the watch works, quiet or not)",
+            staleness_seconds.clone(),
+        );
+        registry.register(
+            "index_stale",
+            "1 while the watch has been failing for longer than --max-staleness: the replica reports not ready",
+            stale.clone(),
+        );
+        let connections_open = Family::<ListenerLabels, Gauge>::default();
+        let connections_refused = Family::<ListenerLabels, Counter>::default();
+        registry.register("connections", "Connections open, by listener", connections_open.clone());
+        registry.register(
+            "connections_refused",
+            "Connections closed at once because --max-connections were open, by listener",
+            connections_refused.clone(),
+        );
+        VerifierMetrics {
+            registry,
+            requests,
+            last_used,
+            previous_valid_until,
+            directories,
+            watch_errors,
+            staleness_seconds,
+            stale,
+            connections_open,
+            connections_refused,
+        }
     }
 }
 
@@ -92,6 +137,15 @@ impl VerifierMetrics {
         }
         self.previous_valid_until
             .remove(&DirectoryLabels { namespace: directory.namespace.clone(), name: directory.name.clone() });
+    }
+
+    /// The connection counts of one listener (`http`, `grpc` or `metrics`).
+    pub fn connections(&self, listener: &str) -> crate::server::ConnectionMetrics {
+        let labels = ListenerLabels { listener: listener.to_owned() };
+        crate::server::ConnectionMetrics {
+            open: self.connections_open.get_or_create(&labels).clone(),
+            refused: self.connections_refused.get_or_create(&labels).clone(),
+        }
     }
 
     pub fn encode(&self) -> String {

@@ -12,7 +12,10 @@
 //! 4. the verifier's memory with N directories indexed (issued by the operator, as `cargo xtask
 //!    bench` does), next to a verifier with nothing to index;
 //! 5. how soon a rotation reaches the verifier, over HTTP and gRPC: from the new token in the Secret
-//!    (and the new hash in the status) to its first 200, and to the old token's first 401.
+//!    (and the new hash in the status) to its first 200, and to the old token's first 401;
+//! 6. the verifier beside `--slow-clients` connections trickling a request head they never finish
+//!    (`slow.rs`): its latency for a valid token and its RSS with them open, and how many of them it
+//!    closed and when (its header read timeout).
 //!
 //! Correctness is asserted in every mode, never time: each load run must get only the expected status
 //! (200/OK for the valid token, 401 for an unknown one), before the load every one of the N tokens is
@@ -28,6 +31,7 @@ mod memory;
 mod procs;
 mod report;
 mod rotation;
+mod slow;
 
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -77,6 +81,12 @@ pub struct Options {
     /// Build the operator and the helpers with --release
     #[arg(long)]
     pub release: bool,
+    /// Connections trickling a request head they never finish, beside which the verifier is measured
+    #[arg(long, default_value_t = 300)]
+    pub slow_clients: usize,
+    /// The verifier's --header-read-timeout, in seconds [default: 10, the verifier's own; 2 with --check]
+    #[arg(long = "header-read-timeout", value_name = "S", value_parser = crate::secs)]
+    pub header_read_timeout: Option<Duration>,
     /// Print the correctness verdict (asserted in every mode) as the check line of the test command;
     /// the HTTP load runs use `verify-load` instead of oha
     #[arg(long)]
@@ -86,6 +96,7 @@ pub struct Options {
 impl Options {
     pub fn validate(self) -> anyhow::Result<Self> {
         ensure!(self.n > 0 && self.rotations <= self.n, "--rotations must not exceed --n");
+        ensure!(self.header_read_timeout.is_none_or(|t| !t.is_zero()), "--header-read-timeout must be positive");
         ensure!(
             self.load >= Duration::from_secs(1) && self.connections > 0 && self.grpc_connections > 0 && self.rounds > 0,
             "--load-secs, --connections, --grpc-connections and --rounds must be positive"
@@ -133,10 +144,14 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     let client = cp.client().await;
     cp.kubectl().args(["create", "namespace", NS]).output()?;
     let tmp = cp.tmp_dir().to_path_buf();
+    // Short in --check, so that waiting for the slow clients to be closed costs the test command
+    // seconds; the verifier's default otherwise.
+    let header_timeout =
+        o.header_read_timeout.unwrap_or(if o.check { Duration::from_secs(2) } else { Duration::from_secs(10) });
 
     // The verifier's fixed cost: one watching a namespace without directories.
     let empty = {
-        let verifier = Verifier::start(&cp, &bin, "bench-empty", &tmp.join("verifier-empty.log"))?;
+        let verifier = Verifier::start(&cp, &bin, "bench-empty", &tmp.join("verifier-empty.log"), header_timeout)?;
         verifier.wait_ready(0).await?;
         tokio::time::sleep(Duration::from_secs(1)).await;
         Memory::of(verifier.pid())
@@ -160,7 +175,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     // The verifier, started once all are issued: its initial list holds all N (as after a restart).
     println!("==> starting the verifier");
     let started = Instant::now();
-    let verifier = Verifier::start(&cp, &bin, NS, &tmp.join("verifier.log"))?;
+    let verifier = Verifier::start(&cp, &bin, NS, &tmp.join("verifier.log"), header_timeout)?;
     verifier.wait_ready(o.n).await?;
     let sync = started.elapsed();
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -215,6 +230,10 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     drop(nginx);
     drop(floor);
 
+    println!("==> {} slow clients trickling a request head", o.slow_clients);
+    // Latency sampled as long as a load run (at most 70 % of the header read timeout beside them).
+    let slow = slow::run(verifier.port, verifier.pid(), &valid, o.slow_clients, header_timeout, o.load).await?;
+
     println!("==> {} rotations, one at a time", o.rotations);
     let ports = rotation::Ports { http: verifier.port, grpc: verifier.grpc_port };
     let rotations = rotation::rotations(&client, ports, &mut tokens, o.rotations).await?;
@@ -253,16 +272,27 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         grpc: grpc_runs,
         rotations,
         probes,
+        slow: &slow,
         loadavg: (load_before, load_after),
     };
     report.print();
+    // After the report, so that a verifier failing it (one that never closes them) is measured too.
+    ensure!(
+        !o.check || slow.closed.len() == slow.clients,
+        "{} of {} slow clients were still open {} s after the header read timeout: the verifier did not close them",
+        slow.clients - slow.closed.len(),
+        slow.clients,
+        slow::GRACE.as_secs()
+    );
     if o.check {
         println!(
             "bench-verify check: all {n} tokens 200/OK naming their directory and {n} unknown 401 one by one, over \
              HTTP and gRPC; gRPC health SERVING; every load run answered only 200 (valid) or 401 (unknown), directly, \
-             through nginx and over gRPC; {r} rotations reached the verifier over both protocols",
+             through nginx and over gRPC; {r} rotations reached the verifier over both protocols; all {s} slow clients \
+             closed by the verifier, every request beside them 200",
             n = o.n,
-            r = o.rotations
+            r = o.rotations,
+            s = o.slow_clients
         );
     }
     Ok(())

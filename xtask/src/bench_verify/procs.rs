@@ -138,7 +138,15 @@ pub(super) struct Verifier {
 }
 
 impl Verifier {
-    pub fn start(cp: &ControlPlane, bin: &Path, ns: &str, log: &Path) -> anyhow::Result<Verifier> {
+    /// `header_timeout` is passed as `VERIFY_HEADER_READ_TIMEOUT` (an environment variable: a verifier
+    /// without the flag ignores it, and can be measured by the same harness).
+    pub fn start(
+        cp: &ControlPlane,
+        bin: &Path,
+        ns: &str,
+        log: &Path,
+        header_timeout: Duration,
+    ) -> anyhow::Result<Verifier> {
         let (port, grpc_port, metrics_port) = (free_port()?, free_port()?, free_port()?);
         let log = std::fs::File::create(log)?;
         let child = Command::new(bin)
@@ -148,6 +156,7 @@ impl Verifier {
             .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
             .env("KUBECONFIG", cp.kubeconfig_path())
             .env("RUST_LOG", "info")
+            .env("VERIFY_HEADER_READ_TIMEOUT", format!("{}s", header_timeout.as_secs()))
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()

@@ -7,6 +7,7 @@ use super::http::{NginxRuns, Sweep};
 use super::load::{Comparison, LIGHT, Run, ms};
 use super::memory::{Memory, Probe, mib};
 use super::rotation::Rotations;
+use super::slow::SlowClients;
 
 pub(super) struct Tools {
     /// The HTTP load generator and the gRPC one.
@@ -18,7 +19,7 @@ pub(super) struct Tools {
     pub load: Duration,
 }
 
-pub(super) struct Report {
+pub(super) struct Report<'a> {
     pub n: usize,
     pub tools: Tools,
     pub issuance: Duration,
@@ -37,6 +38,7 @@ pub(super) struct Report {
     pub grpc: Comparison,
     pub rotations: Rotations,
     pub probes: Vec<Probe>,
+    pub slow: &'a SlowClients,
     /// The machine's load average (1 min) before and after the load runs: other work shares the cores.
     pub loadavg: (String, String),
 }
@@ -65,7 +67,7 @@ fn goal(met: bool) -> &'static str {
     if met { "met" } else { "missed" }
 }
 
-impl Report {
+impl Report<'_> {
     pub fn print(&self) {
         let t = &self.tools;
         println!(
@@ -128,6 +130,35 @@ impl Report {
         line("gRPC: new token in the Secret → its first OK", &r.grpc_new_from_secret);
         line("gRPC: new token in the Secret → old token's first denial (401)", &r.grpc_old_from_secret);
         line("rotation requested → old token's first 401 (operator + verifier)", &r.old_from_patch);
+
+        let s = self.slow;
+        let after = |what: &str, v: &[Duration]| {
+            println!("| {what} | {} / {} ({} requests) |", ms(pct(v, 0.5)), ms(pct(v, 0.99)), v.len());
+        };
+        println!(
+            "\n| {} slow clients (a request head trickled a byte a second), header read timeout {} s | |\n| --- | --- |",
+            s.clients,
+            s.header_timeout.as_secs()
+        );
+        after("valid token, one keep-alive client, before them: p50 / p99", &s.before);
+        after("the same beside them: p50 / p99", &s.beside);
+        println!("| verifier RSS now (peak) with them open | {} |", s.memory.show());
+        let closed = if s.closed.is_empty() {
+            "none".to_owned()
+        } else {
+            format!(
+                "after {:.1} / {:.1} / {:.1} s (first / median / last, from the connect)",
+                s.closed[0].as_secs_f64(),
+                pct(&s.closed, 0.5).as_secs_f64(),
+                s.closed[s.closed.len() - 1].as_secs_f64()
+            )
+        };
+        println!(
+            "| closed by the verifier within {} s of the timeout | {} of {}: {closed} |",
+            super::slow::GRACE.as_secs(),
+            s.closed.len(),
+            s.clients
+        );
 
         println!(
             "\n| memory probe: deserialized, initial list | RSS with the index complete (peak) | time to index |\n| --- | --- | --- |"
