@@ -194,6 +194,65 @@ pub struct ScimDirectoryStatus {
     pub conditions: Vec<Condition>,
 }
 
+/// The reasons of the `Ready` condition. A public contract: Argo CD's health check
+/// (`argocd/`), `kubectl scim`, the README and users' alerts read these strings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ReadyReason {
+    /// True: the directory's first token was issued.
+    TokenIssued,
+    /// True: the token replaced another (the condition's message names the `IssueReason`).
+    TokenRotated,
+    /// False: the token's expiry has passed.
+    TokenExpired,
+    /// False: the Secret exists and is not this directory's; the directory has no token.
+    SecretConflict,
+    /// False: the spec cannot be acted on.
+    InvalidSpec,
+    /// False: an automatic re-issue waits for the minimum interval between issues.
+    IssueDeferred,
+    /// False: the API server refused the Secret write.
+    SecretWriteFailed,
+}
+
+impl ReadyReason {
+    pub const ALL: [ReadyReason; 7] = [
+        ReadyReason::TokenIssued,
+        ReadyReason::TokenRotated,
+        ReadyReason::TokenExpired,
+        ReadyReason::SecretConflict,
+        ReadyReason::InvalidSpec,
+        ReadyReason::IssueDeferred,
+        ReadyReason::SecretWriteFailed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReadyReason::TokenIssued => "TokenIssued",
+            ReadyReason::TokenRotated => "TokenRotated",
+            ReadyReason::TokenExpired => "TokenExpired",
+            ReadyReason::SecretConflict => "SecretConflict",
+            ReadyReason::InvalidSpec => "InvalidSpec",
+            ReadyReason::IssueDeferred => "IssueDeferred",
+            ReadyReason::SecretWriteFailed => "SecretWriteFailed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ReadyReason> {
+        ReadyReason::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+
+    /// Whether the condition is `True` with this reason: the directory has a working token.
+    pub fn is_ready(self) -> bool {
+        matches!(self, ReadyReason::TokenIssued | ReadyReason::TokenRotated)
+    }
+}
+
+impl std::fmt::Display for ReadyReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl ScimDirectory {
     /// The Secret this directory writes its token to.
     pub fn secret_name(&self) -> String {
@@ -219,5 +278,32 @@ impl ScimDirectory {
 
     pub fn ready_condition(&self) -> Option<&Condition> {
         self.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+    }
+
+    /// The `Ready` condition's reason, if it is one the operator writes.
+    pub fn ready_reason(&self) -> Option<ReadyReason> {
+        self.ready_condition().and_then(|c| ReadyReason::parse(&c.reason))
+    }
+}
+
+#[cfg(test)]
+mod ready_reason_tests {
+    use super::ReadyReason;
+
+    #[test]
+    fn every_ready_reason_round_trips_and_is_documented_where_users_read_it() {
+        let readme = include_str!("../README.md");
+        let health = include_str!("../argocd/resource_customizations/scim.tokenops.dev/ScimDirectory/health.lua");
+        let plugin = include_str!("../docs/kubectl-scim.md");
+        for reason in ReadyReason::ALL {
+            assert_eq!(ReadyReason::parse(reason.as_str()), Some(reason));
+            let quoted = format!("`{reason}`");
+            assert!(readme.contains(&quoted), "README.md does not document {reason}");
+            assert!(health.contains(reason.as_str()), "Argo CD's health check does not know {reason}");
+            if !reason.is_ready() {
+                assert!(plugin.contains(&format!("| {quoted} |")), "docs/kubectl-scim.md does not explain {reason}");
+            }
+        }
+        assert_eq!(ReadyReason::parse("Ready"), None);
     }
 }

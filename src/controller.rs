@@ -18,7 +18,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{debug, info, warn};
 
-use crate::api::{END_OVERLAP_ANNOTATION, ROTATE_ANNOTATION, ScimDirectory, ScimDirectoryStatus};
+use crate::api::{END_OVERLAP_ANNOTATION, ROTATE_ANNOTATION, ReadyReason, ScimDirectory, ScimDirectoryStatus};
 use crate::events::{EventType, Publisher};
 use crate::leader::{Fence, Fenced};
 use crate::metrics::{DirectoryLabels, ErrorLabels, Metrics, ReasonLabels, ScopeLabels};
@@ -512,9 +512,9 @@ async fn reconcile_inner(dir: &ScimDirectory, ctx: &Context) -> Result<Action> {
         debug!(namespace = %ns, name = %name, ?decision, "decided");
         match decision {
             Decision::InvalidSpec(message) => {
-                let status = status::with(dir, None, status::condition(dir, false, "InvalidSpec", &message, now));
+                let status = status::with(dir, None, status::condition(dir, ReadyReason::InvalidSpec, &message, now));
                 if write_status(ctx, dir, status).await? {
-                    publish(ctx, dir, EventType::Warning, "InvalidSpec", &message).await;
+                    publish(ctx, dir, EventType::Warning, ReadyReason::InvalidSpec.as_str(), &message).await;
                 }
                 return Ok(Action::await_change());
             }
@@ -525,9 +525,10 @@ async fn reconcile_inner(dir: &ScimDirectory, ctx: &Context) -> Result<Action> {
                 );
                 // Fail closed: the token fields leave the status, so the verifier stops accepting a
                 // token the operator can no longer rotate or revoke (the Secret is no longer its own).
-                let status = status::without_token(dir, status::condition(dir, false, "SecretConflict", &message, now));
+                let status =
+                    status::without_token(dir, status::condition(dir, ReadyReason::SecretConflict, &message, now));
                 if write_status(ctx, dir, status).await? {
-                    publish(ctx, dir, EventType::Warning, "SecretConflict", &message).await;
+                    publish(ctx, dir, EventType::Warning, ReadyReason::SecretConflict.as_str(), &message).await;
                 }
                 return Err(Error::SecretConflict(secret_name));
             }
@@ -539,9 +540,9 @@ async fn reconcile_inner(dir: &ScimDirectory, ctx: &Context) -> Result<Action> {
                      else is rewriting Secret {secret_name}",
                     reason.as_str()
                 );
-                let status = status::with(dir, None, status::condition(dir, false, "IssueDeferred", &message, now));
+                let status = status::with(dir, None, status::condition(dir, ReadyReason::IssueDeferred, &message, now));
                 if write_status(ctx, dir, status).await? {
-                    publish(ctx, dir, EventType::Warning, "IssueDeferred", &message).await;
+                    publish(ctx, dir, EventType::Warning, ReadyReason::IssueDeferred.as_str(), &message).await;
                 }
                 warn!(namespace = %ns, name = %name, reason = reason.as_str(), %until, "automatic issue deferred");
                 return Ok(Action::requeue(duration_until(until, now)));
@@ -692,9 +693,9 @@ async fn report_write_failure(
     }
     let reason = &status.message;
     let message = format!("the API server refused to write Secret {}: {reason}", dir.secret_name());
-    let status = status::with(dir, None, status::condition(dir, false, "SecretWriteFailed", &message, now));
+    let status = status::with(dir, None, status::condition(dir, ReadyReason::SecretWriteFailed, &message, now));
     match write_status(ctx, dir, status).await {
-        Ok(true) => publish(ctx, dir, EventType::Warning, "SecretWriteFailed", &message).await,
+        Ok(true) => publish(ctx, dir, EventType::Warning, ReadyReason::SecretWriteFailed.as_str(), &message).await,
         Ok(false) => {}
         Err(e) => warn!(error = %e, "could not report the failed Secret write in the status"),
     }
@@ -770,18 +771,18 @@ async fn finish(
             "the token expired at {}; rotate it (increase spec.rotationGeneration or set the scim.tokenops.dev/rotate annotation)",
             record.expires_at.map(|t| t.to_string()).unwrap_or_default()
         );
-        status::condition(dir, false, "TokenExpired", &message, now)
+        status::condition(dir, ReadyReason::TokenExpired, &message, now)
     } else if record.reason == IssueReason::Initial {
-        status::condition(dir, true, "TokenIssued", record.reason.describe(), now)
+        status::condition(dir, ReadyReason::TokenIssued, record.reason.describe(), now)
     } else {
         let message = format!("{} ({})", record.reason.describe(), record.reason.as_str());
-        status::condition(dir, true, "TokenRotated", &message, now)
+        status::condition(dir, ReadyReason::TokenRotated, &message, now)
     };
     ctx.export_expiry(dir, record.expires_at);
     // An overlap that has ended leaves the status (the verifier would refuse the token anyway).
     let shown = policy::with_live_overlap(record, now);
     if write_status(ctx, dir, status::with(dir, Some(&shown), ready)).await? && expired {
-        publish(ctx, dir, EventType::Warning, "TokenExpired", "the token has expired").await;
+        publish(ctx, dir, EventType::Warning, ReadyReason::TokenExpired.as_str(), "the token has expired").await;
     }
     Ok(match policy::next_wakeup(desired, record, now) {
         Some(at) => Action::requeue(duration_until(at, now)),

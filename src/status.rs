@@ -4,7 +4,7 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
-use crate::api::{ScimDirectory, ScimDirectoryStatus};
+use crate::api::{ReadyReason, ScimDirectory, ScimDirectoryStatus};
 use crate::policy::{IssueReason, IssueRecord, PreviousToken, StatusView};
 use crate::token::TokenHash;
 
@@ -29,8 +29,8 @@ pub fn view(dir: &ScimDirectory) -> StatusView {
                 })
             })(),
             end_overlap_request: None,
-            reason: match dir.ready_condition().map(|c| c.reason.as_str()) {
-                Some("TokenIssued") | None => IssueReason::Initial,
+            reason: match dir.ready_condition().map(|c| ReadyReason::parse(&c.reason)) {
+                Some(Some(ReadyReason::TokenIssued)) | None => IssueReason::Initial,
                 _ => status_reason(dir).unwrap_or(IssueReason::RotationGenerationChanged),
             },
         })
@@ -79,8 +79,8 @@ pub fn without_token(dir: &ScimDirectory, ready: Condition) -> ScimDirectoryStat
     }
 }
 
-pub fn condition(dir: &ScimDirectory, ready: bool, reason: &str, message: &str, now: Timestamp) -> Condition {
-    let status = if ready { "True" } else { "False" };
+pub fn condition(dir: &ScimDirectory, reason: ReadyReason, message: &str, now: Timestamp) -> Condition {
+    let status = if reason.is_ready() { "True" } else { "False" };
     // Keep the transition time while the condition's status does not change, so a steady state
     // produces an identical status and therefore no write.
     let last_transition_time = dir
@@ -91,7 +91,7 @@ pub fn condition(dir: &ScimDirectory, ready: bool, reason: &str, message: &str, 
     Condition {
         type_: "Ready".into(),
         status: status.into(),
-        reason: reason.into(),
+        reason: reason.as_str().into(),
         message: message.into(),
         observed_generation: dir.metadata.generation,
         last_transition_time,
@@ -115,7 +115,7 @@ mod tests {
             valid_until: "2026-01-01T01:00:00Z".parse().unwrap(),
         });
         let message = format!("{} ({})", record.reason.describe(), record.reason.as_str());
-        dir.status = Some(with(&dir, Some(&record), condition(&dir, true, "TokenRotated", &message, now)));
+        dir.status = Some(with(&dir, Some(&record), condition(&dir, ReadyReason::TokenRotated, &message, now)));
         let status = dir.status.as_ref().unwrap();
         assert_eq!(status.previous_token_hash.as_deref(), Some(TokenHash::of_bytes(b"old").as_str()));
         assert_eq!(status.secret_name.as_deref(), Some("acme-scim-token"));
@@ -126,7 +126,7 @@ mod tests {
         assert_eq!(view.record, Some(IssueRecord { end_overlap_request: None, ..record.clone() }));
 
         // A status for a directory that cannot be acted on keeps the token fields.
-        let kept = with(&dir, None, condition(&dir, false, "SecretConflict", "x", now));
+        let kept = with(&dir, None, condition(&dir, ReadyReason::SecretConflict, "x", now));
         assert_eq!(kept.token_hash, status.token_hash);
         assert_eq!(kept.previous_token_valid_until, status.previous_token_valid_until);
         assert_eq!(kept.conditions[0].reason, "SecretConflict");

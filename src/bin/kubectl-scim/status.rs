@@ -7,7 +7,7 @@ use k8s_openapi::api::core::v1::Event;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams};
 use kube::{Resource, ResourceExt};
-use scim_token_operator::api::{ROTATE_ANNOTATION, ScimDirectory};
+use scim_token_operator::api::{ROTATE_ANNOTATION, ReadyReason, ScimDirectory};
 use serde::Serialize;
 
 use crate::cluster::Cluster;
@@ -200,8 +200,8 @@ pub fn explain(dir: &ScimDirectory, now: Timestamp) -> Option<String> {
         return None;
     }
     let message = ready.message.trim_end_matches('.');
-    Some(match ready.reason.as_str() {
-        "TokenExpired" => {
+    Some(match ReadyReason::parse(&ready.reason) {
+        Some(ReadyReason::TokenExpired) => {
             let when = dir
                 .status
                 .as_ref()
@@ -214,23 +214,26 @@ pub fn explain(dir: &ScimDirectory, now: Timestamp) -> Option<String> {
                  {name}), and consider spec.renewBefore to renew it automatically."
             )
         }
-        "SecretConflict" => format!(
+        Some(ReadyReason::SecretConflict) => format!(
             "Secret {secret} exists but is not managed by this directory, so no token is written to it: delete that \
              Secret if nothing needs it, or create a directory with another spec.secretName."
         ),
-        "InvalidSpec" => format!(
+        Some(ReadyReason::InvalidSpec) => format!(
             "The spec cannot be acted on ({message}): fix it (kubectl edit scimdir {name} -n {ns}); nothing is \
              written until then."
         ),
-        "IssueDeferred" => format!(
+        Some(ReadyReason::IssueDeferred) => format!(
             "An automatic re-issue waits for the operator's minimum interval between issues and will happen by \
              itself; if this keeps coming back, something else is rewriting Secret {secret}."
         ),
-        "SecretWriteFailed" => format!(
+        Some(ReadyReason::SecretWriteFailed) => format!(
             "The API server refused the operator's write to Secret {secret} ({message}): check the operator's RBAC, \
              admission policies and whether the Secret is immutable; the operator retries with backoff."
         ),
-        other => format!("Ready is False ({other}): {message}."),
+        // A True reason with status False, or a reason from another version of the operator.
+        Some(ReadyReason::TokenIssued | ReadyReason::TokenRotated) | None => {
+            format!("Ready is False ({}): {message}.", ready.reason)
+        }
     })
 }
 

@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::{Resource, ResourceExt};
-use scim_token_operator::api::ScimDirectory;
+use scim_token_operator::api::{ReadyReason, ScimDirectory};
 use scim_token_operator::policy::{self, Desired, IssueReason};
 use scim_token_operator::token::Token;
 use scim_token_operator::{secret, status};
@@ -52,7 +52,7 @@ async fn issue_one(dirs: &Api<ScimDirectory>, secrets: &Api<Secret>, i: usize) -
     let token = Token::generate();
     let record = policy::new_record(&desired, token.hash(), IssueReason::Initial, now);
     create(secrets, &secret::initial_secret(&dir, &token, &record, &FLOOR_KEY)).await?;
-    let ready = status::condition(&dir, true, "TokenIssued", IssueReason::Initial.describe(), now);
+    let ready = status::condition(&dir, ReadyReason::TokenIssued, IssueReason::Initial.describe(), now);
     let patch = json!({
         "apiVersion": ScimDirectory::api_version(&()),
         "kind": ScimDirectory::kind(&()),
