@@ -6,7 +6,6 @@ use std::sync::atomic::AtomicBool;
 
 use clap::{Args, Parser, Subcommand};
 use kube::CustomResourceExt;
-use kube::client::ClientBuilder;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
@@ -14,6 +13,7 @@ use crate::api::ScimDirectory;
 use crate::controller::{self, FAILPOINT_ENV, Settings};
 use crate::leader::{Elector, Fence, LeaseSettings, Lost};
 use crate::metrics::Metrics;
+use crate::process::{self, dedup, disable_core_dumps, fenced_client, namespace_name, shutdown_signal};
 use crate::server::{self, Health};
 use crate::telemetry::{self, LogFormat};
 
@@ -97,29 +97,6 @@ fn interval(value: &str) -> Result<std::time::Duration, String> {
     Ok(lifetime.as_std())
 }
 
-/// A namespace name as Kubernetes accepts it (an RFC 1123 label), so a typo in `--namespace` fails at
-/// start-up with a message instead of as a stream of 404s.
-/// An empty entry is ignored, so `WATCH_NAMESPACE=""` means all namespaces, as operators usually read it.
-pub(crate) fn namespace_name(value: &str) -> Result<String, String> {
-    let valid = value.is_empty()
-        || (value.len() <= 63
-            && value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !value.starts_with('-')
-            && !value.ends_with('-'));
-    if valid {
-        Ok(value.to_string())
-    } else {
-        Err(format!(
-            "{value:?} is not a namespace name (lowercase letters, digits and '-', at most 63, starting and ending alphanumeric)"
-        ))
-    }
-}
-
-pub(crate) fn dedup(namespaces: &[String]) -> Vec<String> {
-    let mut seen = std::collections::BTreeSet::new();
-    namespaces.iter().filter(|n| !n.is_empty() && seen.insert(n.as_str())).cloned().collect()
-}
-
 pub fn crd_yaml() -> String {
     let mut crd = ScimDirectory::crd();
     // Deleting the CRD deletes every ScimDirectory and, through the ownerReferences, every token
@@ -160,7 +137,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // read or create the key fails at once, not on takeover. Two replicas racing to create it is
     // harmless: the create is refused for the second, which reads the first one's key.
     let record_key =
-        crate::secret::seal::load_or_create(self::client(2).await?, &args.lease_namespace, &args.record_key_secret)
+        crate::secret::seal::load_or_create(process::client(2).await?, &args.lease_namespace, &args.record_key_secret)
             .await
             .map_err(anyhow::Error::msg)?;
 
@@ -188,7 +165,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         };
         settings.validate().map_err(anyhow::Error::msg)?;
         // Its own client: Lease renewals must not queue behind a burst of the controller's requests.
-        let mut elector = Elector::new(self::client(4).await?, settings, fence.clone());
+        let mut elector = Elector::new(process::client(4).await?, settings, fence.clone());
         info!(lease = %args.lease_name, namespace = %args.lease_namespace, %identity, "waiting for leadership");
         // A standby replica is healthy and ready: it serves nothing but must not be restarted.
         ready.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -265,56 +242,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     info!("stopped");
     Ok(())
-}
-
-/// A client from the kubeconfig or the in-cluster config, with at most `max_inflight` requests at once.
-pub(crate) async fn client(max_inflight: usize) -> anyhow::Result<kube::Client> {
-    fenced_client(max_inflight, &Fence::open()).await
-}
-
-/// As [`client`], and refusing every write once `fence` is closed, checked after the write holds its
-/// permit: one that waited for a permit past the renew deadline is not sent.
-pub(crate) async fn fenced_client(max_inflight: usize, fence: &Fence) -> anyhow::Result<kube::Client> {
-    let config = kube::Config::infer().await?;
-    Ok(ClientBuilder::try_from(config)
-        .map_err(explain_client_error)?
-        .with_layer(&crate::leader::limited(max_inflight, fence.clone()))
-        .build())
-}
-
-/// Turns the TLS library's terse refusal of an X.509 v1 client certificate (which kubectl accepts)
-/// into what is wrong and how to fix it.
-fn explain_client_error(error: kube::Error) -> anyhow::Error {
-    if error.to_string().contains("UnsupportedCertVersion") {
-        anyhow::anyhow!(
-            "the kubeconfig's client certificate is X.509 version 1 (what `openssl x509 -req` makes without \
-             extensions), which this operator's TLS library refuses; issue it as version 3, e.g. \
-             `openssl x509 -req ... -extfile <(printf 'extendedKeyUsage=clientAuth')`, or use a \
-             ServiceAccount token ({error})"
-        )
-    } else {
-        error.into()
-    }
-}
-
-/// The process holds plaintext tokens while it writes them: no core dump may carry them to disk, and
-/// no other process of the same user may attach to it or read its memory (non-dumpable).
-pub(crate) fn disable_core_dumps() {
-    let no_core = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: plain system calls with valid arguments; they touch no memory of ours but `no_core`.
-    let (limited, undumpable) =
-        unsafe { (libc::setrlimit(libc::RLIMIT_CORE, &no_core), libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0)) };
-    if limited != 0 || undumpable != 0 {
-        warn!(error = %std::io::Error::last_os_error(), "could not disable core dumps");
-    }
-}
-
-pub(crate) async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ pub mod events;
 pub mod leader;
 pub mod metrics;
 pub mod policy;
+pub mod process;
 pub mod secret;
 pub mod server;
 pub mod status;

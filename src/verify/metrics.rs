@@ -30,11 +30,8 @@ pub struct ListenerLabels {
     pub listener: String,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct DirectoryLabels {
-    pub namespace: String,
-    pub name: String,
-}
+/// One series per directory, labelled as the operator's are.
+pub use crate::metrics::DirectoryLabels;
 
 pub struct VerifierMetrics {
     registry: Registry,

@@ -54,7 +54,7 @@ pub struct VerifyArgs {
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:8080")]
     pub metrics_addr: SocketAddr,
     /// Only watch these namespaces, comma-separated or repeated (default: all namespaces).
-    #[arg(long = "namespace", env = "WATCH_NAMESPACE", value_delimiter = ',', value_parser = crate::cli::namespace_name)]
+    #[arg(long = "namespace", env = "WATCH_NAMESPACE", value_delimiter = ',', value_parser = crate::process::namespace_name)]
     pub namespaces: Vec<String>,
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -109,9 +109,9 @@ impl VerifyArgs {
 
 pub async fn run(args: VerifyArgs) -> anyhow::Result<()> {
     telemetry::init(args.log_format);
-    crate::cli::disable_core_dumps();
+    crate::process::disable_core_dumps();
     // A watch per namespace and nothing else: a handful of requests in flight at most.
-    let client = crate::cli::client(16).await?;
+    let client = crate::process::client(16).await?;
     let metrics = Arc::new(VerifierMetrics::default());
     let verifier = Verifier { index: Arc::new(RwLock::new(Index::default())), metrics: metrics.clone() };
     // `synced`: the initial list of every scope is in; `ready`: synced and not stale.
@@ -138,7 +138,7 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<()> {
         app,
         limits,
         metrics.connections("http"),
-        crate::cli::shutdown_signal(),
+        crate::process::shutdown_signal(),
     ));
 
     let grpc = grpc::GrpcVerifier { verifier: verifier.clone(), strip_authorization: args.strip_authorization };
@@ -172,7 +172,7 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<()> {
         .http2_keepalive_timeout(Some(grpc::KEEPALIVE_TIMEOUT))
         .add_service(health_service)
         .add_service(AuthorizationServer::new(grpc).max_decoding_message_size(args.grpc_max_message_bytes as usize))
-        .serve_with_incoming_shutdown(incoming, crate::cli::shutdown_signal());
+        .serve_with_incoming_shutdown(incoming, crate::process::shutdown_signal());
     let grpc_task = tokio::spawn(grpc_server);
     {
         // Readiness (/readyz and gRPC health): synced, and not stale.
@@ -221,7 +221,7 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<()> {
         });
     }
 
-    let namespaces = crate::cli::dedup(&args.namespaces);
+    let namespaces = crate::process::dedup(&args.namespaces);
     info!(?namespaces, "watching ScimDirectories");
     let scopes: Vec<Option<String>> =
         if namespaces.is_empty() { vec![None] } else { namespaces.into_iter().map(Some).collect() };

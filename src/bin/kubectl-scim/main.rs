@@ -143,7 +143,8 @@ fn main() -> ExitCode {
             .unwrap_or_default();
         eprintln!("error: internal error: {}", message.lines().next().unwrap_or_default());
     }));
-    disable_core_dumps();
+    // `token` and `check` hold a plaintext for a moment: no core dump may carry it to disk.
+    scim_token_operator::process::disable_core_dumps();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         // clap quotes the argument it rejects: a token pasted there is not repeated.
@@ -206,15 +207,6 @@ fn completion(shell: CompletionShell, out: &mut dyn Write) {
         CompletionShell::Bash => generate(Bash, &mut command, "kubectl-scim", out),
         CompletionShell::Zsh => generate(Zsh, &mut command, "kubectl-scim", out),
         CompletionShell::Fish => generate(Fish, &mut command, "kubectl-scim", out),
-    }
-}
-
-/// `token` and `check` hold a plaintext for a moment: no core dump may carry it to disk.
-fn disable_core_dumps() {
-    let no_core = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: a plain system call with a valid argument; it touches no memory of ours but `no_core`.
-    unsafe {
-        libc::setrlimit(libc::RLIMIT_CORE, &no_core);
     }
 }
 
