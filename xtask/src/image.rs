@@ -151,6 +151,9 @@ pub(crate) struct Options {
     /// Use this operator binary instead of building one (it must be built as the Dockerfile builds it)
     #[arg(long, value_name = "PATH")]
     pub(crate) binary: Option<PathBuf>,
+    /// Where to write the archive and its config [default: target/image]
+    #[arg(long, value_name = "DIR")]
+    pub(crate) out: Option<PathBuf>,
     /// The `org.opencontainers.image.source` label
     #[arg(long, value_name = "URL", default_value = "https://github.com/scim-token-operator/scim-token-operator")]
     pub(crate) source: String,
@@ -160,8 +163,9 @@ pub(crate) fn run(o: &Options) -> anyhow::Result<()> {
     let started = Instant::now();
     let root = envtest::workspace_root();
     let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| root.join("target"));
-    let out = target.join("image");
+    let out = o.out.clone().unwrap_or_else(|| target.join("image"));
     std::fs::create_dir_all(&out)?;
+    let out = std::fs::canonicalize(&out)?;
 
     // The Dockerfile first: a build that could not match it is not worth minutes of compiling.
     let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).context("reading the Dockerfile")?;
@@ -187,7 +191,8 @@ pub(crate) fn run(o: &Options) -> anyhow::Result<()> {
     let crane = PathBuf::from(output(Command::new("bash").arg(root.join("hack/go-tool.sh")).arg("crane"))?.trim());
 
     step(&format!("Debian packages: {}", PACKAGES.join(" ")));
-    let debs = out.join("debs");
+    // One package cache whatever --out is.
+    let debs = target.join("image/debs");
     let packages = fetch_packages(&debs)?;
     let arch = output(Command::new("dpkg").arg("--print-architecture"))?.trim().to_owned();
 
@@ -302,31 +307,21 @@ struct Package {
 }
 
 /// `apt-get download` of the candidate versions, kept in `dir` (nothing is downloaded again while
-/// the candidates stay the same).
+/// the candidates stay the same). As root, missing or stale package lists are refreshed once
+/// (`apt-get update`, as hack/test-peers.sh does); otherwise that is left to the user.
 fn fetch_packages(dir: &Path) -> anyhow::Result<Vec<Package>> {
     std::fs::create_dir_all(dir)?;
-    let mut packages = Vec::new();
-    let mut missing = Vec::new();
-    for name in PACKAGES {
-        let show = output(Command::new("apt-cache").args(["show", "--no-all-versions", name])).with_context(|| {
-            format!("apt knows no {name}: run `apt-get update` first (cargo xtask image takes Debian's packages)")
-        })?;
-        let field = |k: &str| show.lines().find_map(|l| l.strip_prefix(&format!("{k}: "))).map(str::to_owned);
-        let version = field("Version").with_context(|| format!("no Version for {name}"))?;
-        let arch = field("Architecture").with_context(|| format!("no Architecture for {name}"))?;
-        // apt-get download's file name: the epoch's colon is written %3a.
-        let deb = dir.join(format!("{name}_{}_{arch}.deb", version.replace(':', "%3a")));
-        if !deb.is_file() {
-            missing.push(format!("{name}={version}"));
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let packages = match download(dir, root) {
+        Ok(p) => p,
+        Err(e) if root => {
+            step(&format!("apt-get update ({e:#})"));
+            run_quiet(Command::new("apt-get").args(["-q", "update"]))?;
+            download(dir, root)?
         }
-        packages.push(Package { name: (*name).to_owned(), version, deb });
-    }
-    if !missing.is_empty() {
-        // As root, apt's download sandbox user cannot write here; the download itself is unchanged.
-        run_quiet(
-            Command::new("apt-get").args(["download", "-o", "APT::Sandbox::User=root"]).args(&missing).current_dir(dir),
-        )?;
-    }
+        Err(e) => return Err(e.context("if the package lists are missing or stale, run `sudo apt-get update` once")),
+    };
     // The image's glibc must not be older than the one the binary was linked against here.
     let host = output(Command::new("dpkg-query").args(["-W", "-f", "${Version}", "libc6"]))?;
     let image = &packages.iter().find(|p| p.name == "libc6").expect("libc6 is in PACKAGES").version;
@@ -337,6 +332,34 @@ fn fetch_packages(dir: &Path) -> anyhow::Result<Vec<Package>> {
     );
     for p in &packages {
         println!("  {} {}", p.name, p.version);
+    }
+    Ok(packages)
+}
+
+fn download(dir: &Path, root: bool) -> anyhow::Result<Vec<Package>> {
+    // As root, apt downloads as its _apt user, which may not enter this directory: download as root
+    // (the package is still verified against the signed archive index).
+    let apt_opts: &[&str] = if root { &["-o", "APT::Sandbox::User=root"] } else { &[] };
+    let mut packages = Vec::new();
+    for name in PACKAGES {
+        let show = output(Command::new("apt-cache").args(["show", "--no-all-versions", name]))
+            .with_context(|| format!("apt knows no {name}"))?;
+        let field = |k: &str| show.lines().find_map(|l| l.strip_prefix(&format!("{k}: "))).map(str::to_owned);
+        let version = field("Version").with_context(|| format!("apt knows no version of {name}"))?;
+        let arch = field("Architecture").with_context(|| format!("apt knows no architecture of {name}"))?;
+        // apt-get download's file name: the epoch's colon is written %3a.
+        let deb = dir.join(format!("{name}_{}_{arch}.deb", version.replace(':', "%3a")));
+        if !deb.is_file() {
+            run_quiet(
+                Command::new("apt-get")
+                    .arg("download")
+                    .args(apt_opts)
+                    .arg(format!("{name}={version}"))
+                    .current_dir(dir),
+            )?;
+            ensure!(deb.is_file(), "apt-get download {name}={version} wrote no {}", deb.display());
+        }
+        packages.push(Package { name: (*name).to_owned(), version, deb });
     }
     Ok(packages)
 }
