@@ -18,6 +18,8 @@ cargo clippy --workspace --all-targets --locked --features scim-token-operator/f
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # Licences, bans and sources of every dependency (deny.toml); see deny.toml for advisories.
 "$(bash hack/cargo-deny.sh)" check --hide-inclusion-graph licenses bans sources
+# The release workflow (actionlint + shellcheck; actionlint is built once into the cache).
+bash hack/lint-workflows.sh
 results="$(mktemp)"
 trap 'rm -f "$results"' EXIT
 cargo test --workspace --locked --features scim-token-operator/failpoints "$@" 2>&1 | tee "$results"
