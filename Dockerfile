@@ -6,6 +6,11 @@
 # glibc build + distroless "cc" (glibc, libgcc, CA certificates; no shell, no package manager). Both
 # stages are Debian 12 (bookworm), so the binary never needs a newer glibc than the runtime image has.
 # TLS is rustls + ring: no OpenSSL at build or run time.
+#
+# `cargo xtask image` builds the same image without Docker (docs/helm.md, "The image"). Its tests and
+# every build compare this file's final stage (USER, ENTRYPOINT, CMD, EXPOSE, the COPY destination, the
+# base's workdir and env) and the builder's cargo command with what it builds (xtask/src/image.rs):
+# change both together.
 
 FROM rust:1.95-bookworm AS builder
 WORKDIR /src

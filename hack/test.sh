@@ -18,9 +18,17 @@ cargo clippy --workspace --all-targets --locked --features scim-token-operator/f
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # Licences, bans and sources of every dependency (deny.toml); see deny.toml for advisories.
 "$(bash hack/cargo-deny.sh)" check --hide-inclusion-graph licenses bans sources
+# The release workflow (actionlint + shellcheck; actionlint is built once into the cache).
+bash hack/lint-workflows.sh
 results="$(mktemp)"
 trap 'rm -f "$results"' EXIT
 cargo test --workspace --locked --features scim-token-operator/failpoints "$@" 2>&1 | tee "$results"
+
+# The container image, assembled as `cargo xtask image` does (Debian packages, crane, the checks
+# against the Dockerfile, the binary run on the image's own libraries), from the binary the tests just
+# built: it links the same libraries as the release build, which would cost minutes more (BENCHMARKS.md).
+cargo xtask image --binary "${CARGO_TARGET_DIR:-target}/debug/scim-token-operator" \
+  --out "${CARGO_TARGET_DIR:-target}/image-check" --tag scim-token-operator:test
 
 # The README's main-job command must keep working: run it once, non-interactively.
 cargo xtask demo --once

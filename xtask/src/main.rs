@@ -1,5 +1,6 @@
 //! Project tasks: `cargo xtask demo [--once]`, `cargo xtask bench [...]`, `cargo xtask bench-verify [...]` and
-//! `cargo xtask chaos [...]` (crash safety under faults, docs/reliability.md); `--help` on each.
+//! `cargo xtask chaos [...]` (crash safety under faults, docs/reliability.md) and `cargo xtask image` (the
+//! container image as an OCI archive, without a Docker engine); `--help` on each.
 //!
 //! `demo` is the operator's main job end to end on a fresh machine: it builds (or finds) a local
 //! kube-apiserver + etcd, installs the CRD, runs the operator, applies an example with the real
@@ -15,6 +16,7 @@ use envtest::ControlPlane;
 mod bench;
 mod bench_verify;
 mod chaos;
+mod image;
 
 /// Project tasks.
 #[derive(clap::Parser)]
@@ -29,6 +31,7 @@ enum Task {
     Bench(bench::Options),
     BenchVerify(bench_verify::Options),
     Chaos(chaos::Options),
+    Image(image::Options),
 }
 
 #[tokio::main]
@@ -38,6 +41,7 @@ async fn main() -> anyhow::Result<()> {
         Task::Bench(o) => bench::run(usable("bench", o.validate())).await,
         Task::BenchVerify(o) => bench_verify::run(usable("bench-verify", o.validate())).await,
         Task::Chaos(o) => chaos_main(usable("chaos", o.validate())).await,
+        Task::Image(o) => image::run(&o),
     }
 }
 
