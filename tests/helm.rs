@@ -212,6 +212,10 @@ async fn bad_values_fail_with_a_message_naming_them() {
         ("verifier.networkPolicy.proxies[0].namespaceSelectr.matchLabels.a=b", "namespaceSelectr"),
         ("verifier.networkPolicy.proxies[0].ipBlock.cidr=10.0.0.0/33", "cidr"),
         ("verifier.networkPolicy.proxies=null", NO_PROXIES),
+        ("verifier.limits.maxConnections=0", "maxConnections"),
+        ("verifier.limits.headerReadTimeout=1.5s", "headerReadTimeout"),
+        ("verifier.limits.maxStaleness=soon", "maxStaleness"),
+        ("verifier.limits.idletimeout=1m", "idletimeout"),
     ] {
         let (ok, out, err) = helm(cp, &["template", "bad", CHART, "--set", set]);
         assert!(!ok, "--set {set} must fail, rendered:\n{out}");
@@ -549,6 +553,15 @@ fn check_verifier(objects: &[Value], namespace: &str, service_account: &str, wat
     assert!(env.contains(&("METRICS_ADDR".into(), "0.0.0.0:8080".into())), "{env:?}");
     assert!(env.contains(&("VERIFY_GRPC_LISTEN".into(), "0.0.0.0:8082".into())), "{env:?}");
     assert!(env.contains(&("VERIFY_STRIP_AUTHORIZATION".into(), "false".into())), "{env:?}");
+    // The limits against slow clients, connection floods and a stale index, as the binary's defaults.
+    for (name, value) in [
+        ("VERIFY_MAX_CONNECTIONS", "1024"),
+        ("VERIFY_HEADER_READ_TIMEOUT", "10s"),
+        ("VERIFY_IDLE_TIMEOUT", "90s"),
+        ("VERIFY_MAX_STALENESS", "5m"),
+    ] {
+        assert!(env.contains(&(name.into(), value.into())), "{name}: {env:?}");
+    }
     assert!(
         !env.iter().any(|(k, _)| k.starts_with("LEADER_ELECTION") || k == "POD_NAMESPACE"),
         "no leader election, no Lease: {env:?}"
