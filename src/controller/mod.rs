@@ -58,6 +58,14 @@ pub enum Error {
     /// This replica may no longer be the leader: nothing is written, nothing retried (it is stopping).
     #[error("write refused: {0}")]
     Fenced(#[from] Fenced),
+    /// Every decision of one reconcile met a Secret that had changed since (writes lost their race
+    /// with another writer): retried with backoff.
+    #[error("the Secret changed while being written")]
+    SecretKeptChanging,
+    /// The Secret's token changed between the decision to restore its metadata and the read of the
+    /// token to write back: retried with backoff.
+    #[error("the Secret's token changed while its metadata was restored")]
+    TokenChangedDuringRestore,
     /// The Secret read from the API server is newer than the cached directory: decide again on the
     /// directory as read now.
     #[error("the cached ScimDirectory is older than the Secret read from the API server")]
@@ -88,6 +96,8 @@ impl Error {
             Error::NotNamespaced => "not_namespaced",
             Error::Fenced(_) => "fenced",
             Error::StaleDirectory(_) => "stale_directory",
+            // Races with another writer, like a 409: retried, and expected under concurrent writers.
+            Error::SecretKeptChanging | Error::TokenChangedDuringRestore => "write_conflict",
         }
     }
 }

@@ -29,12 +29,9 @@ pub(super) async fn restore_metadata(
     now: Timestamp,
 ) -> Result<()> {
     let full = secrets.get(&dir.secret_name()).await?;
-    let token = secret::stored_token(&full).filter(|t| t.hash() == record.token_hash).ok_or_else(|| {
-        Error::Kube(kube::Error::Api(Box::new(
-            kube::core::Status::failure("the Secret's token changed while its metadata was restored", "Conflict")
-                .with_code(409),
-        )))
-    })?;
+    let token = secret::stored_token(&full)
+        .filter(|t| t.hash() == record.token_hash)
+        .ok_or(Error::TokenChangedDuringRestore)?;
     let manifest = secret::desired_secret(dir, &token, record, &ctx.record_key);
     match apply_secret(ctx, secrets, manifest, current.resource_version.clone()).await {
         Ok(()) => Ok(()),
