@@ -133,8 +133,8 @@ pub struct Context {
     pub fence: Fence,
     pub record_key: RecordKey,
     /// Becomes true once the Secret cache holds its initial list. Reconciles wait on this channel rather
-    /// than on `Store::wait_until_ready` directly: several tasks awaiting that at once were observed to
-    /// wake only the first (found by the end-to-end suite with three directories at startup).
+    /// than on `Store::wait_until_ready` directly, which wakes only the first of several tasks
+    /// awaiting it at once (see [`InitialLists`]).
     secrets_synced: tokio::sync::watch::Receiver<bool>,
     /// Consecutive failures per directory, for exponential backoff.
     failures: Mutex<HashMap<ObjectRef<ScimDirectory>, u32>>,

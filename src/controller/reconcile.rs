@@ -55,7 +55,7 @@ pub async fn reconcile(dir: Arc<ScimDirectory>, ctx: Arc<Context>) -> Result<Act
 async fn reconcile_once(dir: &ScimDirectory, ctx: &Context) -> Result<Action> {
     let ns = dir.namespace().ok_or(Error::NotNamespaced)?;
     wait_for_secret_cache(ctx).await?;
-    let step = Step {
+    let reconciler = Reconciler {
         ctx,
         dir,
         secrets: Api::namespaced(ctx.client.clone(), &ns),
@@ -63,7 +63,7 @@ async fn reconcile_once(dir: &ScimDirectory, ctx: &Context) -> Result<Action> {
         secret_name: dir.secret_name(),
         ns,
     };
-    step.run().await
+    reconciler.run().await
 }
 
 async fn wait_for_secret_cache(ctx: &Context) -> Result<()> {
@@ -94,7 +94,7 @@ enum Written {
 }
 
 /// What every step of one reconcile reads: the directory (as one version) and where it lives.
-struct Step<'a> {
+struct Reconciler<'a> {
     ctx: &'a Context,
     dir: &'a ScimDirectory,
     secrets: Api<Secret>,
@@ -103,7 +103,7 @@ struct Step<'a> {
     secret_name: String,
 }
 
-impl Step<'_> {
+impl Reconciler<'_> {
     /// Gather, decide and act, in rounds: a round that cannot act on what it saw says why, and the
     /// next one decides on the Secret as the API server has it.
     async fn run(&self) -> Result<Action> {
@@ -239,7 +239,7 @@ impl Step<'_> {
         info!(namespace = %self.ns, name = %self.name, secret = %self.secret_name, reason = reason.as_str(), token_hash = %record.token_hash, "token issued");
         // A first token gets no Event: the status this reconcile writes (Ready=True TokenIssued, its
         // time, hash and Secret) already says all an Event would, and at a mass issuance the Event
-        // was a fourth write per new directory (measured in BENCHMARKS.md). A token replacing
+        // would be a fourth write per new directory (BENCHMARKS.md). A token replacing
         // another, a repair and every warning do get one: the status shows only the latest state,
         // not that it changed.
         if reason == IssueReason::Initial {

@@ -94,7 +94,7 @@ fn directory_trigger(dir: &ScimDirectory) -> Option<u64> {
 /// The first complete list of each cache of a scope, seen on the watch streams (`InitDone`, after the
 /// reflector has stored the list): reconciles wait for the Secret cache, readiness for both. Not
 /// `Store::wait_until_ready`: with several waiters on one store (the controller runtime is one), only
-/// one was observed to wake, which left a new leader not ready for good.
+/// one wakes, which would leave a new leader not ready for good.
 pub(super) struct InitialLists {
     secrets: AtomicBool,
     directories: AtomicBool,
