@@ -12,8 +12,29 @@
 
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
-use crate::duration::{MAX_ROTATION_OVERLAP, MIN_TOKEN_LIFETIME, TokenLifetime, check_token_lifetime};
+use crate::api::ScimDirectory;
+use crate::duration::{DurationError, MAX_ROTATION_OVERLAP, MIN_TOKEN_LIFETIME, TokenLifetime, check_token_lifetime};
 use crate::token::TokenHash;
+
+/// Everything a decision reads, gathered in one place (the controller's `gather` step).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Input {
+    /// The spec and the directory's annotations, validated.
+    pub desired: Result<Desired, SpecError>,
+    /// What the status last said about the token.
+    pub status: StatusView,
+    /// The managed Secret as observed.
+    pub secret: SecretState,
+    pub now: Timestamp,
+    /// Shortest time between two automatic issues (see [`throttle`]).
+    pub min_issue_interval: SignedDuration,
+}
+
+/// The one entry point: what to do with a directory's token, automatic issues throttled.
+pub fn evaluate(input: &Input) -> Decision {
+    let decision = decide(input.desired.as_ref(), &input.status, &input.secret, input.now);
+    throttle(decision, &input.status, &input.secret, input.now, input.min_issue_interval)
+}
 
 /// What a token was issued for, as recorded on its Secret.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,6 +66,29 @@ pub struct PreviousToken {
 /// skew between the replica that wrote it and the one reading it, nothing more.
 pub const MAX_CLOCK_SKEW: SignedDuration = SignedDuration::from_secs(60);
 
+/// Why a spec cannot be acted on. The messages go into the status and an Event as they are.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    #[error("spec.rotationGeneration must be >= 0, got {0}")]
+    NegativeRotationGeneration(i64),
+    /// A duration field that does not parse, or lies outside the bounds of a token lifetime.
+    #[error("spec.{field}: {error}")]
+    Duration { field: &'static str, error: DurationError },
+    #[error("spec.renewBefore requires spec.tokenExpiresIn")]
+    RenewBeforeWithoutExpiry,
+    /// Renewals would come too soon after each issue (see [`min_renewal_window`]).
+    #[error(
+        "spec.renewBefore ({renew_before}) leaves {} between a token's issue and its renewal; \
+         spec.tokenExpiresIn ({expires_in}) minus spec.renewBefore must be at least {} \
+         (the larger of 1h and 10% of spec.tokenExpiresIn), so that renewals cannot come in a storm",
+        seconds(*.window),
+        seconds(*.min)
+    )]
+    RenewalWindowTooShort { expires_in: TokenLifetime, renew_before: TokenLifetime, window: u64, min: u64 },
+    #[error("spec.rotationOverlap: must be between 1s and {MAX_ROTATION_OVERLAP}, got {0}")]
+    RotationOverlapOutOfBounds(TokenLifetime),
+}
+
 /// The spec as the policy needs it, already validated.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Desired {
@@ -58,6 +102,18 @@ pub struct Desired {
 }
 
 impl Desired {
+    /// The directory's spec and annotations, validated.
+    pub fn of(dir: &ScimDirectory) -> Result<Desired, SpecError> {
+        let spec = &dir.spec;
+        Desired::parse(
+            spec.rotation_generation,
+            spec.token_expires_in.as_deref(),
+            spec.renew_before.as_deref(),
+            dir.rotation_request(),
+        )?
+        .with_overlap(spec.rotation_overlap.as_deref(), dir.end_overlap_request())
+    }
+
     /// Validates the parts of the spec the CRD schema cannot (duration bounds with day units, and the
     /// renewal window: see [`min_renewal_window`]).
     pub fn parse(
@@ -65,34 +121,28 @@ impl Desired {
         token_expires_in: Option<&str>,
         renew_before: Option<&str>,
         rotation_request: Option<&str>,
-    ) -> Result<Desired, String> {
-        let field = |name: &str, value: Option<&str>| -> Result<Option<TokenLifetime>, String> {
+    ) -> Result<Desired, SpecError> {
+        let field = |field: &'static str, value: Option<&str>| -> Result<Option<TokenLifetime>, SpecError> {
             value
                 .map(|v| {
-                    let lifetime: TokenLifetime = v.parse().map_err(|e| format!("spec.{name}: {e}"))?;
-                    check_token_lifetime(&lifetime).map_err(|e| format!("spec.{name}: {e}"))?;
+                    let lifetime: TokenLifetime = v.parse().map_err(|error| SpecError::Duration { field, error })?;
+                    check_token_lifetime(&lifetime).map_err(|error| SpecError::Duration { field, error })?;
                     Ok(lifetime)
                 })
                 .transpose()
         };
         if rotation_generation < 0 {
-            return Err(format!("spec.rotationGeneration must be >= 0, got {rotation_generation}"));
+            return Err(SpecError::NegativeRotationGeneration(rotation_generation));
         }
         let expires_in = field("tokenExpiresIn", token_expires_in)?;
         let renew_before = field("renewBefore", renew_before)?;
         match (&expires_in, &renew_before) {
-            (None, Some(_)) => return Err("spec.renewBefore requires spec.tokenExpiresIn".into()),
+            (None, Some(_)) => return Err(SpecError::RenewBeforeWithoutExpiry),
             (Some(e), Some(r)) => {
                 let window = e.as_secs().saturating_sub(r.as_secs());
                 let min = min_renewal_window(e);
                 if window < min {
-                    return Err(format!(
-                        "spec.renewBefore ({r}) leaves {} between a token's issue and its renewal; \
-                         spec.tokenExpiresIn ({e}) minus spec.renewBefore must be at least {} \
-                         (the larger of 1h and 10% of spec.tokenExpiresIn), so that renewals cannot come in a storm",
-                        seconds(window),
-                        seconds(min),
-                    ));
+                    return Err(SpecError::RenewalWindowTooShort { expires_in: *e, renew_before: *r, window, min });
                 }
             }
             _ => {}
@@ -109,14 +159,13 @@ impl Desired {
 
     /// Adds the rotation overlap settings: `spec.rotationOverlap` (at most a day) and the latest
     /// end-overlap request.
-    pub fn with_overlap(mut self, overlap: Option<&str>, end_request: Option<&str>) -> Result<Desired, String> {
+    pub fn with_overlap(mut self, overlap: Option<&str>, end_request: Option<&str>) -> Result<Desired, SpecError> {
         self.rotation_overlap = overlap
             .map(|v| {
-                let overlap: TokenLifetime = v.parse().map_err(|e| format!("spec.rotationOverlap: {e}"))?;
+                let overlap: TokenLifetime =
+                    v.parse().map_err(|error| SpecError::Duration { field: "rotationOverlap", error })?;
                 if overlap.as_secs() == 0 || overlap > MAX_ROTATION_OVERLAP {
-                    return Err(format!(
-                        "spec.rotationOverlap: must be between 1s and {MAX_ROTATION_OVERLAP}, got {overlap}"
-                    ));
+                    return Err(SpecError::RotationOverlapOutOfBounds(overlap));
                 }
                 Ok(overlap)
             })
@@ -276,11 +325,11 @@ impl IssueReason {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision {
     /// The spec cannot be acted on; nothing is written but the status.
-    InvalidSpec(String),
+    InvalidSpec(SpecError),
     /// The Secret belongs to someone else: never touch it.
     Conflict,
     /// Issue a new token and write it, with its record, to the Secret.
-    Issue(IssueReason),
+    Issue(Issue),
     /// An automatic issue that would come too soon after the previous one (see [`throttle`]): wait
     /// until `until`, then decide again.
     Deferred { reason: IssueReason, last_issued_at: Timestamp, until: Timestamp },
@@ -290,34 +339,73 @@ pub enum Decision {
     Keep { record: IssueRecord, restore_record: bool, expired: bool, overlap_ended: bool },
 }
 
-/// Decides what to do with a directory's token.
-pub fn decide(desired: Result<&Desired, &str>, status: &StatusView, secret: &SecretState, now: Timestamp) -> Decision {
+impl Decision {
+    /// The reason of a token this decision issues or defers.
+    pub fn issue_reason(&self) -> Option<IssueReason> {
+        match self {
+            Decision::Issue(issue) => Some(issue.reason),
+            Decision::Deferred { reason, .. } => Some(*reason),
+            _ => None,
+        }
+    }
+}
+
+/// A new token to issue: why, and what its record says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Issue {
+    pub reason: IssueReason,
+    /// The token it replaces, kept valid for the rotation overlap (see [`overlap`]).
+    pub previous: Option<PreviousToken>,
+    desired: Desired,
+    now: Timestamp,
+}
+
+impl Issue {
+    fn new(desired: &Desired, reason: IssueReason, secret: &SecretState, now: Timestamp) -> Issue {
+        Issue { reason, previous: overlap(desired, reason, secret, now), desired: desired.clone(), now }
+    }
+
+    /// The record to write with the new token. The token is generated only once the decision stands,
+    /// so its hash comes last.
+    pub fn record(&self, token_hash: TokenHash) -> IssueRecord {
+        IssueRecord { previous: self.previous.clone(), ..new_record(&self.desired, token_hash, self.reason, self.now) }
+    }
+}
+
+/// Decides what to do with a directory's token, before throttling.
+fn decide(
+    desired: Result<&Desired, &SpecError>,
+    status: &StatusView,
+    secret: &SecretState,
+    now: Timestamp,
+) -> Decision {
     let desired = match desired {
         Ok(d) => d,
-        Err(message) => return Decision::InvalidSpec(message.to_owned()),
+        Err(error) => return Decision::InvalidSpec(error.clone()),
     };
+    let issue = |reason| Decision::Issue(Issue::new(desired, reason, secret, now));
     let (token_hash, record) = match secret {
         SecretState::Foreign => return Decision::Conflict,
         SecretState::Missing if status.token_hash.is_some() => {
-            return Decision::Issue(IssueReason::SecretDeleted);
+            return issue(IssueReason::SecretDeleted);
         }
-        SecretState::Missing => return Decision::Issue(IssueReason::Initial),
+        SecretState::Missing => return issue(IssueReason::Initial),
         SecretState::Owned { token_hash: None, .. } => {
-            return Decision::Issue(IssueReason::TokenMissing);
+            return issue(IssueReason::TokenMissing);
         }
         SecretState::Owned { token_hash: Some(hash), record } => (hash, record),
     };
 
     let (record, restore_record) = match record {
         RecordState::Valid(record) if &record.token_hash != token_hash => {
-            return Decision::Issue(IssueReason::TokenChanged);
+            return issue(IssueReason::TokenChanged);
         }
         // An issue time in the future would postpone renewal and expiry at will.
         RecordState::Valid(record) if record.issued_at > now.saturating_add(MAX_CLOCK_SKEW).expect("in range") => {
-            return Decision::Issue(IssueReason::RecordTampered);
+            return issue(IssueReason::RecordTampered);
         }
         RecordState::Valid(record) => (record.clone(), false),
-        RecordState::Forged(_) => return Decision::Issue(IssueReason::RecordTampered),
+        RecordState::Forged(_) => return issue(IssueReason::RecordTampered),
         // Not sealed by us: re-sealed as the status's record if the status says the same, else a
         // record someone else wrote (a token of their choosing with its hash, a pushed-out expiry, a
         // revived or planted previous token) and the token is replaced.
@@ -325,29 +413,34 @@ pub fn decide(desired: Result<&Desired, &str>, status: &StatusView, secret: &Sec
             Some(from_status) if &record.token_hash == token_hash && vouches(from_status, record, now) => {
                 (from_status.clone(), true)
             }
-            _ => return Decision::Issue(IssueReason::RecordTampered),
+            _ => return issue(IssueReason::RecordTampered),
         },
         // Annotations stripped: the token is still ours if the status vouches for exactly this hash.
         RecordState::Absent => match &status.record {
             Some(from_status) if &from_status.token_hash == token_hash => (from_status.clone(), true),
-            _ => return Decision::Issue(IssueReason::TokenChanged),
+            _ => return issue(IssueReason::TokenChanged),
         },
     };
 
     if record.rotation_generation != desired.rotation_generation {
-        return Decision::Issue(IssueReason::RotationGenerationChanged);
+        return issue(IssueReason::RotationGenerationChanged);
     }
     if record.expires_in != desired.expires_in_canonical() {
-        return Decision::Issue(IssueReason::ExpirySettingChanged);
+        return issue(IssueReason::ExpirySettingChanged);
     }
     if desired.rotation_request.is_some() && desired.rotation_request != record.rotation_request {
-        return Decision::Issue(IssueReason::RotationRequested);
+        return issue(IssueReason::RotationRequested);
     }
     if let Some(renew_at) = renewal_time(desired, &record)
         && now >= renew_at
     {
-        return Decision::Issue(IssueReason::RenewalDue);
+        return issue(IssueReason::RenewalDue);
     }
+    keep(desired, record, restore_record, now)
+}
+
+/// The Secret's token stands: whether it has expired, and the record as it must read now.
+fn keep(desired: &Desired, record: IssueRecord, restore_record: bool, now: Timestamp) -> Decision {
     let expired = record.expires_at.is_some_and(|at| now >= at);
     // A new end-overlap request drops the previous token from the record (and so from the status and
     // the verifier) now, rather than at the end of the window.
@@ -397,7 +490,7 @@ pub fn bound_previous(desired: &Desired, record: &IssueRecord) -> IssueRecord {
 /// The overlap a new token opens for the one it replaces: only for rotations somebody planned (a spec
 /// change, a request, a renewal) and only with `spec.rotationOverlap` set. A repair never opens one:
 /// a token that may have leaked must die at once. The window never outlives the old token's expiry.
-pub fn overlap(desired: &Desired, reason: IssueReason, secret: &SecretState, now: Timestamp) -> Option<PreviousToken> {
+fn overlap(desired: &Desired, reason: IssueReason, secret: &SecretState, now: Timestamp) -> Option<PreviousToken> {
     let window = desired.rotation_overlap.as_ref()?;
     if reason.is_repair() || reason == IssueReason::Initial {
         return None;
@@ -421,14 +514,14 @@ pub fn overlap(desired: &Desired, reason: IssueReason, secret: &SecretState, now
 ///
 /// The previous issue time is the latest of the Secret's record and the status that is not in the
 /// future (a forged future time must not hold a repair back).
-pub fn throttle(
+fn throttle(
     decision: Decision,
     status: &StatusView,
     secret: &SecretState,
     now: Timestamp,
     min_interval: SignedDuration,
 ) -> Decision {
-    let Decision::Issue(reason) = decision else { return decision };
+    let Decision::Issue(Issue { reason, .. }) = decision else { return decision };
     if !reason.is_automatic() {
         return decision;
     }
@@ -512,6 +605,14 @@ mod tests {
     }
     const T0: &str = "2026-01-01T00:00:00Z";
 
+    /// What the decision table expects: an issue for a reason (the record it carries is
+    /// `evaluate`'s table), or exactly this decision.
+    #[derive(Debug, PartialEq)]
+    enum Want {
+        Issue(IssueReason),
+        Is(Decision),
+    }
+
     #[test]
     fn decision_table() {
         let base = desired(0, None, None, None);
@@ -531,11 +632,11 @@ mod tests {
 
         struct Case<'a> {
             name: &'a str,
-            desired: Result<Desired, String>,
+            desired: Result<Desired, SpecError>,
             status: StatusView,
             secret: SecretState,
             now: &'a str,
-            want: Decision,
+            want: Want,
         }
         let cases: Vec<Case> = vec![
             Case {
@@ -544,7 +645,7 @@ mod tests {
                 status: StatusView::default(),
                 secret: SecretState::Missing,
                 now: T0,
-                want: Decision::Issue(IssueReason::Initial),
+                want: Want::Issue(IssueReason::Initial),
             },
             Case {
                 name: "secret deleted after issue",
@@ -552,7 +653,7 @@ mod tests {
                 status: status_with(&rec),
                 secret: SecretState::Missing,
                 now: T0,
-                want: Decision::Issue(IssueReason::SecretDeleted),
+                want: Want::Issue(IssueReason::SecretDeleted),
             },
             Case {
                 name: "foreign secret",
@@ -560,7 +661,7 @@ mod tests {
                 status: StatusView::default(),
                 secret: SecretState::Foreign,
                 now: T0,
-                want: Decision::Conflict,
+                want: Want::Is(Decision::Conflict),
             },
             Case {
                 name: "forged record (expiry pushed out)",
@@ -571,7 +672,7 @@ mod tests {
                     record: RecordState::Forged("expires-at is not issued-at + token-expires-in".into()),
                 },
                 now: T0,
-                want: Decision::Issue(IssueReason::RecordTampered),
+                want: Want::Issue(IssueReason::RecordTampered),
             },
             Case {
                 name: "issue time in the future",
@@ -579,7 +680,7 @@ mod tests {
                 status: status_with(&rec_exp),
                 secret: owned(Some(hash('a')), Some(record(&with_expiry, hash('a'), "2026-01-01T00:01:01Z"))),
                 now: T0,
-                want: Decision::Issue(IssueReason::RecordTampered),
+                want: Want::Issue(IssueReason::RecordTampered),
             },
             Case {
                 name: "issue time within the clock skew",
@@ -587,15 +688,15 @@ mod tests {
                 status: status_with(&rec_exp),
                 secret: owned(Some(hash('a')), Some(record(&with_expiry, hash('a'), "2026-01-01T00:01:00Z"))),
                 now: T0,
-                want: keep(&record(&with_expiry, hash('a'), "2026-01-01T00:01:00Z"), false, false),
+                want: Want::Is(keep(&record(&with_expiry, hash('a'), "2026-01-01T00:01:00Z"), false, false)),
             },
             Case {
                 name: "invalid spec wins over everything",
-                desired: Err("spec.tokenExpiresIn: bad".into()),
+                desired: Err(SpecError::RenewBeforeWithoutExpiry),
                 status: StatusView::default(),
                 secret: SecretState::Missing,
                 now: T0,
-                want: Decision::InvalidSpec("spec.tokenExpiresIn: bad".into()),
+                want: Want::Is(Decision::InvalidSpec(SpecError::RenewBeforeWithoutExpiry)),
             },
             Case {
                 name: "token key missing",
@@ -603,7 +704,7 @@ mod tests {
                 status: status_with(&rec),
                 secret: owned(None, Some(rec.clone())),
                 now: T0,
-                want: Decision::Issue(IssueReason::TokenMissing),
+                want: Want::Issue(IssueReason::TokenMissing),
             },
             Case {
                 name: "token edited by hand",
@@ -611,7 +712,7 @@ mod tests {
                 status: status_with(&rec),
                 secret: owned(Some(hash('b')), Some(rec.clone())),
                 now: T0,
-                want: Decision::Issue(IssueReason::TokenChanged),
+                want: Want::Issue(IssueReason::TokenChanged),
             },
             Case {
                 name: "steady state",
@@ -619,7 +720,7 @@ mod tests {
                 status: status_with(&rec),
                 secret: owned(Some(hash('a')), Some(rec.clone())),
                 now: T0,
-                want: keep(&rec, false, false),
+                want: Want::Is(keep(&rec, false, false)),
             },
             Case {
                 name: "crash after Secret write: status empty, Secret adopted",
@@ -627,7 +728,7 @@ mod tests {
                 status: StatusView::default(),
                 secret: owned(Some(hash('a')), Some(rec.clone())),
                 now: T0,
-                want: keep(&rec, false, false),
+                want: Want::Is(keep(&rec, false, false)),
             },
             Case {
                 name: "crash after rotation: stale status, Secret adopted",
@@ -635,7 +736,7 @@ mod tests {
                 status: status_with(&rec),
                 secret: owned(Some(hash('b')), Some(record(&desired(1, None, None, None), hash('b'), T0))),
                 now: T0,
-                want: keep(&record(&desired(1, None, None, None), hash('b'), T0), false, false),
+                want: Want::Is(keep(&record(&desired(1, None, None, None), hash('b'), T0), false, false)),
             },
             Case {
                 name: "annotations stripped, status vouches",
@@ -643,7 +744,7 @@ mod tests {
                 status: status_with(&rec),
                 secret: owned(Some(hash('a')), None),
                 now: T0,
-                want: keep(&rec, true, false),
+                want: Want::Is(keep(&rec, true, false)),
             },
             Case {
                 name: "annotations stripped, unknown token",
@@ -651,7 +752,7 @@ mod tests {
                 status: status_with(&rec),
                 secret: owned(Some(hash('b')), None),
                 now: T0,
-                want: Decision::Issue(IssueReason::TokenChanged),
+                want: Want::Issue(IssueReason::TokenChanged),
             },
             Case {
                 name: "rotation generation bumped",
@@ -659,7 +760,7 @@ mod tests {
                 status: status_with(&rec),
                 secret: owned(Some(hash('a')), Some(rec.clone())),
                 now: T0,
-                want: Decision::Issue(IssueReason::RotationGenerationChanged),
+                want: Want::Issue(IssueReason::RotationGenerationChanged),
             },
             Case {
                 name: "expiry added",
@@ -667,7 +768,7 @@ mod tests {
                 status: status_with(&rec),
                 secret: owned(Some(hash('a')), Some(rec.clone())),
                 now: T0,
-                want: Decision::Issue(IssueReason::ExpirySettingChanged),
+                want: Want::Issue(IssueReason::ExpirySettingChanged),
             },
             Case {
                 name: "expiry removed",
@@ -675,7 +776,7 @@ mod tests {
                 status: status_with(&rec_exp),
                 secret: owned(Some(hash('a')), Some(rec_exp.clone())),
                 now: T0,
-                want: Decision::Issue(IssueReason::ExpirySettingChanged),
+                want: Want::Issue(IssueReason::ExpirySettingChanged),
             },
             Case {
                 name: "expiry changed",
@@ -683,7 +784,7 @@ mod tests {
                 status: status_with(&rec_exp),
                 secret: owned(Some(hash('a')), Some(rec_exp.clone())),
                 now: T0,
-                want: Decision::Issue(IssueReason::ExpirySettingChanged),
+                want: Want::Issue(IssueReason::ExpirySettingChanged),
             },
             Case {
                 name: "expiry rewritten in another unit is no change",
@@ -691,7 +792,7 @@ mod tests {
                 status: status_with(&rec_exp),
                 secret: owned(Some(hash('a')), Some(rec_exp.clone())),
                 now: T0,
-                want: keep(&rec_exp, false, false),
+                want: Want::Is(keep(&rec_exp, false, false)),
             },
             Case {
                 name: "rotation requested",
@@ -699,7 +800,7 @@ mod tests {
                 status: status_with(&rec),
                 secret: owned(Some(hash('a')), Some(rec.clone())),
                 now: T0,
-                want: Decision::Issue(IssueReason::RotationRequested),
+                want: Want::Issue(IssueReason::RotationRequested),
             },
             Case {
                 name: "rotation request already handled",
@@ -707,7 +808,7 @@ mod tests {
                 status: StatusView::default(),
                 secret: owned(Some(hash('a')), Some(record(&desired(0, None, None, Some("r1")), hash('a'), T0))),
                 now: T0,
-                want: keep(&record(&desired(0, None, None, Some("r1")), hash('a'), T0), false, false),
+                want: Want::Is(keep(&record(&desired(0, None, None, Some("r1")), hash('a'), T0), false, false)),
             },
             Case {
                 name: "rotation request annotation removed later",
@@ -715,7 +816,7 @@ mod tests {
                 status: StatusView::default(),
                 secret: owned(Some(hash('a')), Some(record(&desired(0, None, None, Some("r1")), hash('a'), T0))),
                 now: T0,
-                want: keep(&record(&desired(0, None, None, Some("r1")), hash('a'), T0), false, false),
+                want: Want::Is(keep(&record(&desired(0, None, None, Some("r1")), hash('a'), T0), false, false)),
             },
             Case {
                 name: "not yet due for renewal",
@@ -723,7 +824,7 @@ mod tests {
                 status: status_with(&rec_renew),
                 secret: owned(Some(hash('a')), Some(rec_renew.clone())),
                 now: "2026-03-24T23:59:59Z",
-                want: keep(&rec_renew, false, false),
+                want: Want::Is(keep(&rec_renew, false, false)),
             },
             Case {
                 name: "due for renewal",
@@ -731,7 +832,7 @@ mod tests {
                 status: status_with(&rec_renew),
                 secret: owned(Some(hash('a')), Some(rec_renew.clone())),
                 now: "2026-03-25T00:00:00Z",
-                want: Decision::Issue(IssueReason::RenewalDue),
+                want: Want::Issue(IssueReason::RenewalDue),
             },
             Case {
                 name: "expired without renewal",
@@ -739,7 +840,7 @@ mod tests {
                 status: status_with(&rec_exp),
                 secret: owned(Some(hash('a')), Some(rec_exp.clone())),
                 now: "2026-04-01T00:00:00Z",
-                want: keep(&rec_exp, false, true),
+                want: Want::Is(keep(&rec_exp, false, true)),
             },
             Case {
                 name: "one second before expiry",
@@ -747,7 +848,7 @@ mod tests {
                 status: status_with(&rec_exp),
                 secret: owned(Some(hash('a')), Some(rec_exp.clone())),
                 now: "2026-03-31T23:59:59Z",
-                want: keep(&rec_exp, false, false),
+                want: Want::Is(keep(&rec_exp, false, false)),
             },
             Case {
                 name: "unsealed record the status vouches for (an upgrade, a lost key): re-sealed, no new token",
@@ -755,7 +856,7 @@ mod tests {
                 status: status_with(&rec_exp),
                 secret: unsealed(Some(hash('a')), rec_exp.clone()),
                 now: T0,
-                want: keep(&rec_exp, true, false),
+                want: Want::Is(keep(&rec_exp, true, false)),
             },
             Case {
                 name: "unsealed record with the issue time pushed forward",
@@ -763,7 +864,7 @@ mod tests {
                 status: status_with(&rec_exp),
                 secret: unsealed(Some(hash('a')), record(&with_expiry, hash('a'), "2026-01-01T00:00:50Z")),
                 now: T0,
-                want: Decision::Issue(IssueReason::RecordTampered),
+                want: Want::Issue(IssueReason::RecordTampered),
             },
             Case {
                 name: "unsealed record no status vouches for (a planted Secret record)",
@@ -771,7 +872,7 @@ mod tests {
                 status: StatusView::default(),
                 secret: unsealed(Some(hash('a')), rec.clone()),
                 now: T0,
-                want: Decision::Issue(IssueReason::RecordTampered),
+                want: Want::Issue(IssueReason::RecordTampered),
             },
             Case {
                 name: "unsealed record naming a token of someone's choosing, with its hash",
@@ -779,7 +880,7 @@ mod tests {
                 status: status_with(&rec),
                 secret: unsealed(Some(hash('b')), record(&base, hash('b'), T0)),
                 now: T0,
-                want: Decision::Issue(IssueReason::RecordTampered),
+                want: Want::Issue(IssueReason::RecordTampered),
             },
             Case {
                 name: "unsealed record with a previous token planted",
@@ -787,7 +888,7 @@ mod tests {
                 status: status_with(&rec),
                 secret: unsealed(Some(hash('a')), with_previous(&rec, hash('c'), "2026-01-01T01:00:00Z")),
                 now: T0,
-                want: Decision::Issue(IssueReason::RecordTampered),
+                want: Want::Issue(IssueReason::RecordTampered),
             },
             Case {
                 name: "sealed previous token, but the spec has no rotationOverlap (any more): dropped",
@@ -795,7 +896,7 @@ mod tests {
                 status: status_with(&rec),
                 secret: owned(Some(hash('a')), Some(with_previous(&rec, hash('c'), "2026-01-01T01:00:00Z"))),
                 now: T0,
-                want: keep(&rec, true, false),
+                want: Want::Is(keep(&rec, true, false)),
             },
             Case {
                 name: "sealed previous token beyond the spec's overlap: cut to it",
@@ -803,7 +904,7 @@ mod tests {
                 status: status_with(&rec),
                 secret: owned(Some(hash('a')), Some(with_previous(&rec, hash('c'), "2026-01-01T01:00:00Z"))),
                 now: T0,
-                want: keep(&with_previous(&rec, hash('c'), "2026-01-01T00:10:00Z"), true, false),
+                want: Want::Is(keep(&with_previous(&rec, hash('c'), "2026-01-01T00:10:00Z"), true, false)),
             },
             Case {
                 name: "sealed previous token within the spec's overlap: kept as is",
@@ -811,11 +912,14 @@ mod tests {
                 status: status_with(&rec),
                 secret: owned(Some(hash('a')), Some(with_previous(&rec, hash('c'), "2026-01-01T01:00:00Z"))),
                 now: T0,
-                want: keep(&with_previous(&rec, hash('c'), "2026-01-01T01:00:00Z"), false, false),
+                want: Want::Is(keep(&with_previous(&rec, hash('c'), "2026-01-01T01:00:00Z"), false, false)),
             },
         ];
         for Case { name, desired, status, secret, now, want } in cases {
-            let got = decide(desired.as_ref().map_err(String::as_str), &status, &secret, ts(now));
+            let got = match decide(desired.as_ref(), &status, &secret, ts(now)) {
+                Decision::Issue(issue) => Want::Issue(issue.reason),
+                other => Want::Is(other),
+            };
             assert_eq!(got, want, "case {name:?}");
         }
         // Every reason is reachable from the table above or named here on purpose.
@@ -842,10 +946,10 @@ mod tests {
             // 10% of the lifetime once that is more than an hour.
             (Some("100d"), Some("90d1s"), "must be at least 10d"),
         ] {
-            let err = Desired::parse(0, expires, renew, None).unwrap_err();
+            let err = Desired::parse(0, expires, renew, None).unwrap_err().to_string();
             assert!(err.contains(fragment), "{expires:?}/{renew:?}: {err}");
         }
-        assert!(Desired::parse(-1, None, None, None).unwrap_err().contains("rotationGeneration"));
+        assert!(Desired::parse(-1, None, None, None).unwrap_err().to_string().contains("rotationGeneration"));
         assert!(Desired::parse(3, Some("90d"), Some("7d"), Some("x")).is_ok());
         // The edges of the renewal window are allowed.
         assert!(Desired::parse(0, Some("2h"), Some("1h"), None).is_ok());
@@ -873,6 +977,7 @@ mod tests {
         let status = StatusView { token_hash: Some(hash('a')), record: Some(rec.clone()) };
         let secret = owned(Some(hash('b')), Some(rec.clone()));
         let minute = SignedDuration::from_secs(60);
+        let issue = |reason| Decision::Issue(Issue { reason, previous: None, desired: d.clone(), now: ts(T0) });
         let deferred = |reason, until: &str| Decision::Deferred { reason, last_issued_at: ts(T0), until: ts(until) };
         type Case<'a> = (&'a str, Decision, &'a StatusView, &'a SecretState, &'a str, Decision);
         let none = StatusView::default();
@@ -880,7 +985,7 @@ mod tests {
         let cases: Vec<Case> = vec![
             (
                 "repair right after an issue waits",
-                Decision::Issue(IssueReason::TokenChanged),
+                issue(IssueReason::TokenChanged),
                 &status,
                 &secret,
                 "2026-01-01T00:00:30Z",
@@ -888,15 +993,15 @@ mod tests {
             ),
             (
                 "repair once the interval has passed",
-                Decision::Issue(IssueReason::TokenChanged),
+                issue(IssueReason::TokenChanged),
                 &status,
                 &secret,
                 "2026-01-01T00:01:00Z",
-                Decision::Issue(IssueReason::TokenChanged),
+                issue(IssueReason::TokenChanged),
             ),
             (
                 "renewal waits too",
-                Decision::Issue(IssueReason::RenewalDue),
+                issue(IssueReason::RenewalDue),
                 &status,
                 &secret,
                 "2026-01-01T00:00:01Z",
@@ -904,7 +1009,7 @@ mod tests {
             ),
             (
                 "Secret deleted: the status knows the last issue",
-                Decision::Issue(IssueReason::SecretDeleted),
+                issue(IssueReason::SecretDeleted),
                 &status,
                 &SecretState::Missing,
                 "2026-01-01T00:00:10Z",
@@ -912,35 +1017,35 @@ mod tests {
             ),
             (
                 "requested rotation is immediate",
-                Decision::Issue(IssueReason::RotationRequested),
+                issue(IssueReason::RotationRequested),
                 &status,
                 &secret,
                 "2026-01-01T00:00:01Z",
-                Decision::Issue(IssueReason::RotationRequested),
+                issue(IssueReason::RotationRequested),
             ),
             (
                 "spec change is immediate",
-                Decision::Issue(IssueReason::RotationGenerationChanged),
+                issue(IssueReason::RotationGenerationChanged),
                 &status,
                 &secret,
                 "2026-01-01T00:00:01Z",
-                Decision::Issue(IssueReason::RotationGenerationChanged),
+                issue(IssueReason::RotationGenerationChanged),
             ),
             (
                 "first token is immediate",
-                Decision::Issue(IssueReason::Initial),
+                issue(IssueReason::Initial),
                 &none,
                 &SecretState::Missing,
                 T0,
-                Decision::Issue(IssueReason::Initial),
+                issue(IssueReason::Initial),
             ),
             (
                 "a future issue time holds nothing back",
-                Decision::Issue(IssueReason::RecordTampered),
+                issue(IssueReason::RecordTampered),
                 &none,
                 &future,
                 T0,
-                Decision::Issue(IssueReason::RecordTampered),
+                issue(IssueReason::RecordTampered),
             ),
             ("keep passes through", keep_of(&rec), &status, &secret, T0, keep_of(&rec)),
         ];
@@ -957,6 +1062,99 @@ mod tests {
             );
             assert_eq!(reason.is_automatic(), !requested, "{reason:?}");
         }
+    }
+
+    #[test]
+    fn evaluate_throttles_and_draws_up_the_record() {
+        let overlapping = desired(0, Some("90d"), Some("7d"), None).with_overlap(Some("1h"), None).unwrap();
+        let requested = desired(0, Some("90d"), Some("7d"), Some("r1")).with_overlap(Some("1h"), None).unwrap();
+        let rec = record(&overlapping, hash('a'), T0);
+        let status = StatusView { token_hash: Some(hash('a')), record: Some(rec.clone()) };
+        let secret = owned(Some(hash('a')), Some(rec.clone()));
+        let changed = owned(Some(hash('b')), Some(rec.clone()));
+        let previous = |until: &str| Some(PreviousToken { token_hash: hash('a'), valid_until: ts(until) });
+        struct Case<'a> {
+            name: &'a str,
+            desired: Result<Desired, SpecError>,
+            secret: &'a SecretState,
+            now: &'a str,
+            /// The reason and the previous token of the record to write, or exactly this decision.
+            want: Result<(IssueReason, Option<PreviousToken>), Decision>,
+        }
+        let cases = vec![
+            Case {
+                name: "requested rotation right after an issue: at once, the old token kept for the overlap",
+                desired: Ok(requested.clone()),
+                secret: &secret,
+                now: "2026-01-01T00:00:10.5Z",
+                want: Ok((IssueReason::RotationRequested, previous("2026-01-01T01:00:10Z"))),
+            },
+            Case {
+                name: "renewal due: issued with an overlap",
+                desired: Ok(overlapping.clone()),
+                secret: &secret,
+                now: "2026-03-25T00:00:00Z",
+                want: Ok((IssueReason::RenewalDue, previous("2026-03-25T01:00:00Z"))),
+            },
+            Case {
+                name: "renewal due an hour before expiry: the overlap ends with the old token",
+                desired: Ok(overlapping.clone()),
+                secret: &secret,
+                now: "2026-03-31T23:30:00Z",
+                want: Ok((IssueReason::RenewalDue, previous("2026-04-01T00:00:00Z"))),
+            },
+            Case {
+                name: "token changed right after an issue: deferred, whatever the overlap",
+                desired: Ok(overlapping.clone()),
+                secret: &changed,
+                now: "2026-01-01T00:00:30Z",
+                want: Err(Decision::Deferred {
+                    reason: IssueReason::TokenChanged,
+                    last_issued_at: ts(T0),
+                    until: ts("2026-01-01T00:01:00Z"),
+                }),
+            },
+            Case {
+                name: "token changed once the interval has passed: replaced with no overlap",
+                desired: Ok(overlapping.clone()),
+                secret: &changed,
+                now: "2026-01-01T00:01:00Z",
+                want: Ok((IssueReason::TokenChanged, None)),
+            },
+            Case {
+                name: "invalid spec: nothing else is read",
+                desired: Err(SpecError::RenewBeforeWithoutExpiry),
+                secret: &changed,
+                now: T0,
+                want: Err(Decision::InvalidSpec(SpecError::RenewBeforeWithoutExpiry)),
+            },
+        ];
+        for Case { name, desired, secret, now, want } in cases {
+            let input = Input {
+                desired,
+                status: status.clone(),
+                secret: secret.clone(),
+                now: ts(now),
+                min_issue_interval: SignedDuration::from_secs(60),
+            };
+            match (evaluate(&input), want) {
+                (Decision::Issue(issue), Ok((reason, previous))) => {
+                    let written = issue.record(hash('e'));
+                    let now = Timestamp::from_second(ts(now).as_second()).unwrap();
+                    assert_eq!(
+                        written,
+                        IssueRecord { previous, ..new_record(input.desired.as_ref().unwrap(), hash('e'), reason, now) },
+                        "case {name:?}"
+                    );
+                }
+                (got, want) => assert_eq!(Err(got), want, "case {name:?}"),
+            }
+        }
+        assert_eq!(
+            SpecError::RenewBeforeWithoutExpiry.to_string(),
+            "spec.renewBefore requires spec.tokenExpiresIn",
+            "the messages are what users read"
+        );
     }
 
     #[test]
@@ -990,7 +1188,7 @@ mod tests {
         assert!(desired(0, None, None, None).with_overlap(Some("24h"), None).is_ok());
         assert!(desired(0, None, None, None).with_overlap(Some("1d"), None).is_ok());
         for bad in ["24h1s", "2d", "0s", "1.5s"] {
-            let err = desired(0, None, None, None).with_overlap(Some(bad), None).unwrap_err();
+            let err = desired(0, None, None, None).with_overlap(Some(bad), None).unwrap_err().to_string();
             assert!(err.starts_with("spec.rotationOverlap"), "{bad}: {err}");
         }
     }

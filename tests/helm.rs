@@ -136,7 +136,7 @@ fn rules(role: &Value) -> BTreeSet<String> {
         .collect()
 }
 
-/// What the operator calls (src/controller.rs, src/cli.rs) and nothing more: a change here is a change
+/// What the operator calls (src/controller/, src/cli.rs) and nothing more: a change here is a change
 /// to the operator's privileges and must be deliberate.
 const OPERATOR_RULES: [&str; 4] = [
     "scim.tokenops.dev/scimdirectories: list,watch",
