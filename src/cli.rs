@@ -7,11 +7,11 @@ use std::sync::atomic::AtomicBool;
 use clap::{Args, Parser, Subcommand};
 use kube::CustomResourceExt;
 use tokio::sync::watch;
-use tracing::{error, info, warn};
+use tracing::info;
 
 use crate::api::ScimDirectory;
 use crate::controller::{self, FAILPOINT_ENV, Settings};
-use crate::leader::{Elector, Fence, LeaseSettings, Lost};
+use crate::leader::{self, Elector, Fence, Leadership, LeaseSettings};
 use crate::metrics::Metrics;
 use crate::process::{self, dedup, disable_core_dumps, fenced_client, namespace_name, shutdown_signal};
 use crate::server::{self, Health};
@@ -154,63 +154,20 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let _ = stop_tx.send(true);
     });
 
-    let (fence, elector) = if args.leader_election {
-        let settings = LeaseSettings {
-            name: args.lease_name.clone(),
-            namespace: args.lease_namespace.clone(),
-            identity: identity.clone(),
-            lease_duration: args.lease_duration,
-            renew_deadline: args.renew_deadline,
-            retry_period: args.retry_period,
-        };
-        settings.validate().map_err(anyhow::Error::msg)?;
-        // Its own client: Lease renewals must not queue behind a burst of the controller's requests.
-        let mut elector = Elector::new(process::client(4).await?, settings, fence.clone());
-        info!(lease = %args.lease_name, namespace = %args.lease_namespace, %identity, "waiting for leadership");
-        // A standby replica is healthy and ready: it serves nothing but must not be restarted.
-        ready.store(true, std::sync::atomic::Ordering::SeqCst);
-        let mut stop = stop_rx.clone();
-        tokio::select! {
-            _ = elector.acquire() => {}
-            _ = stop.wait_for(|s| *s) => return Ok(()),
-        }
-        ready.store(false, std::sync::atomic::Ordering::SeqCst);
-        info!(%identity, "acquired leadership");
-        (fence, Some(elector))
-    } else {
-        (fence, None)
-    };
-
-    // The leader renews its Lease until told to release it (after a graceful stop) or until it loses
-    // it; then `lost` fires and the controller is dropped at once, in-flight reconciliations included.
-    let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
-    let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<Lost>();
-    let keeper = elector.map(|mut elector| {
-        tokio::spawn(async move {
-            tokio::select! {
-                lost = elector.keep() => {
-                    error!(reason = %lost, "lost leadership; aborting in-flight reconciliations so that two replicas never write at once");
-                    let _ = lost_tx.send(lost);
-                }
-                _ = release_rx => {
-                    // Closing the fence before the Lease is released: a standby may write right after.
-                    if let Err(e) = elector.release().await {
-                        warn!(error = %e, "could not release the lease");
-                    }
-                }
+    let elector = match lease_settings(&args, &identity)? {
+        Some(settings) => {
+            // Its own client: Lease renewals must not queue behind a burst of the controller's requests.
+            let mut elector = Elector::new(process::client(4).await?, settings, fence.clone());
+            info!(lease = %args.lease_name, namespace = %args.lease_namespace, %identity, "waiting for leadership");
+            if !leader::acquire(&mut elector, &ready, stop_rx.clone()).await {
+                return Ok(());
             }
-        })
-    });
-    let lost_leadership = Arc::new(AtomicBool::new(false));
-    let lost = lost_leadership.clone();
-    let abort = async move {
-        match lost_rx.await {
-            Ok(_) => lost.store(true, std::sync::atomic::Ordering::SeqCst),
-            // The keeper ended without losing (it released the Lease after a graceful stop) or there
-            // is none: nothing to abort.
-            Err(_) => std::future::pending::<()>().await,
+            info!(%identity, "acquired leadership");
+            Some(elector)
         }
+        None => None,
     };
+    let (leadership, lost) = Leadership::keep(elector);
 
     let namespaces = dedup(&args.namespaces);
     info!(?namespaces, concurrency = args.concurrency, "starting controller");
@@ -228,20 +185,27 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let _ = stop.wait_for(|s| *s).await;
     };
     metrics.leader.set(1);
-    controller::run(client, settings, metrics.clone(), ready, shutdown, abort).await;
+    controller::run(client, settings, metrics.clone(), ready, shutdown, lost).await;
     metrics.leader.set(0);
     server.abort();
-    let _ = release_tx.send(());
-    if let Some(keeper) = keeper
-        && let Err(e) = keeper.await
-    {
-        warn!(error = %e, "the lease task panicked");
+    leadership.end().await
+}
+
+/// The Lease to elect a leader on, validated; `None` without leader election.
+fn lease_settings(args: &RunArgs, identity: &str) -> anyhow::Result<Option<LeaseSettings>> {
+    if !args.leader_election {
+        return Ok(None);
     }
-    if lost_leadership.load(std::sync::atomic::Ordering::SeqCst) {
-        anyhow::bail!("lost leadership");
-    }
-    info!("stopped");
-    Ok(())
+    let settings = LeaseSettings {
+        name: args.lease_name.clone(),
+        namespace: args.lease_namespace.clone(),
+        identity: identity.to_owned(),
+        lease_duration: args.lease_duration,
+        renew_deadline: args.renew_deadline,
+        retry_period: args.retry_period,
+    };
+    settings.validate().map_err(anyhow::Error::msg)?;
+    Ok(Some(settings))
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 //! between nodes does not shorten that wait.
 
 mod fence;
+mod lifecycle;
 
 use std::time::{Duration, Instant};
 
@@ -19,6 +20,7 @@ use serde_json::json;
 use tracing::{debug, warn};
 
 pub use fence::{Fence, FenceLayer, Fenced, limited};
+pub use lifecycle::{Leadership, acquire};
 
 const FIELD_MANAGER: &str = "scim-token-operator-leader-election";
 
