@@ -18,6 +18,7 @@ pub fn user_chose(env: impl Fn(&str) -> Option<String>) -> bool {
 }
 
 /// Pins the mmap threshold, unless the user chose one. Call before any other thread starts.
+#[allow(unsafe_code)] // mallopt: see the SAFETY note
 pub fn tune() {
     if user_chose(|k| std::env::var(k).ok()) {
         return;

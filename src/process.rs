@@ -62,6 +62,7 @@ fn explain_client_error(error: kube::Error) -> anyhow::Error {
 
 /// The process holds plaintext tokens while it writes them: no core dump may carry them to disk, and
 /// no other process of the same user may attach to it or read its memory (non-dumpable).
+#[allow(unsafe_code)] // setrlimit, prctl: see the SAFETY note
 pub fn disable_core_dumps() {
     let no_core = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: plain system calls with valid arguments; they touch no memory of ours but `no_core`.

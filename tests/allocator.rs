@@ -3,6 +3,7 @@
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[test]
+#[allow(unsafe_code)] // mallinfo2: see the SAFETY note
 fn a_freed_large_block_does_not_move_later_ones_into_the_heap() {
     use std::hint::black_box;
     scim_token_operator::allocator::tune();

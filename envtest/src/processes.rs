@@ -1,4 +1,5 @@
 //! Child processes that never outlive the test process, their logs, and readiness waits.
+#![allow(unsafe_code)] // libc (kill, prctl in pre_exec) has no safe wrapper here: each call carries its SAFETY note
 
 use std::fs::File;
 use std::future::Future;

@@ -12,6 +12,7 @@
 //! base, then `crane mutate` for user, entrypoint, cmd, ports, workdir, env and labels. `crane mutate`
 //! reads from a registry only, so the build talks to a `crane registry serve` on 127.0.0.1 that lives
 //! as long as the command.
+#![allow(unsafe_code)] // libc (geteuid) has no safe wrapper here: each call carries its SAFETY note
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read};

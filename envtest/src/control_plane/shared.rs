@@ -1,4 +1,5 @@
 //! One control plane per test binary, torn down at process exit.
+#![allow(unsafe_code)] // libc (atexit) has no safe wrapper here: each call carries its SAFETY note
 
 use std::sync::OnceLock;
 

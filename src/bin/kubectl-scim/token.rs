@@ -3,6 +3,7 @@
 //!
 //! The plaintext only ever goes to stdout, and only to a terminal unless the user says otherwise: it
 //! is never part of a message, an error or stderr. What is said about a token uses its hash.
+#![allow(unsafe_code)] // libc (the terminal calls) has no safe wrapper here: each call carries its SAFETY note
 
 use std::io::{IsTerminal, Read, Write};
 

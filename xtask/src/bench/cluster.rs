@@ -1,6 +1,7 @@
 //! What every benchmark configuration shares: starting the operator, waiting on the cluster through
 //! watches (never polling LISTs, which would load the API server being measured), the API server's
 //! own write counters, and process memory.
+#![allow(unsafe_code)] // libc (sysconf) has no safe wrapper here: each call carries its SAFETY note
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

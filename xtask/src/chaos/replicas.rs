@@ -2,6 +2,7 @@
 //! (killed, lost its Lease, or could not reach the API server at start) is started again with the same
 //! identity. Each process (incarnation) gets its own client certificate, so the API server's audit
 //! log tells apart the writes of every process that ever ran.
+#![allow(unsafe_code)] // libc (kill, prctl in pre_exec) has no safe wrapper here: each call carries its SAFETY note
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
