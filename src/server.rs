@@ -155,14 +155,25 @@ fn finished(result: Result<(), hyper::Error>) {
     }
 }
 
-/// The next accepted connection, with TCP_NODELAY (an answer is one small write: Nagle would hold it
-/// for the client's delayed ACK). An accept error (out of file descriptors, say) is retried after a
-/// pause instead of spinning.
+/// The next accepted connection, with TCP_NODELAY. Every listener accepts here ([`serve_http`] and
+/// [`incoming_h2`]), so none can miss it.
+///
+/// Without it (the kernel's default, Nagle's algorithm) a small write waits while an earlier one is
+/// unacknowledged; a client still waiting for the rest of its answer sends nothing that would carry
+/// the ACK, so the write waits for the client's delayed ACK, 40 ms on Linux. h2 writes a gRPC answer
+/// whose DATA frame has 256 bytes or more (1 KiB without vectored writes; a denial, with its body and
+/// challenge, has 320) in two writes: the HEADERS and DATA frames (the payload chained, not copied),
+/// then the trailers once those are out. Each denial cost 44 ms (issue 27; packet capture in
+/// BENCHMARKS.md). An HTTP/1.1 answer is one write, but any answer written in pieces behind a proxy
+/// that keeps its connection open would pay the same. An accept error (out of file descriptors, say)
+/// is retried after a pause instead of spinning.
 pub async fn accept(listener: &TcpListener) -> TcpStream {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                let _ = stream.set_nodelay(true);
+                if let Err(e) = stream.set_nodelay(true) {
+                    tracing::debug!(error = %e, "setting TCP_NODELAY failed");
+                }
                 return stream;
             }
             Err(e) => {
@@ -171,6 +182,28 @@ pub async fn accept(listener: &TcpListener) -> TcpStream {
             }
         }
     }
+}
+
+/// The accepted connections of an HTTP/2 listener (gRPC), for tonic's `serve_with_incoming`: each
+/// with TCP_NODELAY ([`accept`]; tonic sets it only on listeners it binds itself, and a
+/// `TcpIncoming::from(listener)` leaves it off), within `max_connections` (a connection past it is
+/// closed at once), its `preface` bytes due within the header read timeout of the accept.
+pub fn incoming_h2(
+    listener: TcpListener,
+    preface: usize,
+    limits: Limits,
+    connections: ConnectionMetrics,
+) -> impl futures::Stream<Item = std::io::Result<Deadlines<TcpStream>>> {
+    let slots = Slots::new(limits.max_connections, connections);
+    futures::stream::unfold((listener, slots), move |(listener, slots)| async move {
+        loop {
+            let stream = accept(&listener).await;
+            if let Some(slot) = slots.take() {
+                let io = Deadlines::handshake(stream, preface, limits.header_read_timeout, slot);
+                return Some((Ok(io), (listener, slots)));
+            }
+        }
+    })
 }
 
 /// The connection slots of one listener.
@@ -372,5 +405,35 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Deadlines<IO> {
 
     fn is_write_vectored(&self) -> bool {
         self.io.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+    use tokio::io::AsyncWrite;
+
+    use super::*;
+
+    /// Every listener's connections get TCP_NODELAY (issue 27: without it a gRPC denial took 44 ms),
+    /// and the deadline wrapper passes the socket's vectored writes through (hyper and h2 choose how
+    /// they write from `is_write_vectored`).
+    #[tokio::test]
+    async fn accepted_connections_have_nodelay_and_vectored_writes() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let stream = accept(&listener).await;
+        assert!(stream.nodelay().unwrap(), "the HTTP listener's connection has TCP_NODELAY");
+        let slot = Slots::new(1, ConnectionMetrics::default()).take().unwrap();
+        assert!(Deadlines::http1(stream, Limits::default(), slot).is_write_vectored());
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let incoming = incoming_h2(listener, 24, Limits::default(), ConnectionMetrics::default());
+        let mut incoming = std::pin::pin!(incoming);
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let io = incoming.next().await.unwrap().unwrap();
+        assert!(io.get_ref().nodelay().unwrap(), "the gRPC listener's connection has TCP_NODELAY");
+        assert!(io.is_write_vectored());
     }
 }

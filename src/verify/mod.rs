@@ -34,7 +34,7 @@ use self::freshness::Freshness;
 use self::http::Verifier;
 use self::index::Index;
 use self::metrics::{DirectoryLabels, VerifierMetrics};
-use crate::server::{self, Deadlines, Health, Limits, Slots};
+use crate::server::{self, Health, Limits};
 use crate::telemetry::{self, LogFormat};
 
 #[derive(Args, Debug, Clone)]
@@ -153,16 +153,7 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<()> {
     info!(addr = %args.grpc_listen, max_message_bytes = args.grpc_max_message_bytes, "serving envoy.service.auth.v3.Authorization (gRPC)");
     // The accepted connections within --max-connections, each with TCP_NODELAY and its preface due
     // within --header-read-timeout.
-    let slots = Slots::new(limits.max_connections, metrics.connections("grpc"));
-    let incoming = futures::stream::unfold((grpc_listener, slots), move |(listener, slots)| async move {
-        loop {
-            let stream = server::accept(&listener).await;
-            if let Some(slot) = slots.take() {
-                let io = Deadlines::handshake(stream, grpc::PREFACE_BYTES, limits.header_read_timeout, slot);
-                return Some((Ok::<_, std::io::Error>(io), (listener, slots)));
-            }
-        }
-    });
+    let incoming = server::incoming_h2(grpc_listener, grpc::PREFACE_BYTES, limits, metrics.connections("grpc"));
     let grpc_server = tonic::transport::Server::builder()
         // The whole Check call (its message trickled, say): the handler itself takes microseconds.
         .timeout(limits.header_read_timeout)

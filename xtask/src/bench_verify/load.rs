@@ -135,6 +135,11 @@ impl Comparison {
     pub fn ratio(&self) -> f64 {
         self.verifier_peak.rps / self.floor_peak.rps
     }
+
+    /// The unknown token's peak over the valid token's (the median run).
+    pub fn refusal_ratio(&self) -> f64 {
+        self.verifier_unknown.rps / self.verifier_peak.rps
+    }
 }
 
 /// The targets of one comparison (URLs) and the tokens sent.

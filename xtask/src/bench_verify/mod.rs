@@ -107,6 +107,10 @@ impl Options {
 
 const NS: &str = "bench";
 
+/// `--check`: an unknown token's peak throughput over the valid token's, in the same run, at least
+/// this (each protocol).
+const REFUSAL_RATIO: f64 = 0.5;
+
 pub async fn run(o: Options) -> anyhow::Result<()> {
     let root = envtest::workspace_root();
     let bin = crate::build_operator(&root, o.release)?;
@@ -284,13 +288,28 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         slow.clients,
         slow::GRACE.as_secs()
     );
+    // A refusal must cost about what an answer does, over both protocols: a ratio of two runs of the
+    // same process, never a time. Before 50ef535 a gRPC denial waited 40 ms for a delayed ACK (Nagle's
+    // algorithm: no TCP_NODELAY on the gRPC listener's connections), 1/76 of the valid token's rate.
+    let refusals: Vec<(&str, f64)> =
+        [("HTTP", &report.http), ("gRPC", &report.grpc)].into_iter().map(|(p, c)| (p, c.refusal_ratio())).collect();
+    for (protocol, ratio) in &refusals {
+        ensure!(
+            !o.check || *ratio >= REFUSAL_RATIO,
+            "{protocol}: an unknown token's peak is {ratio:.2} × the valid token's in the same run (at least \
+             {REFUSAL_RATIO} expected): refusals stall (a missing TCP_NODELAY on the listener's connections?)"
+        );
+    }
     if o.check {
         println!(
             "bench-verify check: all {n} tokens 200/OK naming their directory and {n} unknown 401 one by one, over \
              HTTP and gRPC; gRPC health SERVING; every load run answered only 200 (valid) or 401 (unknown), directly, \
-             through nginx and over gRPC; {r} rotations reached the verifier over both protocols; all {s} slow clients \
+             through nginx and over gRPC; an unknown token's peak {h:.2} × the valid token's over HTTP, {g:.2} × over \
+             gRPC (≥ {REFUSAL_RATIO}); {r} rotations reached the verifier over both protocols; all {s} slow clients \
              closed by the verifier, every request beside them 200",
             n = o.n,
+            h = refusals[0].1,
+            g = refusals[1].1,
             r = o.rotations,
             s = o.slow_clients
         );

@@ -203,6 +203,21 @@ impl Report<'_> {
                 ms(c.floor_half.p99),
                 goal(c.verifier_half.p99 <= Duration::from_millis(1))
             );
+            println!(
+                "| {protocol}: p99 at half of peak ≤ 2 × the floor's at that rate | {} vs {} ({:.2} ×) | {} |",
+                ms(c.verifier_half.p99),
+                ms(c.floor_half.p99),
+                c.verifier_half.p99.as_secs_f64() / c.floor_half.p99.as_secs_f64(),
+                goal(c.verifier_half.p99 <= 2 * c.floor_half.p99)
+            );
+            println!(
+                "| {protocol}: unknown token's peak ≥ {} × the valid token's (asserted by --check) | {:.0} vs {:.0}/s ({:.2} ×) | {} |",
+                super::REFUSAL_RATIO,
+                c.verifier_unknown.rps,
+                c.verifier_peak.rps,
+                c.refusal_ratio(),
+                goal(c.refusal_ratio() >= super::REFUSAL_RATIO)
+            );
         }
         println!(
             "| RSS ≤ 16 MiB with {} indexed | {:.1} MiB now, {:.1} MiB peak | {} |",
