@@ -18,3 +18,6 @@ pub mod status;
 pub mod telemetry;
 pub mod token;
 pub mod verify;
+
+/// The field manager of every write the operator makes (server-side apply, creates, Events).
+pub const FIELD_MANAGER: &str = "scim-token-operator";

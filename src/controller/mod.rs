@@ -34,7 +34,7 @@ mod writes;
 pub use reconcile::reconcile;
 use streams::InitialLists;
 
-pub const FIELD_MANAGER: &str = "scim-token-operator";
+pub use crate::FIELD_MANAGER;
 /// Set to `after-secret-write` to make the process exit right after writing a Secret and before
 /// writing the status: the end-to-end suite uses it to prove crash safety. Only honoured by a binary
 /// built with the `failpoints` feature.

@@ -157,7 +157,7 @@ pub async fn load_or_create(client: kube::Client, namespace: &str, name: &str) -
             data: Some([(KEY_DATA_KEY.to_owned(), ByteString(key.0.to_vec()))].into()),
             ..Secret::default()
         };
-        let params = PostParams { field_manager: Some(crate::controller::FIELD_MANAGER.into()), ..Default::default() };
+        let params = PostParams { field_manager: Some(crate::FIELD_MANAGER.into()), ..Default::default() };
         match api.create(&params, &secret).await {
             Ok(_) => {
                 tracing::info!(namespace, name, "created the record key");

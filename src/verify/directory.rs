@@ -8,7 +8,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::Resource;
 use serde::Deserialize;
 
-use super::index::DirectoryId;
 use crate::api::ScimDirectory;
 
 /// A ScimDirectory as the verifier watches it.
@@ -95,6 +94,28 @@ pub fn same_resource_as_the_crd() -> bool {
     <WatchedDirectory as Resource>::api_version(&()) == ScimDirectory::api_version(&())
         && <WatchedDirectory as Resource>::plural(&()) == ScimDirectory::plural(&())
         && <WatchedDirectory as Resource>::kind(&()) == ScimDirectory::kind(&())
+}
+
+/// A directory, as named in allow responses and tenant bindings (`<namespace>/<name>`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DirectoryId {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl DirectoryId {
+    /// Parses `<namespace>/<name>`.
+    pub fn parse(s: &str) -> Option<DirectoryId> {
+        let (namespace, name) = s.split_once('/')?;
+        (!namespace.is_empty() && !name.is_empty() && !name.contains('/'))
+            .then(|| DirectoryId { namespace: namespace.to_owned(), name: name.to_owned() })
+    }
+}
+
+impl std::fmt::Display for DirectoryId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
 }
 
 #[cfg(test)]

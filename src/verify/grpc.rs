@@ -8,8 +8,8 @@ use envoy_types::ext_authz::v3::pb::{Authorization, CheckRequest, CheckResponse,
 use envoy_types::ext_authz::v3::{CheckRequestExt, CheckResponseExt, DeniedHttpResponseBuilder, OkHttpResponseBuilder};
 use tonic::{Request, Response, Status};
 
-use super::http::{EXPECTED_HEADER, NAME_HEADER, NAMESPACE_HEADER, Verifier, challenge};
 use super::index::{DirectoryId, MalformedBinding, Verdict};
+use super::verifier::{EXPECTED_HEADER, NAME_HEADER, NAMESPACE_HEADER, Verifier, challenge};
 
 /// Key of a route's `context_extensions` (Envoy's per-route `ExtAuthzPerRoute`) naming the directory
 /// the route belongs to, as `<namespace>/<name>`.

@@ -6,31 +6,14 @@
 //! `WWW-Authenticate` challenge; 403 means a valid token on another directory's route. Nothing is
 //! ever answered with 5xx (nginx turns any status but 2xx/401/403 into 500).
 
-use std::sync::{Arc, RwLock};
-
 use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
-use k8s_openapi::jiff::Timestamp;
 
-use super::index::{Denial, DirectoryId, Index, MalformedBinding, Verdict};
-use super::metrics::VerifierMetrics;
-
-/// Response headers naming the directory of an accepted token.
-pub const NAMESPACE_HEADER: &str = "x-scim-directory-namespace";
-pub const NAME_HEADER: &str = "x-scim-directory-name";
-/// Request header (set per route by the proxy) naming the directory the route belongs to.
-pub const EXPECTED_HEADER: &str = "x-scim-expected-directory";
-/// The same as a query parameter of the auth request.
-pub const EXPECTED_PARAM: &str = "directory";
-
-#[derive(Clone)]
-pub struct Verifier {
-    pub index: Arc<RwLock<Index>>,
-    pub metrics: Arc<VerifierMetrics>,
-}
+use super::index::{DirectoryId, MalformedBinding, Verdict};
+use super::verifier::{EXPECTED_HEADER, EXPECTED_PARAM, NAME_HEADER, NAMESPACE_HEADER, Verifier, challenge};
 
 /// `/verify` and every path below it (Envoy's HTTP mode appends the original path), any method.
 pub fn router(verifier: Verifier) -> Router {
@@ -62,49 +45,6 @@ async fn handle(State(v): State<Verifier>, request: Request) -> Response {
     }
     response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
-}
-
-impl Verifier {
-    /// Decides one request and counts it: the one entry point of every protocol adapter. A route
-    /// bound to a malformed directory name (`expected` is `Err`) is the proxy's mistake: refused,
-    /// never opened.
-    pub fn check(
-        &self,
-        authorization: Option<&[u8]>,
-        expected: Result<Option<DirectoryId>, MalformedBinding>,
-    ) -> Verdict {
-        let verdict = match expected {
-            Ok(expected) => {
-                self.index.read().expect("poisoned").verify(authorization, expected.as_ref(), Timestamp::now())
-            }
-            Err(MalformedBinding) => Verdict::Denied(Denial::Malformed),
-        };
-        match &verdict {
-            Verdict::Allowed { directory, kind } => self.metrics.allowed(directory, *kind),
-            Verdict::Denied(denial) => self.metrics.result(denial.as_str()),
-            Verdict::WrongDirectory { .. } => self.metrics.result("wrong_directory"),
-        }
-        verdict
-    }
-}
-
-/// The RFC 6750 challenge of a refusal (`WWW-Authenticate`); `None` for an allowed request.
-pub fn challenge(verdict: &Verdict) -> Option<String> {
-    let description = match verdict {
-        Verdict::Allowed { .. } => return None,
-        // §3.1: a request without credentials gets a challenge without an error code.
-        Verdict::Denied(Denial::Missing) => return Some(r#"Bearer realm="scim""#.to_owned()),
-        Verdict::WrongDirectory { .. } => {
-            return Some(
-                r#"Bearer realm="scim", error="insufficient_scope", error_description="the token belongs to another directory""#
-                    .to_owned(),
-            );
-        }
-        Verdict::Denied(Denial::Malformed) => "not a SCIM bearer token",
-        Verdict::Denied(Denial::Unknown) => "the token is not valid",
-        Verdict::Denied(Denial::Expired) => "the token has expired",
-    };
-    Some(format!(r#"Bearer realm="scim", error="invalid_token", error_description="{description}""#))
 }
 
 /// The directory the route belongs to, from the header and/or the query parameter. Every binding

@@ -10,35 +10,14 @@ use std::sync::Arc;
 use k8s_openapi::jiff::Timestamp;
 use sha2::{Digest, Sha256};
 
+pub use super::directory::DirectoryId;
 use super::directory::WatchedDirectory;
 use crate::token::{TOKEN_LEN, TOKEN_PREFIX, TokenHash, has_valid_checksum};
-
-/// A directory, as named in allow responses and tenant bindings (`<namespace>/<name>`).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct DirectoryId {
-    pub namespace: String,
-    pub name: String,
-}
-
-impl DirectoryId {
-    /// Parses `<namespace>/<name>`.
-    pub fn parse(s: &str) -> Option<DirectoryId> {
-        let (namespace, name) = s.split_once('/')?;
-        (!namespace.is_empty() && !name.is_empty() && !name.contains('/'))
-            .then(|| DirectoryId { namespace: namespace.to_owned(), name: name.to_owned() })
-    }
-}
 
 /// A route's directory binding that is not `<namespace>/<name>`: the proxy's configuration is wrong,
 /// and its requests are refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MalformedBinding;
-
-impl std::fmt::Display for DirectoryId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
-    }
-}
 
 /// Which of a directory's tokens a request used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

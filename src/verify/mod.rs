@@ -14,6 +14,7 @@ pub mod grpc;
 pub mod http;
 pub mod index;
 pub mod metrics;
+pub mod verifier;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -31,9 +32,9 @@ use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 
 use self::directory::WatchedDirectory;
 use self::freshness::Freshness;
-use self::http::Verifier;
 use self::index::Index;
 use self::metrics::{DirectoryLabels, VerifierMetrics};
+use self::verifier::Verifier;
 use crate::server::{self, Health, Limits};
 use crate::telemetry::{self, LogFormat};
 
