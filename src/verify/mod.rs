@@ -26,6 +26,8 @@ use futures::TryStreamExt;
 use kube::Client;
 use kube::api::Api;
 use kube::runtime::watcher;
+use tokio::task::JoinHandle;
+use tonic_health::server::HealthReporter;
 use tracing::{info, warn};
 
 use envoy_types::ext_authz::v3::pb::AuthorizationServer;
@@ -129,20 +131,51 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<()> {
         metrics.connections("metrics"),
         std::future::pending(),
     ));
+    let endpoint = serve_http(&args, verifier.clone()).await?;
+    let (grpc_task, health_reporter) = serve_grpc(&args, verifier.clone()).await?;
+    tokio::spawn(report_readiness(
+        synced.clone(),
+        ready,
+        freshness.clone(),
+        metrics,
+        args.max_staleness,
+        health_reporter,
+    ));
+    watch_scopes(&args, client, verifier, synced, freshness);
+
+    endpoint.await??;
+    grpc_task.await??;
+    probes.abort();
+    info!("stopped");
+    Ok(())
+}
+
+/// The HTTP external-auth endpoint (`/verify`) on `--listen`, until the stop signal.
+async fn serve_http(args: &VerifyArgs, verifier: Verifier) -> anyhow::Result<JoinHandle<std::io::Result<()>>> {
+    let limits = args.limits();
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on --listen {}: {e}", args.listen))?;
     info!(addr = %args.listen, ?limits, "serving /verify");
-    let app = http::router(verifier.clone());
-    let endpoint = tokio::spawn(server::serve_http(
+    let connections = verifier.metrics.connections("http");
+    Ok(tokio::spawn(server::serve_http(
         listener,
-        app,
+        http::router(verifier),
         limits,
-        metrics.connections("http"),
+        connections,
         crate::process::shutdown_signal(),
-    ));
+    )))
+}
 
-    let grpc = grpc::GrpcVerifier { verifier: verifier.clone(), strip_authorization: args.strip_authorization };
+/// Envoy's gRPC authorization service and gRPC health on `--grpc-listen`, until the stop signal;
+/// health reports NOT_SERVING until [`report_readiness`] says otherwise.
+async fn serve_grpc(
+    args: &VerifyArgs,
+    verifier: Verifier,
+) -> anyhow::Result<(JoinHandle<Result<(), tonic::transport::Error>>, HealthReporter)> {
+    let limits = args.limits();
+    let connections = verifier.metrics.connections("grpc");
+    let grpc = grpc::GrpcVerifier { verifier, strip_authorization: args.strip_authorization };
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_not_serving::<AuthorizationServer<grpc::GrpcVerifier>>().await;
     health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
@@ -154,7 +187,7 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<()> {
     info!(addr = %args.grpc_listen, max_message_bytes = args.grpc_max_message_bytes, "serving envoy.service.auth.v3.Authorization (gRPC)");
     // The accepted connections within --max-connections, each with TCP_NODELAY and its preface due
     // within --header-read-timeout.
-    let incoming = server::incoming_h2(grpc_listener, grpc::PREFACE_BYTES, limits, metrics.connections("grpc"));
+    let incoming = server::incoming_h2(grpc_listener, grpc::PREFACE_BYTES, limits, connections);
     let grpc_server = tonic::transport::Server::builder()
         // The whole Check call (its message trickled, say): the handler itself takes microseconds.
         .timeout(limits.header_read_timeout)
@@ -165,54 +198,69 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<()> {
         .add_service(health_service)
         .add_service(AuthorizationServer::new(grpc).max_decoding_message_size(args.grpc_max_message_bytes as usize))
         .serve_with_incoming_shutdown(incoming, crate::process::shutdown_signal());
-    let grpc_task = tokio::spawn(grpc_server);
-    {
-        // Readiness (/readyz and gRPC health): synced, and not stale.
-        let (synced, ready, freshness, metrics) = (synced.clone(), ready.clone(), freshness.clone(), metrics.clone());
-        let max_staleness = args.max_staleness;
-        tokio::spawn(async move {
-            let mut serving: Option<bool> = None;
-            let mut was_stale = false;
-            let mut tick = tokio::time::interval(Duration::from_millis(200));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let failing = freshness.failing_for();
-                let stale = failing.is_some_and(|d| d >= max_staleness);
-                metrics.staleness_seconds.set(failing.map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)));
-                metrics.stale.set(i64::from(stale));
-                if stale != was_stale {
-                    was_stale = stale;
-                    if stale {
-                        warn!(
-                            ?max_staleness,
-                            "the ScimDirectory watch has been failing for longer than --max-staleness: not ready until it recovers"
-                        );
-                    } else {
-                        info!("the ScimDirectory watch recovered: the index is current again");
-                    }
-                }
-                let now = synced.load(Ordering::SeqCst) && !stale;
-                ready.store(now, Ordering::SeqCst);
-                if serving != Some(now) {
-                    serving = Some(now);
-                    let status = if now {
-                        tonic_health::ServingStatus::Serving
-                    } else {
-                        tonic_health::ServingStatus::NotServing
-                    };
-                    if now {
-                        health_reporter.set_serving::<AuthorizationServer<grpc::GrpcVerifier>>().await;
-                    } else {
-                        health_reporter.set_not_serving::<AuthorizationServer<grpc::GrpcVerifier>>().await;
-                    }
-                    // Also the overall status ("" service), which most health checkers ask for.
-                    health_reporter.set_service_status("", status).await;
-                }
-            }
-        });
-    }
+    Ok((tokio::spawn(grpc_server), health_reporter))
+}
 
+/// Readiness (`/readyz` and gRPC health), every 200 ms: synced, and not stale (the watch not failing
+/// for longer than `max_staleness`), with the staleness in the metrics.
+async fn report_readiness(
+    synced: Arc<AtomicBool>,
+    ready: Arc<AtomicBool>,
+    freshness: Arc<Freshness>,
+    metrics: Arc<VerifierMetrics>,
+    max_staleness: Duration,
+    health_reporter: HealthReporter,
+) {
+    let mut serving: Option<bool> = None;
+    let mut was_stale = false;
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let failing = freshness.failing_for();
+        let stale = failing.is_some_and(|d| d >= max_staleness);
+        metrics.staleness_seconds.set(failing.map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)));
+        metrics.stale.set(i64::from(stale));
+        if stale != was_stale {
+            was_stale = stale;
+            if stale {
+                warn!(
+                    ?max_staleness,
+                    "the ScimDirectory watch has been failing for longer than --max-staleness: not ready until it recovers"
+                );
+            } else {
+                info!("the ScimDirectory watch recovered: the index is current again");
+            }
+        }
+        let now = synced.load(Ordering::SeqCst) && !stale;
+        ready.store(now, Ordering::SeqCst);
+        if serving != Some(now) {
+            serving = Some(now);
+            set_serving(&health_reporter, now).await;
+        }
+    }
+}
+
+async fn set_serving(health_reporter: &HealthReporter, serving: bool) {
+    let status = if serving { tonic_health::ServingStatus::Serving } else { tonic_health::ServingStatus::NotServing };
+    if serving {
+        health_reporter.set_serving::<AuthorizationServer<grpc::GrpcVerifier>>().await;
+    } else {
+        health_reporter.set_not_serving::<AuthorizationServer<grpc::GrpcVerifier>>().await;
+    }
+    // Also the overall status ("" service), which most health checkers ask for.
+    health_reporter.set_service_status("", status).await;
+}
+
+/// One watch per scope (each watched namespace, or all of them), each feeding the index; `synced`
+/// turns true once every scope's initial list is in.
+fn watch_scopes(
+    args: &VerifyArgs,
+    client: Client,
+    verifier: Verifier,
+    synced: Arc<AtomicBool>,
+    freshness: Arc<Freshness>,
+) {
     let namespaces = crate::process::dedup(&args.namespaces);
     info!(?namespaces, "watching ScimDirectories");
     let scopes: Vec<Option<String>> =
@@ -239,12 +287,6 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<()> {
             watch(client, scope, verifier, on_synced).await;
         });
     }
-
-    endpoint.await??;
-    grpc_task.await??;
-    probes.abort();
-    info!("stopped");
-    Ok(())
 }
 
 /// One scope the verifier watches (a namespace, or all of them).
