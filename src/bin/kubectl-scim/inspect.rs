@@ -169,69 +169,8 @@ pub fn render(i: &Inspection, now: Timestamp) -> String {
     ));
     let stored = i.stored_token_hash.clone().unwrap_or_else(|| "none (no token key)".to_owned());
     match &i.record {
-        Some(r) => {
-            lines.push(("Record", "valid".to_owned()));
-            lines.push((
-                "Seal",
-                if i.sealed {
-                    "present (checked by the operator, which alone holds the key)".to_owned()
-                } else {
-                    "NONE: not written by the operator; it re-seals the record if the directory's status \
-                     agrees with it, else replaces the token (RecordTampered)"
-                        .to_owned()
-                },
-            ));
-            if let Some(dir) = &i.recorded_directory {
-                lines.push(("Directory", dir.clone()));
-            }
-            lines.push(("Issue reason", r.issue_reason.clone()));
-            if let Some(reason) = scim_token_operator::policy::IssueReason::parse(&r.issue_reason) {
-                lines.push(("", reason.describe().to_owned()));
-            }
-            lines.push(("Rotation generation", r.rotation_generation.to_string()));
-            lines.push(("Rotation request", r.rotation_request.clone().unwrap_or_else(|| "-".to_owned())));
-            lines.push(("Token hash", r.token_hash.clone()));
-            let matches = if i.stored_token_hash.as_deref() == Some(r.token_hash.as_str()) {
-                "(matches the record)".to_owned()
-            } else {
-                "(does NOT match the record: the token was changed outside the operator, which re-issues it)".to_owned()
-            };
-            lines.push(("Stored token", format!("{stored} {matches}")));
-            lines.push((
-                "Lifetime",
-                r.token_expires_in
-                    .as_deref()
-                    .and_then(|l| l.parse::<scim_token_operator::duration::TokenLifetime>().ok())
-                    .map_or_else(|| "never expires".to_owned(), |l| l.to_string()),
-            ));
-            lines.push(("Issued at", at(r.issued_at, now)));
-            lines.push(("Expires at", r.expires_at.map_or_else(|| "never".to_owned(), |t| at(t, now))));
-            lines.push((
-                "Previous token",
-                match (&r.previous_token_hash, r.previous_token_valid_until) {
-                    (Some(hash), Some(until)) => format!("{hash}, valid until {}", at(until, now)),
-                    _ => "none".to_owned(),
-                },
-            ));
-            if let Some(request) = &r.end_overlap_request {
-                lines.push(("End-overlap request", request.clone()));
-            }
-        }
-        None => {
-            let state = match &i.forged_because {
-                Some(why) => {
-                    format!("FORGED: {why}; edited outside the operator, which re-issues the token (RecordTampered)")
-                }
-                None => "absent or unreadable: the operator restores it from the directory's status if that \
-                         vouches for the token, else re-issues the token"
-                    .to_owned(),
-            };
-            lines.push(("Record", state));
-            lines.push(("Stored token", stored));
-            for (k, v) in &i.annotations {
-                lines.push(("Annotation", format!("{k}={v}")));
-            }
-        }
+        Some(r) => record_lines(&mut lines, i, r, &stored, now),
+        None => unreadable_record_lines(&mut lines, i, stored),
     }
     let width = lines.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 2;
     lines
@@ -241,6 +180,73 @@ pub fn render(i: &Inspection, now: Timestamp) -> String {
             format!("{label:width$}{}\n", sanitize(&v))
         })
         .collect()
+}
+
+/// The lines of a readable record: what the token was issued for, and whether it is still the one stored.
+fn record_lines(lines: &mut Vec<(&str, String)>, i: &Inspection, r: &RecordView, stored: &str, now: Timestamp) {
+    lines.push(("Record", "valid".to_owned()));
+    lines.push((
+        "Seal",
+        if i.sealed {
+            "present (checked by the operator, which alone holds the key)".to_owned()
+        } else {
+            "NONE: not written by the operator; it re-seals the record if the directory's status \
+             agrees with it, else replaces the token (RecordTampered)"
+                .to_owned()
+        },
+    ));
+    if let Some(dir) = &i.recorded_directory {
+        lines.push(("Directory", dir.clone()));
+    }
+    lines.push(("Issue reason", r.issue_reason.clone()));
+    if let Some(reason) = scim_token_operator::policy::IssueReason::parse(&r.issue_reason) {
+        lines.push(("", reason.describe().to_owned()));
+    }
+    lines.push(("Rotation generation", r.rotation_generation.to_string()));
+    lines.push(("Rotation request", r.rotation_request.clone().unwrap_or_else(|| "-".to_owned())));
+    lines.push(("Token hash", r.token_hash.clone()));
+    let matches = if i.stored_token_hash.as_deref() == Some(r.token_hash.as_str()) {
+        "(matches the record)".to_owned()
+    } else {
+        "(does NOT match the record: the token was changed outside the operator, which re-issues it)".to_owned()
+    };
+    lines.push(("Stored token", format!("{stored} {matches}")));
+    lines.push((
+        "Lifetime",
+        r.token_expires_in
+            .as_deref()
+            .and_then(|l| l.parse::<scim_token_operator::duration::TokenLifetime>().ok())
+            .map_or_else(|| "never expires".to_owned(), |l| l.to_string()),
+    ));
+    lines.push(("Issued at", at(r.issued_at, now)));
+    lines.push(("Expires at", r.expires_at.map_or_else(|| "never".to_owned(), |t| at(t, now))));
+    lines.push((
+        "Previous token",
+        match (&r.previous_token_hash, r.previous_token_valid_until) {
+            (Some(hash), Some(until)) => format!("{hash}, valid until {}", at(until, now)),
+            _ => "none".to_owned(),
+        },
+    ));
+    if let Some(request) = &r.end_overlap_request {
+        lines.push(("End-overlap request", request.clone()));
+    }
+}
+
+/// The lines of a forged or absent record: why, and its annotations as found.
+fn unreadable_record_lines(lines: &mut Vec<(&str, String)>, i: &Inspection, stored: String) {
+    let state = match &i.forged_because {
+        Some(why) => {
+            format!("FORGED: {why}; edited outside the operator, which re-issues the token (RecordTampered)")
+        }
+        None => "absent or unreadable: the operator restores it from the directory's status if that \
+                 vouches for the token, else re-issues the token"
+            .to_owned(),
+    };
+    lines.push(("Record", state));
+    lines.push(("Stored token", stored));
+    for (k, v) in &i.annotations {
+        lines.push(("Annotation", format!("{k}={v}")));
+    }
 }
 
 #[cfg(test)]
