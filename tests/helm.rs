@@ -1113,485 +1113,633 @@ async fn wait_until_policy_enforced(secrets: &Api<Secret>) {
     }
 }
 
+/// The chart installed watching two namespaces, with the operator and the verifier running as its
+/// Deployments would, each with exactly the chart's RBAC (by impersonating its ServiceAccount) and
+/// under its secret-write policy; then upgraded to watch every namespace.
 #[tokio::test]
 async fn operator_works_with_exactly_the_charts_rbac() {
-    let cp = ControlPlane::shared();
-    let admin = cp.client().await;
-    let release_ns = cp.create_namespace("rbac-op").await.unwrap();
-    let team_ns = cp.create_namespace("rbac-team").await.unwrap();
-    let team2_ns = cp.create_namespace("rbac-team").await.unwrap();
-    let other_ns = cp.create_namespace("rbac-other").await.unwrap();
-    let release = "tokens";
-    let fullname = "tokens-scim-token-operator";
-
-    // A stripped label (below) takes the Secret out of the operator's label-filtered cache; the operator
-    // takes that for a deleted Secret, an automatic issue, and defers it while the last issue is younger
-    // than --min-issue-interval (1m) before it looks the Secret up and restores the label. Shorten the
-    // interval through the chart's minIssueInterval, so that the test does not wait a minute.
-    let (ok, out, err) = helm(
-        cp,
-        &[
-            "install",
-            release,
-            CHART,
-            "-n",
-            &release_ns,
-            "--set",
-            &format!("watchNamespaces={{{team_ns},{team2_ns}}}"),
-            "--set",
-            "minIssueInterval=1s",
-        ],
-    );
-    assert!(ok, "helm install: {err}{out}");
-
-    let user = format!("system:serviceaccount:{release_ns}:{fullname}");
-    let sa_group = format!("system:serviceaccounts:{release_ns}");
-    let groups = ["system:serviceaccounts", sa_group.as_str(), "system:authenticated"];
-    let kubeconfig = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{release_ns}.kubeconfig"));
-    impersonating_kubeconfig(cp, &user, &groups, &kubeconfig);
-    let as_operator = cp.impersonating_client(&user, &groups).await;
-    // The operator runs under the chart's secret-write policy from its first request.
-    let team_secrets: Api<Secret> = Api::namespaced(as_operator.clone(), &team_ns);
-    wait_until_policy_enforced(&team_secrets).await;
-
-    let team = Env { cp, client: admin.clone(), ns: team_ns.clone(), log: fresh_log(&team_ns) };
-    let (mut op, pod) = start_as_deployed(cp, release, &release_ns, &kubeconfig, &team.log);
-
-    // The verifier as the chart deploys it, impersonating its own ServiceAccount (list + watch on
-    // ScimDirectories in the watched namespaces, nothing else), next to the operator. Ready before the
-    // first issue, so every token below reaches it through its watch.
-    let verifier_user = format!("system:serviceaccount:{release_ns}:{fullname}-verifier");
-    let verifier_kubeconfig =
-        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{release_ns}-verifier.kubeconfig"));
-    impersonating_kubeconfig(cp, &verifier_user, &groups, &verifier_kubeconfig);
-    let as_verifier = cp.impersonating_client(&verifier_user, &groups).await;
-    let verifier_log = fresh_log(&format!("{release_ns}-verifier"));
-    let mut verifier = DeployedVerifier::start(cp, release, &release_ns, &verifier_kubeconfig, &verifier_log);
-    verifier.wait_ready().await;
-    assert_eq!(verifier.verify_token(Token::generate().expose(), None).status, 401, "an empty index accepts nothing");
-
-    // Issue.
-    let (ok, _, err) = team.apply(BASIC);
+    let mut d = AsDeployed::install().await;
+    let requested = d.issues_rotates_and_restores_labels().await;
+    d.serves_the_second_namespace().await;
+    d.leaves_a_foreign_secret_alone().await;
+    d.refuses_everything_outside_its_rules().await;
+    d.is_confined_by_the_secret_write_policy().await;
+    d.verifier_may_only_watch_directories().await;
+    d.works_cluster_wide_after_an_upgrade(&requested).await;
+    let (ok, _, err) = helm(d.cp, &["uninstall", RELEASE, "-n", &d.release_ns]);
     assert!(ok, "{err}");
-    let d = team.wait_ready_reason("acme", "TokenIssued").await;
-    let token = team.token("acme-scim-token").await.expect("a token");
+}
 
-    // The verifier accepts it, naming the directory; refuses an unknown token with a challenge and a
-    // token of this directory on another directory's route.
-    let allowed = verifier.wait_status(&token, 200, "the issued token accepted by the verifier").await;
-    assert_eq!(allowed.header("x-scim-directory-namespace"), Some(team_ns.as_str()), "{allowed:?}");
-    assert_eq!(allowed.header("x-scim-directory-name"), Some("acme"), "{allowed:?}");
-    let unknown = verifier.verify_token(Token::generate().expose(), None);
-    assert_eq!(unknown.status, 401, "{unknown:?}");
-    let challenge = unknown.header("www-authenticate").unwrap_or_default();
-    assert!(challenge.starts_with(r#"Bearer realm="scim", error="invalid_token""#), "{unknown:?}");
-    assert_eq!(http_request(verifier.port, "GET", "/verify", &[]).unwrap().status, 401, "no token");
-    let bound = |directory: &str| {
-        let header = format!("Bearer {token}");
-        let by_query = http_request(
-            verifier.port,
-            "GET",
-            &format!("/verify?directory={directory}"),
-            &[("Authorization", &header)],
-        )
-        .unwrap()
-        .status;
-        let by_header = http_request(
-            verifier.port,
-            "GET",
-            "/verify",
-            &[("Authorization", &header), ("X-Scim-Expected-Directory", directory)],
-        )
-        .unwrap()
-        .status;
-        (by_query, by_header)
-    };
-    assert_eq!(bound(&format!("{team_ns}/acme")), (200, 200), "the directory's own route");
-    assert_eq!(bound(&format!("{team2_ns}/acme")), (403, 403), "another directory's route");
-    let owners = team.secrets().get("acme-scim-token").await.unwrap().metadata.owner_references.unwrap();
-    assert_eq!(owners.len(), 1);
-    assert_eq!(owners[0].controller, Some(true));
-    // Setting blockOwnerDeletion would need update on scimdirectories/finalizers under the
-    // OwnerReferencesPermissionEnforcement admission plugin, which the chart does not grant.
-    assert_ne!(owners[0].block_owner_deletion, Some(true));
-    assert_eq!(d.status.as_ref().unwrap().token_hash.as_deref(), Some(sha256(&token).as_str()));
+const RELEASE: &str = "tokens";
+const FULLNAME: &str = "tokens-scim-token-operator";
 
-    // Rotate, declaratively and imperatively.
-    team.dirs()
-        .patch("acme", &PatchParams::default(), &Patch::Merge(json!({ "spec": { "rotationGeneration": 1 } })))
-        .await
-        .unwrap();
-    team.wait_ready_reason("acme", "TokenRotated").await;
-    let rotated = team.token("acme-scim-token").await.unwrap();
-    assert_ne!(rotated, token);
-    let (ok, _, err) = team.kubectl(&["annotate", "--overwrite", "scimdir", "acme", "scim.tokenops.dev/rotate=now"]);
-    assert!(ok, "{err}");
-    wait_for("the requested rotation", Duration::from_secs(60), || async {
-        let d = team.dirs().get("acme").await.unwrap();
-        (d.status?.last_rotation_request.as_deref() == Some("now")).then_some(())
-    })
-    .await;
-    let requested = team.token("acme-scim-token").await.unwrap();
-    assert_ne!(requested, rotated);
-    // The verifier follows (no rotationOverlap: the replaced tokens die at once).
-    verifier.wait_status(&requested, 200, "the rotated token accepted by the verifier").await;
-    for old in [&token, &rotated] {
-        assert_eq!(verifier.verify_token(old, None).status, 401, "a rotated-out token is refused");
-    }
+/// What the steps of `operator_works_with_exactly_the_charts_rbac` share.
+struct AsDeployed {
+    cp: &'static ControlPlane,
+    admin: kube::Client,
+    release_ns: String,
+    team_ns: String,
+    team2_ns: String,
+    other_ns: String,
+    /// The operator's ServiceAccount, as a user name.
+    user: String,
+    kubeconfig: PathBuf,
+    as_operator: kube::Client,
+    team_secrets: Api<Secret>,
+    team: Env,
+    op: Operator,
+    pod: String,
+    verifier_kubeconfig: PathBuf,
+    verifier_log: PathBuf,
+    as_verifier: kube::Client,
+    verifier: DeployedVerifier,
+}
 
-    // A stripped managed-by label is restored, without a re-issue: an update whose old object lacks the
-    // label (the policy requires the controller ownerReference there, not the label).
-    let (ok, _, err) = team.kubectl(&["label", "secret", "acme-scim-token", "app.kubernetes.io/managed-by-"]);
-    assert!(ok, "{err}");
-    wait_for("the managed-by label restored", Duration::from_secs(30), || async {
-        let labels = team.secrets().get("acme-scim-token").await.ok()?.metadata.labels?;
-        (labels.get("app.kubernetes.io/managed-by")? == "scim-token-operator").then_some(())
-    })
-    .await;
-    assert_eq!(team.token("acme-scim-token").await.unwrap(), requested, "restoring the label never re-issues");
+impl AsDeployed {
+    /// Installs the chart watching two namespaces and starts the operator and the verifier as deployed.
+    async fn install() -> AsDeployed {
+        let cp = ControlPlane::shared();
+        let admin = cp.client().await;
+        let release_ns = cp.create_namespace("rbac-op").await.unwrap();
+        let team_ns = cp.create_namespace("rbac-team").await.unwrap();
+        let team2_ns = cp.create_namespace("rbac-team").await.unwrap();
+        let other_ns = cp.create_namespace("rbac-other").await.unwrap();
+        let (release, fullname) = (RELEASE, FULLNAME);
 
-    // The second watched namespace is served too.
-    let team2 = Env { cp, client: admin.clone(), ns: team2_ns.clone(), log: team.log.clone() };
-    let (ok, _, err) = team2.apply(BASIC);
-    assert!(ok, "{err}");
-    team2.wait_ready_reason("acme", "TokenIssued").await;
-    let team2_token = team2.token("acme-scim-token").await.expect("a token in the second namespace");
-    let allowed = verifier.wait_status(&team2_token, 200, "the second namespace's token accepted").await;
-    assert_eq!(allowed.header("x-scim-directory-namespace"), Some(team2_ns.as_str()), "{allowed:?}");
-    // A secretTemplate: a create, then a server-side apply of the template onto the new Secret.
-    let (ok, _, err) = team2.apply(
-        "apiVersion: scim.tokenops.dev/v1alpha1\nkind: ScimDirectory\nmetadata:\n  name: templated\nspec:\n  secretTemplate:\n    labels:\n      tenant: initech\n",
-    );
-    assert!(ok, "{err}");
-    team2.wait_ready_reason("templated", "TokenIssued").await;
-    wait_for("the template's label on the Secret", Duration::from_secs(30), || async {
-        let labels = team2.secrets().get("templated-scim-token").await.ok()?.metadata.labels?;
-        (labels.get("tenant")? == "initech").then_some(())
-    })
-    .await;
+        // A stripped label (below) takes the Secret out of the operator's label-filtered cache; the operator
+        // takes that for a deleted Secret, an automatic issue, and defers it while the last issue is younger
+        // than --min-issue-interval (1m) before it looks the Secret up and restores the label. Shorten the
+        // interval through the chart's minIssueInterval, so that the test does not wait a minute.
+        let (ok, out, err) = helm(
+            cp,
+            &[
+                "install",
+                release,
+                CHART,
+                "-n",
+                &release_ns,
+                "--set",
+                &format!("watchNamespaces={{{team_ns},{team2_ns}}}"),
+                "--set",
+                "minIssueInterval=1s",
+            ],
+        );
+        assert!(ok, "helm install: {err}{out}");
 
-    // Conflict: a Secret the operator does not own is never touched.
-    let foreign: Secret =
-        serde_json::from_value(json!({ "metadata": { "name": "taken" }, "stringData": { "token": "theirs" } }))
-            .unwrap();
-    let foreign = team.secrets().create(&PostParams::default(), &foreign).await.unwrap();
-    let (ok, _, err) = team.apply(
-        "apiVersion: scim.tokenops.dev/v1alpha1\nkind: ScimDirectory\nmetadata:\n  name: thief\nspec:\n  secretName: taken\n",
-    );
-    assert!(ok, "{err}");
-    team.wait_ready_reason("thief", "SecretConflict").await;
-    let after = team.secrets().get("taken").await.unwrap();
-    assert_eq!(after.metadata.resource_version, foreign.metadata.resource_version, "the foreign Secret is untouched");
+        let user = format!("system:serviceaccount:{release_ns}:{fullname}");
+        let sa_group = format!("system:serviceaccounts:{release_ns}");
+        let groups = ["system:serviceaccounts", sa_group.as_str(), "system:authenticated"];
+        let kubeconfig = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{release_ns}.kubeconfig"));
+        impersonating_kubeconfig(cp, &user, &groups, &kubeconfig);
+        let as_operator = cp.impersonating_client(&user, &groups).await;
+        // The operator runs under the chart's secret-write policy from its first request.
+        let team_secrets: Api<Secret> = Api::namespaced(as_operator.clone(), &team_ns);
+        wait_until_policy_enforced(&team_secrets).await;
 
-    // Events: the Warning, once (retries with backoff publish nothing new).
-    let warning = wait_for("a SecretConflict Warning event", Duration::from_secs(30), || async {
-        team.events_for("thief")
-            .await
-            .into_iter()
-            .find(|e| e.reason.as_deref() == Some("SecretConflict") && e.type_.as_deref() == Some("Warning"))
-    })
-    .await;
-    // A directory's repeated Event (same type and reason within 6 minutes) folds into a series with a
-    // merge patch of the Event (src/events.rs): the same patch, made with the operator's identity.
-    let operator_events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(as_operator.clone(), &team_ns);
-    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(k8s_openapi::jiff::Timestamp::now());
-    operator_events
-        .patch(
-            warning.metadata.name.as_deref().unwrap(),
-            &PatchParams::default(),
-            &Patch::Merge(json!({ "series": { "count": 2, "lastObservedTime": now } })),
-        )
-        .await
-        .expect("the operator may patch its Events into a series");
-    assert_eq!(team.events_for("acme").await.len(), 2, "an Event for each rotation, none for the first token");
+        let team = Env { cp, client: admin.clone(), ns: team_ns.clone(), log: fresh_log(&team_ns) };
+        let (op, pod) = start_as_deployed(cp, release, &release_ns, &kubeconfig, &team.log);
 
-    // The Lease in the release namespace, held by this "pod".
-    let leases: Api<Lease> = Api::namespaced(admin.clone(), &release_ns);
-    let lease = leases.get(fullname).await.expect("the leader-election Lease");
-    assert_eq!(lease.spec.unwrap().holder_identity.as_deref(), Some(pod.as_str()));
-
-    // Scope: a directory outside the watched namespace is never reconciled.
-    let others: Api<ScimDirectory> = Api::namespaced(admin.clone(), &other_ns);
-    let outsider: ScimDirectory = serde_yaml::from_str(BASIC).unwrap();
-    others.create(&PostParams::default(), &outsider).await.unwrap();
-
-    // Refusals: with these credentials nothing outside the rules is possible.
-    let secrets_elsewhere: Api<Secret> = Api::namespaced(as_operator.clone(), &other_ns);
-    forbidden(secrets_elsewhere.list(&ListParams::default()).await, "listing Secrets in another namespace");
-    forbidden(secrets_elsewhere.get("acme-scim-token").await, "reading a Secret in another namespace");
-    let secret = Secret {
-        metadata: kube::api::ObjectMeta { name: Some("planted".into()), ..Default::default() },
-        ..Default::default()
-    };
-    forbidden(
-        secrets_elsewhere.create(&PostParams::default(), &secret).await,
-        "creating a Secret in another namespace",
-    );
-    forbidden(
-        Api::<Secret>::all(as_operator.clone()).list(&ListParams::default()).await,
-        "listing Secrets cluster-wide",
-    );
-    forbidden(team_secrets.delete("taken", &DeleteParams::default()).await, "deleting a Secret");
-    let mut replaced = team_secrets.get("taken").await.unwrap();
-    replaced.string_data = Some([("token".to_string(), "mine".to_string())].into());
-    forbidden(team_secrets.replace("taken", &PostParams::default(), &replaced).await, "updating a Secret");
-    let team_dirs: Api<ScimDirectory> = Api::namespaced(as_operator.clone(), &team_ns);
-    forbidden(
-        team_dirs
-            .patch("acme", &PatchParams::default(), &Patch::Merge(json!({ "spec": { "rotationGeneration": 9 } })))
-            .await,
-        "changing a directory's spec",
-    );
-    forbidden(team_dirs.delete("acme", &DeleteParams::default()).await, "deleting a directory");
-    let config_maps: Api<ConfigMap> = Api::namespaced(as_operator.clone(), &team_ns);
-    forbidden(config_maps.list(&ListParams::default()).await, "listing ConfigMaps");
-    forbidden(
-        Api::<Lease>::namespaced(as_operator.clone(), &release_ns).get("kube-scheduler").await,
-        "reading another Lease",
-    );
-    forbidden(Api::<Lease>::namespaced(as_operator.clone(), &team_ns).get(fullname).await, "reading a Lease elsewhere");
-    forbidden(
-        Api::<Role>::namespaced(as_operator.clone(), &team_ns).list(&ListParams::default()).await,
-        "reading RBAC",
-    );
-
-    // The secret-write policy: RBAC lets the ServiceAccount create and patch every Secret of a watched
-    // namespace (of the cluster, below); the policy lets it write the operator's own Secrets only.
-    let managed = json!({ "app.kubernetes.io/managed-by": "scim-token-operator" });
-    let owner_of = |dir: &ScimDirectory| serde_json::to_value(dir.controller_owner_ref(&()).unwrap()).unwrap();
-    let acme_ref = owner_of(&team.dirs().get("acme").await.unwrap());
-    let create = PostParams::default();
-    let message = refused_by_policy(
-        team_secrets.create(&create, &test_secret("planted", json!({}), None)).await,
-        NOT_LABELLED,
-        "creating an unlabelled Secret",
-    );
-    assert!(message.contains(&format!("refused CREATE of Secret {team_ns}/planted by {user}: ")), "{message}");
-    refused_by_policy(
-        team_secrets.create(&create, &test_secret("planted", json!({}), Some(&acme_ref))).await,
-        NOT_LABELLED,
-        "creating an unlabelled Secret a directory controls",
-    );
-    refused_by_policy(
-        team_secrets.create(&create, &test_secret("planted", managed.clone(), None)).await,
-        NOT_OWNED,
-        "creating a labelled Secret without an ownerReference",
-    );
-    let mut not_controller = acme_ref.clone();
-    not_controller["controller"] = json!(false);
-    refused_by_policy(
-        team_secrets.create(&create, &test_secret("planted", managed.clone(), Some(&not_controller))).await,
-        NOT_OWNED,
-        "creating a labelled Secret a directory owns but does not control",
-    );
-    let mut other_group = acme_ref.clone();
-    other_group["apiVersion"] = json!("scim.example.com/v1alpha1");
-    refused_by_policy(
-        team_secrets.create(&create, &test_secret("planted", managed.clone(), Some(&other_group))).await,
-        NOT_OWNED,
-        "creating a labelled Secret controlled by another group's ScimDirectory",
-    );
-    let dry_run = PostParams { dry_run: true, ..PostParams::default() };
-    team_secrets
-        .create(&dry_run, &test_secret("planted", managed.clone(), Some(&acme_ref)))
-        .await
-        .expect("the policy admits a labelled Secret a directory controls (dry run)");
-
-    // Deleting, re-parenting and dropping ownerReferences are already refused by RBAC (no delete) and, on
-    // this control plane, by OwnerReferencesPermissionEnforcement (changing ownerReferences needs delete).
-    // A cluster without that plugin, or with a broader Role, has neither: grant delete on Secrets for a
-    // moment, so that the policy alone stands in the way.
-    let grant_roles: Api<Role> = Api::namespaced(admin.clone(), &team_ns);
-    let grant_bindings: Api<RoleBinding> = Api::namespaced(admin.clone(), &team_ns);
-    let grant: Role = serde_json::from_value(json!({
-        "metadata": { "name": "test-delete-secrets" },
-        "rules": [{ "apiGroups": [""], "resources": ["secrets"], "verbs": ["delete"] }]
-    }))
-    .unwrap();
-    grant_roles.create(&create, &grant).await.unwrap();
-    let grant_binding: RoleBinding = serde_json::from_value(json!({
-        "metadata": { "name": "test-delete-secrets" },
-        "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "test-delete-secrets" },
-        "subjects": [{ "kind": "ServiceAccount", "name": fullname, "namespace": release_ns }]
-    }))
-    .unwrap();
-    grant_bindings.create(&create, &grant_binding).await.unwrap();
-    let reviews: Api<SelfSubjectAccessReview> = Api::all(as_operator.clone());
-    let review: SelfSubjectAccessReview = serde_json::from_value(json!({
-        "spec": { "resourceAttributes": { "namespace": team_ns, "verb": "delete", "resource": "secrets" } }
-    }))
-    .unwrap();
-    wait_for("the ServiceAccount may delete Secrets", Duration::from_secs(30), || async {
-        reviews.create(&create, &review).await.unwrap().status?.allowed.then_some(())
-    })
-    .await;
-    let versions = || async {
-        let taken = team.secrets().get("taken").await.unwrap().metadata.resource_version;
-        let acme = team.secrets().get("acme-scim-token").await.unwrap().metadata.resource_version;
-        (taken, acme)
-    };
-    let before = versions().await;
-    refused_by_policy(
-        team_secrets.delete("taken", &DeleteParams::default()).await,
-        DELETED,
-        "deleting a foreign Secret",
-    );
-    refused_by_policy(
-        team_secrets.delete("acme-scim-token", &DeleteParams::default()).await,
-        DELETED,
-        "deleting the operator's own Secret",
-    );
-    let takeover = json!({
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": { "name": "taken", "labels": managed, "ownerReferences": [acme_ref] }
-    });
-    refused_by_policy(
-        team_secrets.patch("taken", &PatchParams::apply("intruder").force(), &Patch::Apply(&takeover)).await,
-        TAKEOVER,
-        "taking over a foreign Secret by applying the label and a controller ownerReference",
-    );
-    refused_by_policy(
-        team_secrets.patch("taken", &PatchParams::default(), &Patch::Merge(&takeover)).await,
-        TAKEOVER,
-        "taking over a foreign Secret with a merge patch",
-    );
-    let thief_ref = owner_of(&team.dirs().get("thief").await.unwrap());
-    refused_by_policy(
-        team_secrets
-            .patch(
-                "acme-scim-token",
-                &PatchParams::default(),
-                &Patch::Merge(json!({ "metadata": { "ownerReferences": [thief_ref] } })),
-            )
-            .await,
-        MOVED,
-        "moving the operator's Secret to another directory",
-    );
-    refused_by_policy(
-        team_secrets
-            .patch(
-                "acme-scim-token",
-                &PatchParams::default(),
-                &Patch::Merge(json!({ "metadata": { "ownerReferences": null } })),
-            )
-            .await,
-        NOT_OWNED,
-        "dropping the ownerReference of the operator's Secret",
-    );
-    team_secrets
-        .patch(
-            "acme-scim-token",
-            &PatchParams { dry_run: true, ..PatchParams::default() },
-            &Patch::Merge(json!({ "metadata": { "annotations": { "example.com/checked": "yes" } } })),
-        )
-        .await
-        .expect("the policy admits an update of the operator's own Secret (dry run)");
-    assert_eq!(versions().await, before, "the refused writes changed nothing");
-    grant_bindings.delete("test-delete-secrets", &DeleteParams::default()).await.unwrap();
-    grant_roles.delete("test-delete-secrets", &DeleteParams::default()).await.unwrap();
-
-    assert!(others.get("acme").await.unwrap().status.is_none(), "the outsider was never reconciled");
-    let log = std::fs::read_to_string(&team.log).unwrap();
-    assert!(!log.to_lowercase().contains("forbidden"), "the operator was never refused:\n{log}");
-
-    // The verifier's ServiceAccount: refused everything but list + watch on ScimDirectories.
-    refusals_of_the_verifier(&as_verifier, &team_ns, &release_ns).await;
-    let verifier_rules = [("scim.tokenops.dev/scimdirectories: list,watch".to_string())].into();
-    for watched in [&team_ns, &team2_ns] {
-        assert_eq!(allowed_rules(&as_verifier, watched).await, verifier_rules, "the verifier's rights in {watched}");
-    }
-    for elsewhere in [&release_ns, &other_ns] {
+        // The verifier as the chart deploys it, impersonating its own ServiceAccount (list + watch on
+        // ScimDirectories in the watched namespaces, nothing else), next to the operator. Ready before the
+        // first issue, so every token below reaches it through its watch.
+        let verifier_user = format!("system:serviceaccount:{release_ns}:{fullname}-verifier");
+        let verifier_kubeconfig =
+            PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{release_ns}-verifier.kubeconfig"));
+        impersonating_kubeconfig(cp, &verifier_user, &groups, &verifier_kubeconfig);
+        let as_verifier = cp.impersonating_client(&verifier_user, &groups).await;
+        let verifier_log = fresh_log(&format!("{release_ns}-verifier"));
+        let verifier = DeployedVerifier::start(cp, release, &release_ns, &verifier_kubeconfig, &verifier_log);
+        verifier.wait_ready().await;
         assert_eq!(
-            allowed_rules(&as_verifier, elsewhere).await,
-            BTreeSet::new(),
-            "the verifier's rights in {elsewhere}"
+            verifier.verify_token(Token::generate().expose(), None).status,
+            401,
+            "an empty index accepts nothing"
+        );
+        AsDeployed {
+            cp,
+            admin,
+            release_ns,
+            team_ns,
+            team2_ns,
+            other_ns,
+            user,
+            kubeconfig,
+            as_operator,
+            team_secrets,
+            team,
+            op,
+            pod,
+            verifier_kubeconfig,
+            verifier_log,
+            as_verifier,
+            verifier,
+        }
+    }
+
+    /// Issue, verify, rotate twice, restore a stripped label; returns the current token.
+    async fn issues_rotates_and_restores_labels(&self) -> String {
+        let team = &self.team;
+        let team_ns = &self.team_ns;
+        let team2_ns = &self.team2_ns;
+        let verifier = &self.verifier;
+        // Issue.
+        let (ok, _, err) = team.apply(BASIC);
+        assert!(ok, "{err}");
+        let d = team.wait_ready_reason("acme", "TokenIssued").await;
+        let token = team.token("acme-scim-token").await.expect("a token");
+
+        // The verifier accepts it, naming the directory; refuses an unknown token with a challenge and a
+        // token of this directory on another directory's route.
+        let allowed = verifier.wait_status(&token, 200, "the issued token accepted by the verifier").await;
+        assert_eq!(allowed.header("x-scim-directory-namespace"), Some(team_ns.as_str()), "{allowed:?}");
+        assert_eq!(allowed.header("x-scim-directory-name"), Some("acme"), "{allowed:?}");
+        let unknown = verifier.verify_token(Token::generate().expose(), None);
+        assert_eq!(unknown.status, 401, "{unknown:?}");
+        let challenge = unknown.header("www-authenticate").unwrap_or_default();
+        assert!(challenge.starts_with(r#"Bearer realm="scim", error="invalid_token""#), "{unknown:?}");
+        assert_eq!(http_request(verifier.port, "GET", "/verify", &[]).unwrap().status, 401, "no token");
+        let bound = |directory: &str| {
+            let header = format!("Bearer {token}");
+            let by_query = http_request(
+                verifier.port,
+                "GET",
+                &format!("/verify?directory={directory}"),
+                &[("Authorization", &header)],
+            )
+            .unwrap()
+            .status;
+            let by_header = http_request(
+                verifier.port,
+                "GET",
+                "/verify",
+                &[("Authorization", &header), ("X-Scim-Expected-Directory", directory)],
+            )
+            .unwrap()
+            .status;
+            (by_query, by_header)
+        };
+        assert_eq!(bound(&format!("{team_ns}/acme")), (200, 200), "the directory's own route");
+        assert_eq!(bound(&format!("{team2_ns}/acme")), (403, 403), "another directory's route");
+        let owners = team.secrets().get("acme-scim-token").await.unwrap().metadata.owner_references.unwrap();
+        assert_eq!(owners.len(), 1);
+        assert_eq!(owners[0].controller, Some(true));
+        // Setting blockOwnerDeletion would need update on scimdirectories/finalizers under the
+        // OwnerReferencesPermissionEnforcement admission plugin, which the chart does not grant.
+        assert_ne!(owners[0].block_owner_deletion, Some(true));
+        assert_eq!(d.status.as_ref().unwrap().token_hash.as_deref(), Some(sha256(&token).as_str()));
+
+        // Rotate, declaratively and imperatively.
+        team.dirs()
+            .patch("acme", &PatchParams::default(), &Patch::Merge(json!({ "spec": { "rotationGeneration": 1 } })))
+            .await
+            .unwrap();
+        team.wait_ready_reason("acme", "TokenRotated").await;
+        let rotated = team.token("acme-scim-token").await.unwrap();
+        assert_ne!(rotated, token);
+        let (ok, _, err) =
+            team.kubectl(&["annotate", "--overwrite", "scimdir", "acme", "scim.tokenops.dev/rotate=now"]);
+        assert!(ok, "{err}");
+        wait_for("the requested rotation", Duration::from_secs(60), || async {
+            let d = team.dirs().get("acme").await.unwrap();
+            (d.status?.last_rotation_request.as_deref() == Some("now")).then_some(())
+        })
+        .await;
+        let requested = team.token("acme-scim-token").await.unwrap();
+        assert_ne!(requested, rotated);
+        // The verifier follows (no rotationOverlap: the replaced tokens die at once).
+        verifier.wait_status(&requested, 200, "the rotated token accepted by the verifier").await;
+        for old in [&token, &rotated] {
+            assert_eq!(verifier.verify_token(old, None).status, 401, "a rotated-out token is refused");
+        }
+
+        // A stripped managed-by label is restored, without a re-issue: an update whose old object lacks the
+        // label (the policy requires the controller ownerReference there, not the label).
+        let (ok, _, err) = team.kubectl(&["label", "secret", "acme-scim-token", "app.kubernetes.io/managed-by-"]);
+        assert!(ok, "{err}");
+        wait_for("the managed-by label restored", Duration::from_secs(30), || async {
+            let labels = team.secrets().get("acme-scim-token").await.ok()?.metadata.labels?;
+            (labels.get("app.kubernetes.io/managed-by")? == "scim-token-operator").then_some(())
+        })
+        .await;
+        assert_eq!(team.token("acme-scim-token").await.unwrap(), requested, "restoring the label never re-issues");
+        requested
+    }
+
+    /// The second watched namespace, with a secretTemplate.
+    async fn serves_the_second_namespace(&self) {
+        let cp = self.cp;
+        let admin = &self.admin;
+        let team = &self.team;
+        let team2_ns = &self.team2_ns;
+        let verifier = &self.verifier;
+        // The second watched namespace is served too.
+        let team2 = Env { cp, client: admin.clone(), ns: team2_ns.clone(), log: team.log.clone() };
+        let (ok, _, err) = team2.apply(BASIC);
+        assert!(ok, "{err}");
+        team2.wait_ready_reason("acme", "TokenIssued").await;
+        let team2_token = team2.token("acme-scim-token").await.expect("a token in the second namespace");
+        let allowed = verifier.wait_status(&team2_token, 200, "the second namespace's token accepted").await;
+        assert_eq!(allowed.header("x-scim-directory-namespace"), Some(team2_ns.as_str()), "{allowed:?}");
+        // A secretTemplate: a create, then a server-side apply of the template onto the new Secret.
+        let (ok, _, err) = team2.apply(
+            "apiVersion: scim.tokenops.dev/v1alpha1\nkind: ScimDirectory\nmetadata:\n  name: templated\nspec:\n  secretTemplate:\n    labels:\n      tenant: initech\n",
+        );
+        assert!(ok, "{err}");
+        team2.wait_ready_reason("templated", "TokenIssued").await;
+        wait_for("the template's label on the Secret", Duration::from_secs(30), || async {
+            let labels = team2.secrets().get("templated-scim-token").await.ok()?.metadata.labels?;
+            (labels.get("tenant")? == "initech").then_some(())
+        })
+        .await;
+    }
+
+    /// A conflict, its Event folded into a series, and the Lease.
+    async fn leaves_a_foreign_secret_alone(&self) {
+        let fullname = FULLNAME;
+        let admin = &self.admin;
+        let team = &self.team;
+        let release_ns = &self.release_ns;
+        let team_ns = &self.team_ns;
+        let as_operator = &self.as_operator;
+        let pod = &self.pod;
+        // Conflict: a Secret the operator does not own is never touched.
+        let foreign: Secret =
+            serde_json::from_value(json!({ "metadata": { "name": "taken" }, "stringData": { "token": "theirs" } }))
+                .unwrap();
+        let foreign = team.secrets().create(&PostParams::default(), &foreign).await.unwrap();
+        let (ok, _, err) = team.apply(
+            "apiVersion: scim.tokenops.dev/v1alpha1\nkind: ScimDirectory\nmetadata:\n  name: thief\nspec:\n  secretName: taken\n",
+        );
+        assert!(ok, "{err}");
+        team.wait_ready_reason("thief", "SecretConflict").await;
+        let after = team.secrets().get("taken").await.unwrap();
+        assert_eq!(
+            after.metadata.resource_version, foreign.metadata.resource_version,
+            "the foreign Secret is untouched"
+        );
+
+        // Events: the Warning, once (retries with backoff publish nothing new).
+        let warning = wait_for("a SecretConflict Warning event", Duration::from_secs(30), || async {
+            team.events_for("thief")
+                .await
+                .into_iter()
+                .find(|e| e.reason.as_deref() == Some("SecretConflict") && e.type_.as_deref() == Some("Warning"))
+        })
+        .await;
+        // A directory's repeated Event (same type and reason within 6 minutes) folds into a series with a
+        // merge patch of the Event (src/events.rs): the same patch, made with the operator's identity.
+        let operator_events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(as_operator.clone(), team_ns);
+        let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(k8s_openapi::jiff::Timestamp::now());
+        operator_events
+            .patch(
+                warning.metadata.name.as_deref().unwrap(),
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "series": { "count": 2, "lastObservedTime": now } })),
+            )
+            .await
+            .expect("the operator may patch its Events into a series");
+        assert_eq!(team.events_for("acme").await.len(), 2, "an Event for each rotation, none for the first token");
+
+        // The Lease in the release namespace, held by this "pod".
+        let leases: Api<Lease> = Api::namespaced(admin.clone(), release_ns);
+        let lease = leases.get(fullname).await.expect("the leader-election Lease");
+        assert_eq!(lease.spec.unwrap().holder_identity.as_deref(), Some(pod.as_str()));
+    }
+
+    /// A directory outside the watched namespaces, and RBAC's refusals.
+    async fn refuses_everything_outside_its_rules(&self) {
+        let fullname = FULLNAME;
+        let admin = &self.admin;
+        let release_ns = &self.release_ns;
+        let team_ns = &self.team_ns;
+        let other_ns = &self.other_ns;
+        let as_operator = &self.as_operator;
+        let team_secrets = &self.team_secrets;
+        // Scope: a directory outside the watched namespace is never reconciled.
+        let others: Api<ScimDirectory> = Api::namespaced(admin.clone(), other_ns);
+        let outsider: ScimDirectory = serde_yaml::from_str(BASIC).unwrap();
+        others.create(&PostParams::default(), &outsider).await.unwrap();
+
+        // Refusals: with these credentials nothing outside the rules is possible.
+        let secrets_elsewhere: Api<Secret> = Api::namespaced(as_operator.clone(), other_ns);
+        forbidden(secrets_elsewhere.list(&ListParams::default()).await, "listing Secrets in another namespace");
+        forbidden(secrets_elsewhere.get("acme-scim-token").await, "reading a Secret in another namespace");
+        let secret = Secret {
+            metadata: kube::api::ObjectMeta { name: Some("planted".into()), ..Default::default() },
+            ..Default::default()
+        };
+        forbidden(
+            secrets_elsewhere.create(&PostParams::default(), &secret).await,
+            "creating a Secret in another namespace",
+        );
+        forbidden(
+            Api::<Secret>::all(as_operator.clone()).list(&ListParams::default()).await,
+            "listing Secrets cluster-wide",
+        );
+        forbidden(team_secrets.delete("taken", &DeleteParams::default()).await, "deleting a Secret");
+        let mut replaced = team_secrets.get("taken").await.unwrap();
+        replaced.string_data = Some([("token".to_string(), "mine".to_string())].into());
+        forbidden(team_secrets.replace("taken", &PostParams::default(), &replaced).await, "updating a Secret");
+        let team_dirs: Api<ScimDirectory> = Api::namespaced(as_operator.clone(), team_ns);
+        forbidden(
+            team_dirs
+                .patch("acme", &PatchParams::default(), &Patch::Merge(json!({ "spec": { "rotationGeneration": 9 } })))
+                .await,
+            "changing a directory's spec",
+        );
+        forbidden(team_dirs.delete("acme", &DeleteParams::default()).await, "deleting a directory");
+        let config_maps: Api<ConfigMap> = Api::namespaced(as_operator.clone(), team_ns);
+        forbidden(config_maps.list(&ListParams::default()).await, "listing ConfigMaps");
+        forbidden(
+            Api::<Lease>::namespaced(as_operator.clone(), release_ns).get("kube-scheduler").await,
+            "reading another Lease",
+        );
+        forbidden(
+            Api::<Lease>::namespaced(as_operator.clone(), team_ns).get(fullname).await,
+            "reading a Lease elsewhere",
+        );
+        forbidden(
+            Api::<Role>::namespaced(as_operator.clone(), team_ns).list(&ListParams::default()).await,
+            "reading RBAC",
         );
     }
-    let metrics = verifier.metrics();
-    assert!(
-        metrics.contains(&format!(
-            r#"scim_token_verifier_token_last_used_timestamp_seconds{{namespace="{team_ns}",name="acme",token="current"}}"#
-        )),
-        "{metrics}"
-    );
-    assert!(metrics.contains(r#"scim_token_verifier_requests_total{result="allowed"}"#), "{metrics}");
-    verifier.terminate().await;
 
-    // Cluster-wide: upgrade to watch every namespace and restart as the new Deployment would.
-    let (team_rv, secret_rv) = (
-        team.dirs().get("acme").await.unwrap().metadata.resource_version,
-        team.secrets().get("acme-scim-token").await.unwrap().metadata.resource_version,
-    );
-    assert!(op.terminate().await.success(), "graceful shutdown");
-    let (ok, out, err) = helm(cp, &["upgrade", release, CHART, "-n", &release_ns, "--reset-values"]);
-    assert!(ok, "helm upgrade: {err}{out}");
-    let roles: Api<Role> = Api::namespaced(admin.clone(), &team_ns);
-    assert!(roles.get_opt(fullname).await.unwrap().is_none(), "the namespaced Role is gone");
-    let (_op, _) = start_as_deployed(cp, release, &release_ns, &kubeconfig, &team.log);
-    let other = Env { cp, client: admin.clone(), ns: other_ns.clone(), log: team.log.clone() };
-    other.wait_ready_reason("acme", "TokenIssued").await;
-    let outsider_token = other.token("acme-scim-token").await.expect("the outsider's token");
-    // The verifier, restarted from the upgraded release: its ClusterRole lets it see every namespace,
-    // still with nothing but list + watch on ScimDirectories.
-    let mut verifier = DeployedVerifier::start(cp, release, &release_ns, &verifier_kubeconfig, &verifier_log);
-    verifier.wait_ready().await;
-    let allowed = verifier.wait_status(&outsider_token, 200, "the outsider's token accepted cluster-wide").await;
-    assert_eq!(allowed.header("x-scim-directory-namespace"), Some(other_ns.as_str()), "{allowed:?}");
-    assert_eq!(verifier.verify_token(&requested, None).status, 200, "the team's token too");
-    refusals_of_the_verifier(&as_verifier, &other_ns, &release_ns).await;
-    for namespace in [&team_ns, &other_ns, &release_ns] {
-        assert_eq!(allowed_rules(&as_verifier, namespace).await, verifier_rules, "cluster-wide, in {namespace}");
-    }
-    verifier.terminate().await;
-    let log = std::fs::read_to_string(&verifier_log).unwrap();
-    assert_eq!(
-        log.matches("index ready").count(),
-        2,
-        "{} holds both verifiers' output:\n{log}",
-        verifier_log.display()
-    );
-    for refused in ["forbidden", "failed", "error"] {
-        assert!(!log.to_lowercase().contains(refused), "the verifier was never refused ({refused}):\n{log}");
-    }
-    for seen in support::SEEN_TOKENS.lock().unwrap().iter().filter(|t| t.len() > 20) {
-        assert!(!log.contains(&seen[5..]), "a plaintext token appeared in {}", verifier_log.display());
-    }
-    // Cluster-wide RBAC lets the ServiceAccount create a Secret in any namespace: the policy still
-    // refuses it any Secret but the operator's own.
-    let other_secrets: Api<Secret> = Api::namespaced(as_operator.clone(), &other_ns);
-    refused_by_policy(
-        other_secrets.create(&create, &test_secret("planted", json!({}), None)).await,
-        NOT_LABELLED,
-        "creating an unlabelled Secret, cluster-wide",
-    );
-    refused_by_policy(
-        other_secrets.create(&create, &test_secret("planted", managed.clone(), None)).await,
-        NOT_OWNED,
-        "creating a labelled Secret without an ownerReference, cluster-wide",
-    );
-    // The restarted operator re-derived everything from the cluster and wrote nothing for the team.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(team.dirs().get("acme").await.unwrap().metadata.resource_version, team_rv);
-    assert_eq!(team.secrets().get("acme-scim-token").await.unwrap().metadata.resource_version, secret_rv);
-    forbidden(
-        Api::<Secret>::namespaced(as_operator.clone(), &other_ns)
-            .delete("acme-scim-token", &DeleteParams::default())
-            .await,
-        "deleting a Secret, cluster-wide too",
-    );
-    forbidden(
-        Api::<ConfigMap>::all(as_operator.clone()).list(&ListParams::default()).await,
-        "listing ConfigMaps cluster-wide",
-    );
+    /// What the secret-write policy refuses and admits in a watched namespace.
+    async fn is_confined_by_the_secret_write_policy(&self) {
+        let fullname = FULLNAME;
+        let admin = &self.admin;
+        let team = &self.team;
+        let user = &self.user;
+        let release_ns = &self.release_ns;
+        let team_ns = &self.team_ns;
+        let other_ns = &self.other_ns;
+        let as_operator = &self.as_operator;
+        let team_secrets = &self.team_secrets;
+        let others: Api<ScimDirectory> = Api::namespaced(admin.clone(), other_ns);
+        // The secret-write policy: RBAC lets the ServiceAccount create and patch every Secret of a watched
+        // namespace (of the cluster, below); the policy lets it write the operator's own Secrets only.
+        let managed = json!({ "app.kubernetes.io/managed-by": "scim-token-operator" });
+        let owner_of = |dir: &ScimDirectory| serde_json::to_value(dir.controller_owner_ref(&()).unwrap()).unwrap();
+        let acme_ref = owner_of(&team.dirs().get("acme").await.unwrap());
+        let create = PostParams::default();
+        let message = refused_by_policy(
+            team_secrets.create(&create, &test_secret("planted", json!({}), None)).await,
+            NOT_LABELLED,
+            "creating an unlabelled Secret",
+        );
+        assert!(message.contains(&format!("refused CREATE of Secret {team_ns}/planted by {user}: ")), "{message}");
+        refused_by_policy(
+            team_secrets.create(&create, &test_secret("planted", json!({}), Some(&acme_ref))).await,
+            NOT_LABELLED,
+            "creating an unlabelled Secret a directory controls",
+        );
+        refused_by_policy(
+            team_secrets.create(&create, &test_secret("planted", managed.clone(), None)).await,
+            NOT_OWNED,
+            "creating a labelled Secret without an ownerReference",
+        );
+        let mut not_controller = acme_ref.clone();
+        not_controller["controller"] = json!(false);
+        refused_by_policy(
+            team_secrets.create(&create, &test_secret("planted", managed.clone(), Some(&not_controller))).await,
+            NOT_OWNED,
+            "creating a labelled Secret a directory owns but does not control",
+        );
+        let mut other_group = acme_ref.clone();
+        other_group["apiVersion"] = json!("scim.example.com/v1alpha1");
+        refused_by_policy(
+            team_secrets.create(&create, &test_secret("planted", managed.clone(), Some(&other_group))).await,
+            NOT_OWNED,
+            "creating a labelled Secret controlled by another group's ScimDirectory",
+        );
+        let dry_run = PostParams { dry_run: true, ..PostParams::default() };
+        team_secrets
+            .create(&dry_run, &test_secret("planted", managed.clone(), Some(&acme_ref)))
+            .await
+            .expect("the policy admits a labelled Secret a directory controls (dry run)");
 
-    let log = std::fs::read_to_string(&team.log).unwrap();
-    assert!(!log.to_lowercase().contains("forbidden"), "the operator was never refused:\n{log}");
-    team.assert_log_clean().await;
-    other.assert_log_clean().await;
+        // Deleting, re-parenting and dropping ownerReferences are already refused by RBAC (no delete) and, on
+        // this control plane, by OwnerReferencesPermissionEnforcement (changing ownerReferences needs delete).
+        // A cluster without that plugin, or with a broader Role, has neither: grant delete on Secrets for a
+        // moment, so that the policy alone stands in the way.
+        let grant_roles: Api<Role> = Api::namespaced(admin.clone(), team_ns);
+        let grant_bindings: Api<RoleBinding> = Api::namespaced(admin.clone(), team_ns);
+        let grant: Role = serde_json::from_value(json!({
+            "metadata": { "name": "test-delete-secrets" },
+            "rules": [{ "apiGroups": [""], "resources": ["secrets"], "verbs": ["delete"] }]
+        }))
+        .unwrap();
+        grant_roles.create(&create, &grant).await.unwrap();
+        let grant_binding: RoleBinding = serde_json::from_value(json!({
+            "metadata": { "name": "test-delete-secrets" },
+            "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "test-delete-secrets" },
+            "subjects": [{ "kind": "ServiceAccount", "name": fullname, "namespace": release_ns }]
+        }))
+        .unwrap();
+        grant_bindings.create(&create, &grant_binding).await.unwrap();
+        let reviews: Api<SelfSubjectAccessReview> = Api::all(as_operator.clone());
+        let review: SelfSubjectAccessReview = serde_json::from_value(json!({
+            "spec": { "resourceAttributes": { "namespace": team_ns, "verb": "delete", "resource": "secrets" } }
+        }))
+        .unwrap();
+        wait_for("the ServiceAccount may delete Secrets", Duration::from_secs(30), || async {
+            reviews.create(&create, &review).await.unwrap().status?.allowed.then_some(())
+        })
+        .await;
+        let versions = || async {
+            let taken = team.secrets().get("taken").await.unwrap().metadata.resource_version;
+            let acme = team.secrets().get("acme-scim-token").await.unwrap().metadata.resource_version;
+            (taken, acme)
+        };
+        let before = versions().await;
+        refused_by_policy(
+            team_secrets.delete("taken", &DeleteParams::default()).await,
+            DELETED,
+            "deleting a foreign Secret",
+        );
+        refused_by_policy(
+            team_secrets.delete("acme-scim-token", &DeleteParams::default()).await,
+            DELETED,
+            "deleting the operator's own Secret",
+        );
+        let takeover = json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": { "name": "taken", "labels": managed, "ownerReferences": [acme_ref] }
+        });
+        refused_by_policy(
+            team_secrets.patch("taken", &PatchParams::apply("intruder").force(), &Patch::Apply(&takeover)).await,
+            TAKEOVER,
+            "taking over a foreign Secret by applying the label and a controller ownerReference",
+        );
+        refused_by_policy(
+            team_secrets.patch("taken", &PatchParams::default(), &Patch::Merge(&takeover)).await,
+            TAKEOVER,
+            "taking over a foreign Secret with a merge patch",
+        );
+        let thief_ref = owner_of(&team.dirs().get("thief").await.unwrap());
+        refused_by_policy(
+            team_secrets
+                .patch(
+                    "acme-scim-token",
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({ "metadata": { "ownerReferences": [thief_ref] } })),
+                )
+                .await,
+            MOVED,
+            "moving the operator's Secret to another directory",
+        );
+        refused_by_policy(
+            team_secrets
+                .patch(
+                    "acme-scim-token",
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({ "metadata": { "ownerReferences": null } })),
+                )
+                .await,
+            NOT_OWNED,
+            "dropping the ownerReference of the operator's Secret",
+        );
+        team_secrets
+            .patch(
+                "acme-scim-token",
+                &PatchParams { dry_run: true, ..PatchParams::default() },
+                &Patch::Merge(json!({ "metadata": { "annotations": { "example.com/checked": "yes" } } })),
+            )
+            .await
+            .expect("the policy admits an update of the operator's own Secret (dry run)");
+        assert_eq!(versions().await, before, "the refused writes changed nothing");
+        grant_bindings.delete("test-delete-secrets", &DeleteParams::default()).await.unwrap();
+        grant_roles.delete("test-delete-secrets", &DeleteParams::default()).await.unwrap();
 
-    let (ok, _, err) = helm(cp, &["uninstall", release, "-n", &release_ns]);
-    assert!(ok, "{err}");
+        assert!(others.get("acme").await.unwrap().status.is_none(), "the outsider was never reconciled");
+        let log = std::fs::read_to_string(&team.log).unwrap();
+        assert!(!log.to_lowercase().contains("forbidden"), "the operator was never refused:\n{log}");
+    }
+
+    /// The verifier's ServiceAccount: list + watch on ScimDirectories, nothing else.
+    async fn verifier_may_only_watch_directories(&mut self) {
+        let release_ns = &self.release_ns;
+        let team_ns = &self.team_ns;
+        let team2_ns = &self.team2_ns;
+        let other_ns = &self.other_ns;
+        let as_verifier = &self.as_verifier;
+        let verifier = &mut self.verifier;
+        // The verifier's ServiceAccount: refused everything but list + watch on ScimDirectories.
+        refusals_of_the_verifier(as_verifier, team_ns, release_ns).await;
+        let verifier_rules = [("scim.tokenops.dev/scimdirectories: list,watch".to_string())].into();
+        for watched in [&team_ns, &team2_ns] {
+            assert_eq!(allowed_rules(as_verifier, watched).await, verifier_rules, "the verifier's rights in {watched}");
+        }
+        for elsewhere in [&release_ns, &other_ns] {
+            assert_eq!(
+                allowed_rules(as_verifier, elsewhere).await,
+                BTreeSet::new(),
+                "the verifier's rights in {elsewhere}"
+            );
+        }
+        let metrics = verifier.metrics();
+        assert!(
+            metrics.contains(&format!(
+                r#"scim_token_verifier_token_last_used_timestamp_seconds{{namespace="{team_ns}",name="acme",token="current"}}"#
+            )),
+            "{metrics}"
+        );
+        assert!(metrics.contains(r#"scim_token_verifier_requests_total{result="allowed"}"#), "{metrics}");
+        verifier.terminate().await;
+    }
+
+    /// Upgraded to watch every namespace: the operator and the verifier restarted as deployed.
+    async fn works_cluster_wide_after_an_upgrade(&mut self, requested: &str) {
+        let cp = self.cp;
+        let release = RELEASE;
+        let fullname = FULLNAME;
+        let admin = &self.admin;
+        let team = &self.team;
+        let release_ns = &self.release_ns;
+        let team_ns = &self.team_ns;
+        let other_ns = &self.other_ns;
+        let as_operator = &self.as_operator;
+        let as_verifier = &self.as_verifier;
+        let kubeconfig = &self.kubeconfig;
+        let verifier_kubeconfig = &self.verifier_kubeconfig;
+        let verifier_log = &self.verifier_log;
+        let create = PostParams::default();
+        let managed = json!({ "app.kubernetes.io/managed-by": "scim-token-operator" });
+        let verifier_rules: BTreeSet<String> = VERIFIER_RULES.iter().map(|r| (*r).to_owned()).collect();
+        let op = &mut self.op;
+        // Cluster-wide: upgrade to watch every namespace and restart as the new Deployment would.
+        let (team_rv, secret_rv) = (
+            team.dirs().get("acme").await.unwrap().metadata.resource_version,
+            team.secrets().get("acme-scim-token").await.unwrap().metadata.resource_version,
+        );
+        assert!(op.terminate().await.success(), "graceful shutdown");
+        let (ok, out, err) = helm(cp, &["upgrade", release, CHART, "-n", release_ns, "--reset-values"]);
+        assert!(ok, "helm upgrade: {err}{out}");
+        let roles: Api<Role> = Api::namespaced(admin.clone(), team_ns);
+        assert!(roles.get_opt(fullname).await.unwrap().is_none(), "the namespaced Role is gone");
+        let (_op, _) = start_as_deployed(cp, release, release_ns, kubeconfig, &team.log);
+        let other = Env { cp, client: admin.clone(), ns: other_ns.clone(), log: team.log.clone() };
+        other.wait_ready_reason("acme", "TokenIssued").await;
+        let outsider_token = other.token("acme-scim-token").await.expect("the outsider's token");
+        // The verifier, restarted from the upgraded release: its ClusterRole lets it see every namespace,
+        // still with nothing but list + watch on ScimDirectories.
+        let mut verifier = DeployedVerifier::start(cp, release, release_ns, verifier_kubeconfig, verifier_log);
+        verifier.wait_ready().await;
+        let allowed = verifier.wait_status(&outsider_token, 200, "the outsider's token accepted cluster-wide").await;
+        assert_eq!(allowed.header("x-scim-directory-namespace"), Some(other_ns.as_str()), "{allowed:?}");
+        assert_eq!(verifier.verify_token(requested, None).status, 200, "the team's token too");
+        refusals_of_the_verifier(as_verifier, other_ns, release_ns).await;
+        for namespace in [&team_ns, &other_ns, &release_ns] {
+            assert_eq!(allowed_rules(as_verifier, namespace).await, verifier_rules, "cluster-wide, in {namespace}");
+        }
+        verifier.terminate().await;
+        let log = std::fs::read_to_string(verifier_log).unwrap();
+        assert_eq!(
+            log.matches("index ready").count(),
+            2,
+            "{} holds both verifiers' output:\n{log}",
+            verifier_log.display()
+        );
+        for refused in ["forbidden", "failed", "error"] {
+            assert!(!log.to_lowercase().contains(refused), "the verifier was never refused ({refused}):\n{log}");
+        }
+        for seen in support::SEEN_TOKENS.lock().unwrap().iter().filter(|t| t.len() > 20) {
+            assert!(!log.contains(&seen[5..]), "a plaintext token appeared in {}", verifier_log.display());
+        }
+        // Cluster-wide RBAC lets the ServiceAccount create a Secret in any namespace: the policy still
+        // refuses it any Secret but the operator's own.
+        let other_secrets: Api<Secret> = Api::namespaced(as_operator.clone(), other_ns);
+        refused_by_policy(
+            other_secrets.create(&create, &test_secret("planted", json!({}), None)).await,
+            NOT_LABELLED,
+            "creating an unlabelled Secret, cluster-wide",
+        );
+        refused_by_policy(
+            other_secrets.create(&create, &test_secret("planted", managed.clone(), None)).await,
+            NOT_OWNED,
+            "creating a labelled Secret without an ownerReference, cluster-wide",
+        );
+        // The restarted operator re-derived everything from the cluster and wrote nothing for the team.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(team.dirs().get("acme").await.unwrap().metadata.resource_version, team_rv);
+        assert_eq!(team.secrets().get("acme-scim-token").await.unwrap().metadata.resource_version, secret_rv);
+        forbidden(
+            Api::<Secret>::namespaced(as_operator.clone(), other_ns)
+                .delete("acme-scim-token", &DeleteParams::default())
+                .await,
+            "deleting a Secret, cluster-wide too",
+        );
+        forbidden(
+            Api::<ConfigMap>::all(as_operator.clone()).list(&ListParams::default()).await,
+            "listing ConfigMaps cluster-wide",
+        );
+
+        let log = std::fs::read_to_string(&team.log).unwrap();
+        assert!(!log.to_lowercase().contains("forbidden"), "the operator was never refused:\n{log}");
+        team.assert_log_clean().await;
+        other.assert_log_clean().await;
+    }
 }
 
 // Why the chart's secret-write policy refuses what the operator never writes, and the record key's own
