@@ -8,6 +8,10 @@
 #                                              KUBEBUILDER_ASSETS lacks it, see below)
 #   envtest-assets.sh --helm                   prints the path of the helm to use (<dir>/helm, else
 #                                              helm on PATH, else one built into the cache)
+#   envtest-assets.sh --node                   prints the directory holding kube-scheduler, kubelet and
+#                                              kube-proxy (`cargo xtask cluster`), building the missing
+#                                              ones: <dir> itself when it is the cache or holds all
+#                                              three, else ${cache}/<version of its kube-apiserver>/
 #
 #   KUBEBUILDER_ASSETS set and holding kube-apiserver, etcd and kubectl -> used as is, the control plane
 #   is never built over it. helm is then taken from that directory, from PATH, or built into the cache;
@@ -27,8 +31,11 @@ set -euo pipefail
 K8S_VERSION="${ENVTEST_K8S_VERSION:-1.36.3}"
 ETCD_VERSION="${ENVTEST_ETCD_VERSION:-3.6.16}"
 HELM_VERSION="${ENVTEST_HELM_VERSION:-3.22.0}"
-# The commands built from k8s.io/kubernetes (all of them are resolved together, whichever are built).
+# The commands built from k8s.io/kubernetes for the test control plane, and those a node adds
+# (`--node`, on demand only: the test control plane never needs them). All of them are resolved
+# together in one generated module, whichever are built, so they share one dependency graph.
 K8S_BINARIES=(kube-apiserver kubectl kube-controller-manager)
+NODE_BINARIES=(kube-scheduler kubelet kube-proxy)
 
 log() { printf 'envtest-assets: %s\n' "$*" >&2; }
 die() { printf 'envtest-assets: error: %s\n' "$*" >&2; exit 1; }
@@ -38,8 +45,9 @@ case "${1:-}" in
   "") ;;
   --controller-manager) mode=controller-manager ;;
   --helm) mode=helm ;;
+  --node) mode=node ;;
   -h | --help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
-  *) die "unknown argument ${1}; usage: $0 [--controller-manager | --helm]" ;;
+  *) die "unknown argument ${1}; usage: $0 [--controller-manager | --helm | --node]" ;;
 esac
 
 # emit ASSETS_DIR CONTROLLER_MANAGER_DIR: the one line of output.
@@ -125,9 +133,9 @@ build_k8s() {
   grep -q "=> k8s.io/api $staging_version" "$work/go.mod" || die "no staging replaces found in $gomod"
   (
     cd "$work"
-    log "resolving ${K8S_BINARIES[*]} dependencies"
+    log "resolving ${K8S_BINARIES[*]} ${NODE_BINARIES[*]} dependencies"
     local tools=()
-    for bin in "${K8S_BINARIES[@]}"; do tools+=("k8s.io/kubernetes/cmd/$bin@v$version"); done
+    for bin in "${K8S_BINARIES[@]}" "${NODE_BINARIES[@]}"; do tools+=("k8s.io/kubernetes/cmd/$bin@v$version"); done
     go get -tool "${tools[@]}" >&2
     local minor="${version#1.}"; minor="${minor%%.*}"
     local ld="-s -w" pkg
@@ -142,6 +150,36 @@ build_k8s() {
   ) || die "building $* failed (see above); set KUBEBUILDER_ASSETS to skip the build"
   for bin in "$@"; do mv "$out/$bin.tmp" "$out/$bin"; done
 }
+
+has_node() { local bin; for bin in "${NODE_BINARIES[@]}"; do [[ -x "$1/$bin" ]] || return 1; done; }
+
+# --node: the control plane first (this script without arguments), then the node's binaries beside it
+# or in the cache for that control plane's version.
+if [[ "$mode" == node ]]; then
+  dir="$(bash "$0")"
+  if has_node "$dir"; then
+    printf '%s\n' "$dir"
+    exit 0
+  fi
+  version="$K8S_VERSION"
+  if [[ "$dir" != "$dest" ]]; then
+    version="$("$dir/kube-apiserver" --version 2>/dev/null | sed -n 's/^Kubernetes v\([0-9]*\.[0-9]*\.[0-9]*\)$/\1/p')"
+    [[ -n "$version" ]] || die "cannot tell the version of $dir/kube-apiserver; put ${NODE_BINARIES[*]} of its version beside it"
+    dir="$cache_root/$version"
+  fi
+  if ! has_node "$dir"; then
+    lock
+    missing=()
+    for bin in "${NODE_BINARIES[@]}"; do [[ -x "$dir/$bin" ]] || missing+=("$bin"); done
+    if ((${#missing[@]})); then
+      started=$SECONDS
+      build_k8s "$version" "$dir" "${missing[@]}"
+      log "built ${missing[*]} in $((SECONDS - started))s into $dir"
+    fi
+  fi
+  printf '%s\n' "$dir"
+  exit 0
+fi
 
 # 1. A user-provided asset directory wins; we never build the control plane over it.
 if [[ -n "${KUBEBUILDER_ASSETS:-}" ]]; then

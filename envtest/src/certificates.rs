@@ -31,7 +31,9 @@ fn new_ca(common_name: &str) -> Result<(String, Issuer<'static, KeyPair>)> {
 }
 
 impl Pki {
-    pub(crate) fn generate() -> Result<Pki> {
+    /// `extra_sans`: more names or addresses the API server's serving certificate covers (a node's
+    /// address and the `kubernetes` Service's ClusterIP, see [`crate::Cluster`]).
+    pub(crate) fn generate(extra_sans: &[String]) -> Result<Pki> {
         let (ca, ca_issuer) = new_ca("scim-envtest-ca")?;
         let (client_ca, client_ca_issuer) = new_ca("scim-envtest-client-ca")?;
 
@@ -47,7 +49,9 @@ impl Pki {
                 "10.0.0.1",
             ]
             .map(String::from)
-            .to_vec(),
+            .into_iter()
+            .chain(extra_sans.iter().cloned())
+            .collect::<Vec<_>>(),
         )?;
         serving.distinguished_name.push(DnType::CommonName, "kube-apiserver");
         serving.key_usages = vec![KeyUsagePurpose::DigitalSignature];

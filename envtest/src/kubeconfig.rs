@@ -76,7 +76,7 @@ mod tests {
 
     #[test]
     fn kubeconfig_parses() {
-        let pki = crate::certificates::Pki::generate().unwrap();
+        let pki = crate::certificates::Pki::generate(&[]).unwrap();
         let kc = Kubeconfig::from_yaml(&pki.kubeconfig("https://127.0.0.1:1234")).unwrap();
         assert_eq!(kc.current_context.as_deref(), Some("envtest"));
         let cluster = kc.clusters[0].cluster.as_ref().unwrap();

@@ -45,7 +45,7 @@ mod processes;
 
 use std::path::{Path, PathBuf};
 
-pub use control_plane::{ControlPlane, Options, StartupTimings};
+pub use control_plane::{Cluster, ControlPlane, Options, StartupTimings};
 
 /// Prefix of the temporary directories (also used to clean up after killed test processes).
 const TMP_PREFIX: &str = "scim-envtest-";

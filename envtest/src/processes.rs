@@ -157,6 +157,17 @@ impl Processes {
         true
     }
 
+    /// SIGTERM the process group of the process named `name`, SIGKILL after [`STOP_GRACE`], reap it.
+    /// Returns whether one was running.
+    pub(crate) fn stop(&self, name: &str) -> bool {
+        let mut procs = lock(&self.0);
+        let Some(i) = procs.iter().position(|p| p.name == name) else { return false };
+        let mut p = procs.remove(i);
+        drop(procs);
+        stop(&mut p.child);
+        true
+    }
+
     /// The pid of the process named `name`, if it runs.
     pub(crate) fn pid(&self, name: &str) -> Option<u32> {
         lock(&self.0).iter().find(|p| p.name == name).map(|p| p.child.id())

@@ -649,13 +649,13 @@ pub(crate) fn check_files(listing: &str, binary: &str) -> anyhow::Result<()> {
 }
 
 /// A `crane registry serve` on 127.0.0.1 (in memory), stopped when dropped.
-struct Registry {
+pub(crate) struct Registry {
     child: Child,
-    address: String,
+    pub(crate) address: String,
 }
 
 impl Registry {
-    fn start(crane: &Path) -> anyhow::Result<Self> {
+    pub(crate) fn start(crane: &Path) -> anyhow::Result<Self> {
         let mut child = Command::new(crane)
             .args(["registry", "serve", "--address", "127.0.0.1:0"])
             .stdout(Stdio::null())
@@ -690,13 +690,13 @@ impl Drop for Registry {
     }
 }
 
-fn output(cmd: &mut Command) -> anyhow::Result<String> {
+pub(crate) fn output(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd.stderr(Stdio::piped()).output().with_context(|| format!("running {cmd:?}"))?;
     ensure!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
     Ok(String::from_utf8(out.stdout)?)
 }
 
-fn run_quiet(cmd: &mut Command) -> anyhow::Result<()> {
+pub(crate) fn run_quiet(cmd: &mut Command) -> anyhow::Result<()> {
     output(cmd.stdout(Stdio::piped())).map(drop)
 }
 

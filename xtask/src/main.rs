@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask demo [--once]`, `cargo xtask bench [...]`, `cargo xtask bench-verify [...]` and
-//! `cargo xtask chaos [...]` (crash safety under faults, docs/reliability.md) and `cargo xtask image` (the
-//! container image as an OCI archive, without a Docker engine); `--help` on each.
+//! `cargo xtask chaos [...]` (crash safety under faults, docs/reliability.md), `cargo xtask image` (the
+//! container image as an OCI archive, without a Docker engine) and `cargo xtask cluster up|down` (a real
+//! single-node cluster on this machine); `--help` on each.
 //!
 //! `demo` is the operator's main job end to end on a fresh machine: it builds (or finds) a local
 //! kube-apiserver + etcd, installs the CRD, runs the operator, applies an example with the real
@@ -16,6 +17,7 @@ use envtest::ControlPlane;
 mod bench;
 mod bench_verify;
 mod chaos;
+mod cluster;
 mod image;
 
 /// Project tasks.
@@ -32,6 +34,7 @@ enum Task {
     BenchVerify(bench_verify::Options),
     Chaos(chaos::Options),
     Image(image::Options),
+    Cluster(cluster::Options),
 }
 
 #[tokio::main]
@@ -42,6 +45,7 @@ async fn main() -> anyhow::Result<()> {
         Task::BenchVerify(o) => bench_verify::run(usable("bench-verify", o.validate())).await,
         Task::Chaos(o) => chaos_main(usable("chaos", o.validate())).await,
         Task::Image(o) => image::run(&o),
+        Task::Cluster(o) => cluster::run(o).await,
     }
 }
 

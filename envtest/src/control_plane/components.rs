@@ -23,6 +23,8 @@ pub(crate) struct Components {
     /// The audit policy file, when auditing is on (events go to [`Components::audit_log`]).
     pub(crate) audit_policy: Option<PathBuf>,
     pub(crate) extra_apiserver_args: Vec<String>,
+    /// A real cluster's control plane rather than the test harness's ([`crate::Cluster`]).
+    pub(crate) cluster: Option<crate::Cluster>,
 }
 
 impl Components {
@@ -62,31 +64,50 @@ impl Components {
     pub(crate) fn apiserver(&self) -> Command {
         let pki = |name: &str| self.pki_dir.join(name).display().to_string();
         let mut apiserver = Command::new(&self.apiserver_bin);
+        let address = self.cluster.as_ref().map_or("127.0.0.1".to_string(), |c| c.address.to_string());
         apiserver
             .arg(format!("--etcd-servers={}", self.etcd_url()))
             .arg(format!("--secure-port={}", self.apiserver_port))
-            .arg("--bind-address=127.0.0.1")
-            .arg("--advertise-address=127.0.0.1")
+            .arg(format!("--bind-address={address}"))
+            .arg(format!("--advertise-address={address}"))
             .arg(format!("--cert-dir={}", self.root.join("apiserver-certs").display()))
             .arg(format!("--tls-cert-file={}", pki("apiserver.crt")))
             .arg(format!("--tls-private-key-file={}", pki("apiserver.key")))
             .arg(format!("--client-ca-file={}", pki("client-ca.crt")))
-            .arg("--authorization-mode=RBAC")
-            .arg("--service-cluster-ip-range=10.0.0.0/24")
-            .arg("--allow-privileged=true")
-            // The controller-manager runs only the garbage collector, so nothing would create the
-            // token the ServiceAccount admission plugin waits for.
-            .arg("--disable-admission-plugins=ServiceAccount")
-            // As on OpenShift and other hardened clusters: setting blockOwnerDeletion on an
-            // ownerReference requires permission to update the owner's finalizers, so RBAC tests
-            // prove that rule is needed rather than assume it.
-            .arg("--enable-admission-plugins=OwnerReferencesPermissionEnforcement")
+            .arg("--allow-privileged=true");
+        match &self.cluster {
+            None => {
+                apiserver
+                    .arg("--authorization-mode=RBAC")
+                    .arg("--service-cluster-ip-range=10.0.0.0/24")
+                    // The controller-manager runs only the garbage collector, so nothing would create
+                    // the token the ServiceAccount admission plugin waits for.
+                    .arg("--disable-admission-plugins=ServiceAccount")
+                    // As on OpenShift and other hardened clusters: setting blockOwnerDeletion on an
+                    // ownerReference requires permission to update the owner's finalizers, so RBAC
+                    // tests prove that rule is needed rather than assume it.
+                    .arg("--enable-admission-plugins=OwnerReferencesPermissionEnforcement")
+                    // 127.0.0.1 is not a valid Endpoints address, so the default lease reconciler
+                    // would log an error every 10 s; nothing here consumes the `kubernetes` Endpoints.
+                    .arg("--endpoint-reconciler-type=none");
+            }
+            Some(cluster) => {
+                apiserver
+                    // The kubelet authenticates as system:node:<name> (group system:nodes).
+                    .arg("--authorization-mode=Node,RBAC")
+                    .arg(format!("--service-cluster-ip-range={}", cluster.service_cidr))
+                    .arg("--enable-admission-plugins=NodeRestriction,OwnerReferencesPermissionEnforcement")
+                    // logs, exec and port-forward: kube-apiserver calls the kubelet as the admin,
+                    // whose client CA the kubelet trusts.
+                    .arg(format!("--kubelet-client-certificate={}", pki("admin.crt")))
+                    .arg(format!("--kubelet-client-key={}", pki("admin.key")))
+                    .arg("--kubelet-preferred-address-types=InternalIP");
+            }
+        }
+        apiserver
             .arg(format!("--service-account-key-file={}", pki("sa.pub")))
             .arg(format!("--service-account-signing-key-file={}", pki("sa.key")))
             .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
-            // 127.0.0.1 is not a valid Endpoints address, so the default lease reconciler would log
-            // an error every 10 s; nothing here consumes the `kubernetes` Endpoints anyway.
-            .arg("--endpoint-reconciler-type=none")
             .arg("--enable-priority-and-fairness=false")
             .arg("--profiling=false")
             .current_dir(&self.root);

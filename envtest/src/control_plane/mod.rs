@@ -26,6 +26,27 @@ pub struct Options {
     /// Extra kube-apiserver flags, after the harness's own (for a repeated flag the last one wins);
     /// they are kept across restarts.
     pub apiserver_args: Vec<String>,
+    /// The control plane of a real cluster with a node (`cargo xtask cluster`) instead of the test
+    /// harness's: see [`Cluster`].
+    pub cluster: Option<Cluster>,
+}
+
+/// What changes when the control plane serves a real node rather than tests alone: kube-apiserver
+/// binds and advertises `address` (pods reach it there through the `kubernetes` Service, whose
+/// `ClusterIP` is the first address of `service_cidr`; its serving certificate covers both), and the
+/// `kubernetes` Endpoints point at it; authorization is `Node,RBAC` with the `NodeRestriction` and
+/// `ServiceAccount` admission plugins (pods get service-account tokens); kube-controller-manager runs
+/// every default controller (deployments, endpoint slices, service accounts, `kube-root-ca.crt`, …)
+/// with the service-account signing key and the serving CA; and no CRD is installed (a cluster starts
+/// empty, a chart brings its own).
+#[derive(Clone, Debug)]
+pub struct Cluster {
+    /// An address on an interface of this machine that pods can reach (e.g. a bridge's).
+    pub address: std::net::Ipv4Addr,
+    /// `--service-cluster-ip-range`, e.g. `198.19.0.0/24`.
+    pub service_cidr: String,
+    /// The first address of `service_cidr` (the `kubernetes` Service's ClusterIP).
+    pub kubernetes_service_ip: std::net::Ipv4Addr,
 }
 
 /// How long each phase of [`ControlPlane::start`] took.
@@ -136,6 +157,35 @@ impl ControlPlane {
     /// kube-controller-manager's stdout and stderr (the garbage collector's log).
     pub fn controller_manager_log_path(&self) -> &Path {
         &self.controller_manager_log_path
+    }
+
+    /// Start `cmd` as one more supervised process named `name` (stdout and stderr appended to `log`):
+    /// it gets its own process group, dies with this process (`PR_SET_PDEATHSIG`) and is stopped,
+    /// newest first, with the control plane. For the components of a node (`cargo xtask cluster`).
+    pub fn spawn(&self, name: &'static str, cmd: std::process::Command, log: &Path) -> anyhow::Result<()> {
+        self.processes.spawn(name, cmd, log)
+    }
+
+    /// SIGTERM the process group of the supervised process `name`, SIGKILL after a grace period,
+    /// and reap it. Returns whether one was running.
+    pub fn stop(&self, name: &str) -> bool {
+        self.processes.stop(name)
+    }
+
+    /// Poll `check` until it returns `Ok(true)`, failing after `timeout` (with the tail of every
+    /// supervised process's log) or as soon as a supervised process exits.
+    pub async fn wait_until<F, Fut>(&self, what: &str, timeout: Duration, check: F) -> anyhow::Result<()>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<bool>>,
+    {
+        crate::processes::wait_until(what, timeout, &self.processes, check).await
+    }
+
+    /// A file of the generated PKI (PEM): `ca.crt` (the serving CA clients trust), `client-ca.crt`,
+    /// `admin.crt`, `admin.key`, `apiserver.crt`, `apiserver.key`, `sa.pub`, `sa.key`.
+    pub fn pki_file(&self, name: &str) -> PathBuf {
+        self.root.join("pki").join(name)
     }
 
     /// Stop the processes and remove the temporary directory. Idempotent; also done on drop and,

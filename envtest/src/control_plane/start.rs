@@ -55,7 +55,11 @@ impl ControlPlane {
         let root = tmp.path().to_path_buf();
         std::fs::write(root.join("owner.pid"), std::process::id().to_string())?;
 
-        let pki = Pki::generate().context("generating certificates")?;
+        let extra_sans = match &options.cluster {
+            Some(c) => vec![c.address.to_string(), c.kubernetes_service_ip.to_string()],
+            None => Vec::new(),
+        };
+        let pki = Pki::generate(&extra_sans).context("generating certificates")?;
         let pki_dir = root.join("pki");
         std::fs::create_dir_all(&pki_dir)?;
         let write = |name: &str, contents: &str| -> Result<PathBuf> {
@@ -82,7 +86,8 @@ impl ControlPlane {
         };
 
         let [etcd_client_port, etcd_peer_port, apiserver_port, controller_manager_port] = free_ports()?;
-        let server_url = format!("https://127.0.0.1:{apiserver_port}");
+        let host = options.cluster.as_ref().map_or("127.0.0.1".to_string(), |c| c.address.to_string());
+        let server_url = format!("https://{host}:{apiserver_port}");
         let components = Components {
             etcd_bin,
             apiserver_bin,
@@ -93,6 +98,7 @@ impl ControlPlane {
             apiserver_port,
             audit_policy,
             extra_apiserver_args: options.apiserver_args.clone(),
+            cluster: options.cluster.clone(),
         };
 
         let processes = Processes::default();
@@ -152,10 +158,9 @@ impl ControlPlane {
         };
 
         let crd_dir = workspace_root().join("crds");
-        let (_, established) = cp
-            .install_crds(&read_crds(&crd_dir)?)
-            .await
-            .with_context(|| format!("installing the CRDs from {}", crd_dir.display()))?;
+        let crds = if options.cluster.is_some() { Vec::new() } else { read_crds(&crd_dir)? };
+        let (_, established) =
+            cp.install_crds(&crds).await.with_context(|| format!("installing the CRDs from {}", crd_dir.display()))?;
         // The garbage collector discovers the served resources when it starts and then only every
         // 30 s: starting it once the CRDs are served lets it collect their dependents right away.
         // Its start-up overlaps the create delay of the new CRDs, which is waited out afterwards.
@@ -181,9 +186,17 @@ impl ControlPlane {
         serving_key: &Path,
     ) -> Result<Duration> {
         let mut cmd = Command::new(bin);
-        cmd.arg(format!("--kubeconfig={}", self.kubeconfig_path.display()))
-            .arg("--controllers=garbage-collector-controller")
-            .arg("--leader-elect=false")
+        cmd.arg(format!("--kubeconfig={}", self.kubeconfig_path.display()));
+        if self.components.cluster.is_some() {
+            // Every default controller; service-account tokens signed with the API server's key, and
+            // the CA pods trust (the `kube-root-ca.crt` ConfigMaps) is the serving CA.
+            cmd.arg("--controllers=*")
+                .arg(format!("--service-account-private-key-file={}", self.components.pki_dir.join("sa.key").display()))
+                .arg(format!("--root-ca-file={}", self.components.pki_dir.join("ca.crt").display()));
+        } else {
+            cmd.arg("--controllers=garbage-collector-controller");
+        }
+        cmd.arg("--leader-elect=false")
             // Every controller uses the admin credentials of --kubeconfig: no service accounts,
             // tokens or RBAC bindings are needed.
             .arg("--use-service-account-credentials=false")

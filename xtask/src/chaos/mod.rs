@@ -272,6 +272,7 @@ pub(crate) async fn run(o: &Options, operator_bin: &Path) -> anyhow::Result<Repo
             // cache starts empty after a restart and refuses to resume an older watch (410), which
             // would hide token versions from the independent watch. ScimDirectories keep the cache.
             apiserver_args: vec!["--watch-cache-sizes=secrets#0".into()],
+            ..envtest::Options::default()
         })
         .await?,
     ));
