@@ -14,6 +14,26 @@ cd "$(dirname "$0")/.."
 die() { printf 'node-test.sh: error: %s\n' "$*" >&2; exit 1; }
 log() { printf 'node-test.sh: %s\n' "$*" >&2; }
 
+# What the node needs from Debian, installed here when missing (the test command must set up a fresh
+# machine): containerd and runc run the pods, the CNI plugins wire them, iptables/conntrack serve
+# kube-proxy, gcc -static builds the pause binary.
+missing=()
+for pair in containerd:containerd runc:runc /usr/lib/cni/bridge:containernetworking-plugins \
+  iptables:iptables conntrack:conntrack gcc:gcc curl:curl flock:util-linux; do
+  probe="${pair%%:*}" package="${pair#*:}"
+  if [[ "$probe" == /* ]]; then [[ -e "$probe" ]] && continue; else command -v "$probe" >/dev/null 2>&1 && continue; fi
+  missing+=("$package")
+done
+if ((${#missing[@]})); then
+  ((EUID == 0)) || die "missing ${missing[*]}: run as root, or apt-get install ${missing[*]}"
+  command -v apt-get >/dev/null 2>&1 || die "missing ${missing[*]} and no apt-get (a Debian machine is expected)"
+  log "installing ${missing[*]} (apt-get)"
+  if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >&2; then
+    apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >&2 \
+      || die "apt-get install ${missing[*]} failed"
+  fi
+fi
+
 archive="${1:-${CARGO_TARGET_DIR:-target}/image-check/scim-token-operator.tar}"
 [[ -f "$archive" ]] || die "$archive does not exist: run cargo xtask image first"
 # The image's name inside the archive (crane writes a Docker archive: manifest.json's RepoTags).
