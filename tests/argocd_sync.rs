@@ -228,6 +228,9 @@ async fn rotation_generation_commit_rotates_once() {
 async fn rotate_action_patch_survives_self_heal() {
     let (case, revision) = Case::start("argo-action", &[("acme.yaml", &example("basic.yaml"))]).await;
     let before = case.env.token("acme-scim-token").await.expect("acme's token");
+    // Label tracking and server-side apply leave no annotation: the action adds a whole new map.
+    let live = case.env.dirs().get("acme").await.unwrap();
+    assert_eq!(live.metadata.annotations.unwrap_or_default(), Default::default(), "no annotations before");
 
     let value = "2026-06-01T12:00:00Z";
     let patch = json!({ "metadata": { "annotations": { "scim.tokenops.dev/rotate": value } } }).to_string();
