@@ -13,7 +13,8 @@
 #                                   build stops with that message.
 #
 # Cache: ${XDG_CACHE_HOME:-$HOME/.cache}/scim-token-operator/argocd-engine/v<version>-<digest>/
-#   argocd-engine    the binary; <digest> covers argocd/engine/*.go, this script and the Go version,
+#   argocd-engine    the binary; <digest> covers argocd/engine/*.go, this script, hack/lib/argocd-module.sh
+#                    (the wrapper module, shared with hack/argocd.sh) and the Go version,
 #                    so a change to any of them builds anew. A complete build is marked by a stamp
 #                    file; later runs check the stamp only (milliseconds). The last three builds of a
 #                    release are kept.
@@ -37,24 +38,18 @@ case "${1:-}" in
   *) die "unknown argument ${1}; usage: $0" ;;
 esac
 
-version="${ARGOCD_ENGINE_VERSION:-2.14.21}"
-version="v${version#v}"
-case "$version" in
-  v2.*) module=github.com/argoproj/argo-cd/v2 tags= ;;
-  v3.*) module=github.com/argoproj/argo-cd/v3 tags=argocd_v3 ;;
-  *) die "ARGOCD_ENGINE_VERSION=$version: only Argo CD v2.x and v3.x are supported" ;;
-esac
-
 here="$(cd "$(dirname "$0")/.." && pwd)"
 src="$here/argocd/engine"
 [[ -f "$src/main.go" ]] || die "$src/main.go is missing"
+# shellcheck source=hack/lib/argocd-module.sh
+source "$here/hack/lib/argocd-module.sh"
 
-command -v go >/dev/null 2>&1 || die "Go is not installed. Install Go >= 1.24 (https://go.dev/doc/install): the
-  Argo CD engine is built from the Go module proxy (see this script's header)."
-export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-buildvcs=false
-go_version="$(go env GOVERSION)"
+argocd_module "${ARGOCD_ENGINE_VERSION:-2.14.21}"
+version="$ARGOCD_VERSION" module="$ARGOCD_MODULE" tags="$ARGOCD_TAGS"
+argocd_go_env
+go_version="$GO_VERSION"
 
-digest="$( { cat "$src"/*.go "$0"; echo "$go_version"; } | sha256sum | cut -c1-12)"
+digest="$( { cat "$src"/*.go "$0" "$here/hack/lib/argocd-module.sh"; echo "$go_version"; } | sha256sum | cut -c1-12)"
 cache_root="${XDG_CACHE_HOME:-$HOME/.cache}/scim-token-operator/argocd-engine"
 dest="$cache_root/$version-$digest"
 bin="$dest/argocd-engine"
@@ -68,14 +63,7 @@ if complete; then
 fi
 
 # Serialize builds: several test binaries and checkouts may ask at once. Re-check after the lock.
-mkdir -p "$cache_root"
-if command -v flock >/dev/null 2>&1; then
-  exec 9>"$cache_root/.lock"
-  if ! flock -n 9; then
-    log "waiting for another argocd-engine.sh to finish building"
-    flock 9
-  fi
-fi
+argocd_lock "$cache_root"
 if complete; then
   printf '%s\n' "$bin"
   exit 0
@@ -87,33 +75,8 @@ rm -rf "$work"
 mkdir -p "$work"
 cd "$work"
 
-log "resolving $module@$version"
-info="$(go mod download -json "$module@$version")" \
-  || die "could not download $module@$version from the Go module proxy"
-gomod="$(sed -n 's/.*"GoMod": "\(.*\)".*/\1/p' <<<"$info")"
-moddir="$(sed -n 's/.*"Dir": "\(.*\)".*/\1/p' <<<"$info")"
-[[ -f "$gomod" && -d "$moddir" ]] || die "go mod download did not give the go.mod and sources of $module@$version"
-
-# Argo CD's replace directives, verbatim: the block form `replace ( ... )` and single `replace x => y`
-# lines. A local path (`=> ./dir`) only works inside Argo CD's own repository.
-replaces="$(sed -n '/^replace[[:space:]]*($/,/^)/{/^replace/d;/^)/d;p}; s/^replace[[:space:]]\{1,\}\([^(].*=>.*\)$/\t\1/p' "$gomod")"
-if grep -Eq '=>[[:space:]]*\.{1,2}/' <<<"$replaces"; then
-  die "Argo CD $version replaces a module with a local directory in its go.mod:
-$(grep -E '=>[[:space:]]*\.{1,2}/' <<<"$replaces")
-  It cannot be built from the Go module proxy; choose a release without such a replace (v2.x, v3.0-v3.2)."
-fi
-
-{
-  echo "module scim-token-operator/argocd-engine"
-  echo
-  echo "go $(sed 's/^go//; s/^\([0-9]*\.[0-9]*\).*/\1/' <<<"$go_version")"
-  echo
-  echo "require $module $version"
-  echo
-  echo "replace ("
-  printf '%s\n' "$replaces"
-  echo ")"
-} >go.mod
+argocd_wrapper_gomod scim-token-operator/argocd-engine
+moddir="$ARGOCD_MODDIR"
 # The driver is written against the v2 import path; a v3 release only differs in the major version.
 for file in "$src"/*.go; do
   sed "s#github.com/argoproj/argo-cd/v2/#$module/#g" "$file" >"$(basename "$file")"

@@ -1,0 +1,333 @@
+//! GitOps with a real Argo CD (issue 26): Argo CD v2.14.21's application controller and repo server
+//! (`hack/argocd.sh`, built from the Go module proxy, cached) sync ScimDirectories from a Git
+//! repository on 127.0.0.1 to the test control plane, with the project's health check and `rotate`
+//! action installed into `argocd-cm` as docs/gitops.md says (tests/support/argocd.rs). Everything is
+//! asserted from Argo CD's own Application status and from the cluster.
+//!
+//! Each test syncs `examples/argocd/application-directories.yaml` (its syncPolicy verbatim: automated,
+//! selfHeal, no prune, CreateNamespace, ServerSideApply), pointed at the loopback repository, a branch
+//! and folder of its own (one test's commits never move another's revision) and its own namespace, in
+//! which the operator runs. The folder holds the repository's own
+//! `examples/*.yaml` directories.
+
+#[path = "support/argocd.rs"]
+mod argocd_support;
+mod support;
+
+use std::collections::BTreeSet;
+
+use std::time::Duration;
+
+use argocd_support::{ArgoCd, NAMESPACE, RECONCILIATION};
+use serde_json::{Value as Json, json};
+use support::{Env, Operator, wait_for};
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn example(file: &str) -> String {
+    std::fs::read_to_string(format!("{ROOT}/examples/{file}")).unwrap()
+}
+
+/// `examples/argocd/application-directories.yaml`, pointed at the loopback repository, branch and
+/// folder `name` and namespace `name`, named `name`.
+fn application(argo: &ArgoCd, name: &str) -> Json {
+    let text = std::fs::read_to_string(format!("{ROOT}/examples/argocd/application-directories.yaml")).unwrap();
+    let mut app: Json = serde_yaml::from_str(&text).unwrap();
+    app["metadata"]["name"] = json!(name);
+    app["metadata"]["namespace"] = json!(NAMESPACE);
+    app["spec"]["source"]["repoURL"] = json!(argo.repo_url);
+    app["spec"]["source"]["targetRevision"] = json!(name);
+    app["spec"]["source"]["path"] = json!(name);
+    app["spec"]["destination"]["namespace"] = json!(name);
+    app
+}
+
+fn sync_status(app: &Json) -> (&str, &str, &str) {
+    let s = &app["status"];
+    (
+        s["sync"]["status"].as_str().unwrap_or(""),
+        s["health"]["status"].as_str().unwrap_or(""),
+        s["sync"]["revision"].as_str().unwrap_or(""),
+    )
+}
+
+/// The ScimDirectory resources of the Application's status: (name, status, health, health message).
+fn directories(app: &Json) -> Vec<(String, String, String, String)> {
+    app["status"]["resources"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["kind"] == "ScimDirectory")
+        .map(|r| {
+            let s = |v: &Json| v.as_str().unwrap_or("").to_owned();
+            (s(&r["name"]), s(&r["status"]), s(&r["health"]["status"]), s(&r["health"]["message"]))
+        })
+        .collect()
+}
+
+/// Synced to `revision`, Healthy, with exactly the directories `names`, each Synced and Healthy.
+fn synced_healthy(app: &Json, revision: &str, names: &[&str]) -> bool {
+    let (sync, health, rev) = sync_status(app);
+    let dirs = directories(app);
+    sync == "Synced"
+        && health == "Healthy"
+        && rev == revision
+        && dirs.len() == names.len()
+        && dirs.iter().all(|(n, s, h, _)| names.contains(&n.as_str()) && s == "Synced" && h == "Healthy")
+}
+
+struct Case {
+    argo: &'static ArgoCd,
+    env: Env,
+    _operator: Operator,
+    /// The Application, its branch, its folder and the namespace: all named after the namespace.
+    app: String,
+}
+
+impl Case {
+    /// A namespace with the operator, a folder in Git holding `files`, and the Application syncing it;
+    /// returns once Argo CD says Synced and Healthy at that commit.
+    async fn start(prefix: &str, files: &[(&str, &str)]) -> (Case, String) {
+        let argo = ArgoCd::shared();
+        let env = Env::new(prefix).await;
+        let operator = env.operator(&[]);
+        let app = env.ns.clone();
+        let case = Case { argo, env, _operator: operator, app };
+        let added: Vec<(&str, Option<&str>)> = files.iter().map(|(f, c)| (*f, Some(*c))).collect();
+        let revision = case.commit(&added, "add directories");
+        argo.apply(&application(argo, &case.app));
+        let names: Vec<String> = files.iter().map(|(_, c)| name_of(c)).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        case.wait(&format!("Synced and Healthy at {revision}"), |a| synced_healthy(a, &revision, &names).then_some(()))
+            .await;
+        (case, revision)
+    }
+
+    async fn wait<T>(&self, what: &str, f: impl FnMut(&Json) -> Option<T>) -> T {
+        self.argo.wait_app(&self.app, what, SYNC_TIMEOUT, f).await
+    }
+
+    fn commit(&self, files: &[(&str, Option<&str>)], message: &str) -> String {
+        let owned: Vec<(String, Option<&str>)> = files.iter().map(|(f, c)| (format!("{}/{f}", self.app), *c)).collect();
+        let refs: Vec<(&str, Option<&str>)> = owned.iter().map(|(f, c)| (f.as_str(), *c)).collect();
+        self.argo.commit(&self.app, &refs, message)
+    }
+
+    /// Watches `cycles` periodic refreshes of the Application by the controller (every
+    /// `timeout.reconciliation`) and asserts `check` on its status all along.
+    async fn across_reconciliations(&self, cycles: usize, check: impl Fn(&Json)) {
+        let start = self.argo.refreshes(&self.app);
+        let timeout = RECONCILIATION * (cycles as u32 + 2) * 2;
+        self.argo
+            .wait_app(&self.app, &format!("{cycles} periodic refreshes"), timeout, |a| {
+                check(a);
+                (self.argo.refreshes(&self.app) >= start + cycles).then_some(())
+            })
+            .await;
+        // The status after the last refresh.
+        check(&self.argo.app(&self.app).unwrap());
+    }
+
+    /// The sync operations Argo CD has run: status.history's revisions.
+    fn history(app: &Json) -> Vec<String> {
+        app["status"]["history"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|h| h["revision"].as_str().unwrap_or("").to_owned())
+            .collect()
+    }
+
+    /// Events about directory `name` whose note contains `reason` (the operator's issue reasons).
+    async fn issues(&self, name: &str, reason: &str) -> usize {
+        self.env.events_for(name).await.iter().filter(|e| e.note.as_deref().unwrap_or("").contains(reason)).count()
+    }
+}
+
+fn name_of(manifest: &str) -> String {
+    let v: Json = serde_yaml::from_str(manifest).unwrap();
+    v["metadata"]["name"].as_str().unwrap().to_owned()
+}
+
+/// A directory that leaves everything to the CRD's defaults (`spec.rotationGeneration` defaults to 0).
+const MINIMAL: &str =
+    "apiVersion: scim.tokenops.dev/v1alpha1\nkind: ScimDirectory\nmetadata:\n  name: minimal\nspec: {}\n";
+
+/// An Application syncing ScimDirectories (the repository's own examples and one with only CRD
+/// defaults) is Synced and Healthy, and stays Synced, with no further sync, across several periodic
+/// reconciliations: nothing the CRD defaults, the operator (status, the Secret) or the API server set
+/// shows as a diff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synced_and_healthy_and_stays_synced() {
+    let files = [("acme.yaml", example("basic.yaml")), ("globex.yaml", example("with-expiry.yaml"))];
+    let mut files: Vec<(&str, &str)> = files.iter().map(|(f, c)| (*f, c.as_str())).collect();
+    files.push(("minimal.yaml", MINIMAL));
+    let (case, revision) = Case::start("argo-sync", &files).await;
+    assert!(case.argo.version.contains(" v2.14.21"), "Argo CD {}", case.argo.version);
+    let acme = case.env.token("acme-scim-token").await.expect("acme's token");
+    let globex = case.env.token("globex-scim-token").await.expect("globex's token");
+
+    let app = case.argo.app(&case.app).unwrap();
+    // The Secrets are the operator's, not Argo CD's: not among the Application's resources.
+    let kinds: BTreeSet<&str> =
+        app["status"]["resources"].as_array().unwrap().iter().filter_map(|r| r["kind"].as_str()).collect();
+    assert_eq!(kinds, BTreeSet::from(["ScimDirectory"]), "{app:#}");
+    for (name, _, _, message) in directories(&app) {
+        assert!(message.contains("issued"), "{name}'s health message is the operator's: {message}");
+    }
+
+    case.across_reconciliations(3, |a| {
+        assert!(synced_healthy(a, &revision, &["acme", "globex", "minimal"]), "left Synced/Healthy: {:#}", a["status"]);
+        assert_eq!(Case::history(a), vec![revision.clone()], "one sync only (no self-heal)");
+    })
+    .await;
+    assert_eq!(case.env.token("acme-scim-token").await.as_deref(), Some(acme.as_str()), "acme not rotated");
+    assert_eq!(case.env.token("globex-scim-token").await.as_deref(), Some(globex.as_str()), "globex not rotated");
+    let minimal = case.env.dirs().get("minimal").await.unwrap();
+    assert_eq!(minimal.spec.rotation_generation, 0, "defaulted by the CRD, not in Git");
+    case.env.assert_log_clean().await;
+}
+
+/// A commit that bumps `spec.rotationGeneration`: Argo CD syncs it, the operator rotates exactly once,
+/// the Application is Healthy again and stays so; later reconciliations rotate nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_generation_commit_rotates_once() {
+    let basic = example("basic.yaml");
+    let (case, first) = Case::start("argo-rotgen", &[("acme.yaml", &basic)]).await;
+    let before = case.env.token("acme-scim-token").await.expect("acme's token");
+
+    let bumped = basic.replace("rotationGeneration: 0", "rotationGeneration: 1");
+    assert_ne!(bumped, basic, "examples/basic.yaml sets rotationGeneration: 0");
+    let second = case.commit(&[("acme.yaml", Some(&bumped))], "rotate acme");
+    case.wait(&format!("Synced and Healthy at {second}"), |a| synced_healthy(a, &second, &["acme"]).then_some(()))
+        .await;
+    let dir = case.env.dirs().get("acme").await.unwrap();
+    assert_eq!(dir.status.as_ref().unwrap().observed_rotation_generation, Some(1));
+    let after = case.env.token("acme-scim-token").await.unwrap();
+    assert_ne!(after, before, "rotated");
+    let app = case.argo.app(&case.app).unwrap();
+    let message = &directories(&app)[0].3;
+    assert!(message.contains("RotationGenerationChanged"), "Argo CD shows the operator's message: {message}");
+
+    case.across_reconciliations(3, |a| {
+        assert!(synced_healthy(a, &second, &["acme"]), "left Synced/Healthy: {:#}", a["status"]);
+        assert_eq!(Case::history(a), vec![first.clone(), second.clone()], "one sync per commit");
+    })
+    .await;
+    assert_eq!(case.env.token("acme-scim-token").await.as_deref(), Some(after.as_str()), "rotated once only");
+    assert_eq!(case.issues("acme", "RotationGenerationChanged").await, 1, "one rotation Event");
+    case.env.assert_log_clean().await;
+}
+
+/// The `rotate` action's result, sent the way Argo CD's API server sends it (the JSON merge patch
+/// `{"metadata":{"annotations":{"scim.tokenops.dev/rotate":...}}}`, which tests/argocd.rs derives
+/// on Argo CD's engine): the operator rotates once, the Application shows Progressing only until then,
+/// and the automated sync with selfHeal neither removes the annotation nor rotates again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotate_action_patch_survives_self_heal() {
+    let (case, revision) = Case::start("argo-action", &[("acme.yaml", &example("basic.yaml"))]).await;
+    let before = case.env.token("acme-scim-token").await.expect("acme's token");
+    // Label tracking and server-side apply leave no annotation: the action adds a whole new map.
+    let live = case.env.dirs().get("acme").await.unwrap();
+    assert_eq!(live.metadata.annotations.unwrap_or_default(), Default::default(), "no annotations before");
+
+    let value = "2026-06-01T12:00:00Z";
+    let patch = json!({ "metadata": { "annotations": { "scim.tokenops.dev/rotate": value } } }).to_string();
+    let (ok, _, err) = case.env.kubectl(&["patch", "scimdirectory", "acme", "--type", "merge", "-p", &patch]);
+    assert!(ok, "{err}");
+    wait_for("the request handled", Duration::from_secs(30), || async {
+        let d = case.env.dirs().get("acme").await.ok()?;
+        (d.status?.last_rotation_request.as_deref() == Some(value)).then_some(())
+    })
+    .await;
+    let after = case.env.token("acme-scim-token").await.unwrap();
+    assert_ne!(after, before, "rotated");
+
+    case.wait("Healthy with the rotation", |a| {
+        let dirs = directories(a);
+        (synced_healthy(a, &revision, &["acme"]) && dirs[0].3.contains("RotationRequested")).then_some(())
+    })
+    .await;
+    case.across_reconciliations(3, |a| {
+        assert!(synced_healthy(a, &revision, &["acme"]), "left Synced/Healthy: {:#}", a["status"]);
+        assert_eq!(Case::history(a), vec![revision.clone()], "no self-heal sync");
+    })
+    .await;
+    let dir = case.env.dirs().get("acme").await.unwrap();
+    let annotations = dir.metadata.annotations.unwrap_or_default();
+    assert_eq!(annotations.get("scim.tokenops.dev/rotate").map(String::as_str), Some(value), "annotation kept");
+    assert_eq!(case.env.token("acme-scim-token").await.as_deref(), Some(after.as_str()), "rotated once only");
+    assert_eq!(case.issues("acme", "RotationRequested").await, 1, "one rotation Event");
+    case.env.assert_log_clean().await;
+}
+
+/// A directory whose Secret name is taken by a Secret that is not the operator's: Degraded in Argo CD,
+/// with the operator's message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secret_conflict_is_degraded_with_the_operators_message() {
+    let argo = ArgoCd::shared();
+    let env = Env::new("argo-conflict").await;
+    let (ok, _, err) = env.kubectl(&["create", "secret", "generic", "acme-scim-token", "--from-literal=token=theirs"]);
+    assert!(ok, "{err}");
+    let _operator = env.operator(&[]);
+    let revision =
+        argo.commit(&env.ns, &[(&format!("{}/acme.yaml", env.ns), Some(&example("basic.yaml")))], "conflict");
+    argo.apply(&application(argo, &env.ns));
+    let message = argo
+        .wait_app(&env.ns, "Degraded", SYNC_TIMEOUT, |a| {
+            let (sync, health, rev) = sync_status(a);
+            let dirs = directories(a);
+            (sync == "Synced" && health == "Degraded" && rev == revision && dirs.len() == 1 && dirs[0].2 == "Degraded")
+                .then(|| dirs[0].3.clone())
+        })
+        .await;
+    let dir = env.wait_ready_reason("acme", "SecretConflict").await;
+    assert_eq!(message, dir.ready_condition().unwrap().message, "Argo CD shows the operator's message");
+}
+
+/// Removing a directory from Git: with prune off (the example's policy) Argo CD only reports it; a sync
+/// with prune (what `argocd app sync --prune` has the API server write into the Application's
+/// `operation`) deletes it, and the garbage collector its Secret. The other directory is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_removes_the_directory_and_its_secret() {
+    let (case, first) = Case::start(
+        "argo-prune",
+        &[("acme.yaml", &example("basic.yaml")), ("globex.yaml", &example("with-expiry.yaml"))],
+    )
+    .await;
+    case.env.cp.garbage_collector().expect("the garbage collector runs");
+    let acme = case.env.token("acme-scim-token").await.unwrap();
+    assert!(case.env.token("globex-scim-token").await.is_some());
+
+    let second = case.commit(&[("globex.yaml", None)], "remove globex");
+    case.wait("globex requires pruning", |a| {
+        let (sync, _, rev) = sync_status(a);
+        let pending = a["status"]["resources"]
+            .as_array()?
+            .iter()
+            .any(|r| r["name"] == "globex" && r["requiresPruning"] == true && r["status"] == "OutOfSync");
+        (sync == "OutOfSync" && rev == second && pending).then_some(())
+    })
+    .await;
+    assert!(case.env.dirs().get_opt("globex").await.unwrap().is_some(), "prune off: not deleted by the auto-sync");
+
+    case.argo.patch_app(
+        &case.app,
+        &json!({ "operation": {
+            "initiatedBy": { "username": "tests" },
+            "sync": { "revision": second, "prune": true }
+        }}),
+    );
+    case.wait("Synced after the prune", |a| synced_healthy(a, &second, &["acme"]).then_some(())).await;
+    wait_for("globex and its Secret gone", Duration::from_secs(60), || async {
+        let dir = case.env.dirs().get_opt("globex").await.unwrap();
+        let secret = case.env.secrets().get_opt("globex-scim-token").await.unwrap();
+        (dir.is_none() && secret.is_none()).then_some(())
+    })
+    .await;
+    assert_eq!(case.env.token("acme-scim-token").await.as_deref(), Some(acme.as_str()), "acme untouched");
+    let app = case.argo.app(&case.app).unwrap();
+    assert_eq!(Case::history(&app).first(), Some(&first));
+    case.env.assert_log_clean().await;
+}
