@@ -11,18 +11,10 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use scim_token_operator::token::Token;
 use serde_json::json;
-use support::{Env, HttpResponse, Verifier, sha256, wait_for};
+use support::{Env, sha256, wait_for};
 
 fn directory(name: &str, spec: &str) -> String {
     format!("apiVersion: scim.tokenops.dev/v1alpha1\nkind: ScimDirectory\nmetadata:\n  name: {name}\nspec:\n{spec}")
-}
-
-fn check(v: &Verifier, token: &str) -> HttpResponse {
-    v.verify("/verify", &[("Authorization", &format!("Bearer {token}"))])
-}
-
-async fn wait_status(v: &Verifier, token: &str, status: u16, what: &str) {
-    wait_for(what, Duration::from_secs(30), || async { (check(v, token).status == status).then_some(()) }).await;
 }
 
 async fn annotate(env: &Env, secret: &str, annotations: serde_json::Value) {
@@ -63,7 +55,7 @@ async fn an_issue_record_the_operator_did_not_write_is_never_believed() {
     let globex = env.token("globex-scim-token").await.unwrap();
     let initech = env.token("initech-scim-token").await.unwrap();
     for token in [&acme, &globex, &initech] {
-        wait_status(&v, token, 200, "every first token accepted").await;
+        v.wait_status(token, 200, "every first token accepted").await;
     }
 
     // (a) The issue time moved 50 s ahead (within the clock-skew allowance) with the expiry consistent
@@ -80,8 +72,8 @@ async fn an_issue_record_the_operator_did_not_write_is_never_believed() {
     let acme2 = replaced(&env, "acme", &acme).await;
     let status = env.dirs().get("acme").await.unwrap().status.unwrap();
     assert!(status.token_issued_at.unwrap().0 >= issued && status.token_expires_at.unwrap().0 < pushed);
-    wait_status(&v, &acme, 401, "the token whose record was pushed out refused").await;
-    wait_status(&v, &acme2, 200, "its replacement accepted").await;
+    v.wait_status(&acme, 401, "the token whose record was pushed out refused").await;
+    v.wait_status(&acme2, 200, "its replacement accepted").await;
 
     // (b) A previous token added to a directory without rotationOverlap: never revived.
     let old = Token::generate();
@@ -97,7 +89,7 @@ async fn an_issue_record_the_operator_did_not_write_is_never_believed() {
     .await;
     let globex2 = replaced(&env, "globex", &globex).await;
     assert_eq!(env.dirs().get("globex").await.unwrap().status.unwrap().previous_token_hash, None);
-    assert_eq!(check(&v, old.expose()).status, 401, "the planted previous token is refused");
+    assert_eq!(v.check(old.expose()).status, 401, "the planted previous token is refused");
 
     // (c) A token of the tenant's choosing with a matching token-hash: not adopted as if the operator
     // had crashed after writing it.
@@ -109,8 +101,8 @@ async fn an_issue_record_the_operator_did_not_write_is_never_believed() {
     env.secrets().patch("globex-scim-token", &PatchParams::default(), &Patch::Merge(secret)).await.unwrap();
     let globex3 = replaced(&env, "globex", &globex2).await;
     assert_ne!(globex3, chosen.expose());
-    assert_eq!(check(&v, chosen.expose()).status, 401, "the chosen token is refused");
-    wait_status(&v, &globex3, 200, "the operator's replacement accepted").await;
+    assert_eq!(v.check(chosen.expose()).status, 401, "the chosen token is refused");
+    v.wait_status(&globex3, 200, "the operator's replacement accepted").await;
 
     // (d) acme's current hash planted as initech's previous one: acme is never locked out, and
     // initech's record is replaced.
@@ -123,7 +115,7 @@ async fn an_issue_record_the_operator_did_not_write_is_never_believed() {
     .await;
     let _ = replaced(&env, "initech", &initech).await;
     for _ in 0..10 {
-        let answer = check(&v, &acme2);
+        let answer = v.check(&acme2);
         assert_eq!(answer.status, 200, "acme's token keeps working");
         assert_eq!(answer.header("x-scim-directory-name"), Some("acme"));
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -152,7 +144,7 @@ async fn a_secret_cut_loose_from_its_directory_fails_closed() {
     env.wait_ready_reason("acme", "TokenIssued").await;
     v.wait_ready().await;
     let token = env.token("acme-scim-token").await.unwrap();
-    wait_status(&v, &token, 200, "the token accepted").await;
+    v.wait_status(&token, 200, "the token accepted").await;
 
     // The ownerReference stripped: the operator no longer owns the Secret, so it can neither rotate
     // nor revoke that token. The status drops it and the verifier refuses it.
@@ -161,7 +153,7 @@ async fn a_secret_cut_loose_from_its_directory_fails_closed() {
     let d = env.wait_ready_reason("acme", "SecretConflict").await;
     let status = d.status.unwrap();
     assert_eq!((status.token_hash, status.token_issued_at, status.observed_rotation_generation), (None, None, None));
-    wait_status(&v, &token, 401, "the token of a Secret the directory no longer owns refused").await;
+    v.wait_status(&token, 401, "the token of a Secret the directory no longer owns refused").await;
     assert_eq!(env.token("acme-scim-token").await.as_deref(), Some(token.as_str()), "the foreign Secret untouched");
 
     // Deleting the orphan lets the directory issue again.
@@ -174,8 +166,8 @@ async fn a_secret_cut_loose_from_its_directory_fails_closed() {
     })
     .await;
     assert_ne!(fresh, token);
-    wait_status(&v, &fresh, 200, "the new token accepted").await;
-    assert_eq!(check(&v, &token).status, 401);
+    v.wait_status(&fresh, 200, "the new token accepted").await;
+    assert_eq!(v.check(&token).status, 401);
     env.assert_log_clean().await;
 }
 

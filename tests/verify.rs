@@ -4,11 +4,11 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kube::api::DeleteParams;
 use scim_token_operator::token::Token;
-use support::{Env, HttpResponse, Verifier, sha256, wait_for};
+use support::{Env, sha256, wait_for};
 
 fn directory(name: &str, spec: &str) -> String {
     format!("apiVersion: scim.tokenops.dev/v1alpha1\nkind: ScimDirectory\nmetadata:\n  name: {name}\nspec:\n{spec}")
@@ -16,17 +16,6 @@ fn directory(name: &str, spec: &str) -> String {
 
 fn bearer(token: &str) -> String {
     format!("Bearer {token}")
-}
-
-fn check(v: &Verifier, token: &str) -> HttpResponse {
-    v.verify("/verify", &[("Authorization", &bearer(token))])
-}
-
-/// Waits until `token` gets `status` from the verifier; returns how long that took.
-async fn wait_status(v: &Verifier, token: &str, status: u16, what: &str) -> Duration {
-    let started = Instant::now();
-    wait_for(what, Duration::from_secs(30), || async { (check(v, token).status == status).then_some(()) }).await;
-    started.elapsed()
 }
 
 /// The token that replaces `old` in `secret`.
@@ -47,11 +36,11 @@ async fn the_verifier_authenticates_by_hash_and_follows_rotations() {
     v.wait_ready().await;
     let acme = env.token("acme-scim-token").await.unwrap();
     let globex = env.token("globex-scim-token").await.unwrap();
-    wait_status(&v, &acme, 200, "acme's token accepted").await;
-    wait_status(&v, &globex, 200, "globex's token accepted").await;
+    v.wait_status(&acme, 200, "acme's token accepted").await;
+    v.wait_status(&globex, 200, "globex's token accepted").await;
 
     // Allowed: the directory is named for the proxy to pass upstream; never cached.
-    let ok = check(&v, &acme);
+    let ok = v.check(&acme);
     assert_eq!(ok.header("x-scim-directory-namespace"), Some(env.ns.as_str()));
     assert_eq!(ok.header("x-scim-directory-name"), Some("acme"));
     assert_eq!(ok.header("cache-control"), Some("no-store"));
@@ -98,9 +87,9 @@ async fn the_verifier_authenticates_by_hash_and_follows_rotations() {
     let (ok, _, err) = env.kubectl(&["annotate", "scimdir", "acme", "scim.tokenops.dev/rotate=r1"]);
     assert!(ok, "{err}");
     let acme2 = next_token(&env, "acme-scim-token", &acme).await;
-    let took = wait_status(&v, &acme, 401, "the rotated-out token refused").await;
+    let took = v.wait_status(&acme, 401, "the rotated-out token refused").await;
     assert!(took < Duration::from_secs(1), "old token refused {took:?} after the new one was written");
-    assert_eq!(check(&v, &acme2).status, 200);
+    assert_eq!(v.check(&acme2).status, 200);
 
     // Rotation with an overlap: both work until its end, then only the new one.
     let (ok, _, err) = env.kubectl(&["annotate", "scimdir", "globex", "scim.tokenops.dev/rotate=r1"]);
@@ -114,34 +103,34 @@ async fn the_verifier_authenticates_by_hash_and_follows_rotations() {
     let status = d.status.unwrap();
     assert_eq!(status.previous_token_hash.as_deref(), Some(sha256(&globex).as_str()));
     let until = status.previous_token_valid_until.unwrap().0;
-    wait_status(&v, &globex2, 200, "the new token accepted").await;
-    assert_eq!(check(&v, &globex).status, 200, "the previous token works during the overlap");
+    v.wait_status(&globex2, 200, "the new token accepted").await;
+    assert_eq!(v.check(&globex).status, 200, "the previous token works during the overlap");
     let series = format!(
         "scim_token_verifier_token_last_used_timestamp_seconds{{namespace=\"{}\",name=\"globex\",token=\"previous\"}}",
         env.ns
     );
     assert!(v.metrics().contains(&series), "the previous token's use is visible");
-    wait_status(&v, &globex, 401, "the previous token refused at the end of the overlap").await;
+    v.wait_status(&globex, 401, "the previous token refused at the end of the overlap").await;
     let now = k8s_openapi::jiff::Timestamp::now();
     assert!(now >= until, "refused only once the window is over ({now} < {until})");
-    assert_eq!(check(&v, &globex2).status, 200);
+    assert_eq!(v.check(&globex2).status, 200);
     // Then the status forgets the previous token (the operator wakes at the end of the window).
     wait_for("the ended overlap gone from the status", Duration::from_secs(30), || async {
         let status = env.dirs().get("globex").await.ok()?.status?;
         (status.previous_token_hash.is_none() && status.previous_token_valid_until.is_none()).then_some(())
     })
     .await;
-    assert_eq!(check(&v, &globex).status, 401, "still refused once unknown");
+    assert_eq!(v.check(&globex).status, 401, "still refused once unknown");
 
     // Ending an overlap early: the previous token is refused at once, and the status says so.
     let (ok, _, err) = env.kubectl(&["annotate", "scimdir", "globex", "scim.tokenops.dev/rotate=r2", "--overwrite"]);
     assert!(ok, "{err}");
     let globex3 = next_token(&env, "globex-scim-token", &globex2).await;
-    wait_status(&v, &globex3, 200, "the third token accepted").await;
-    assert_eq!(check(&v, &globex2).status, 200, "an overlap is open");
+    v.wait_status(&globex3, 200, "the third token accepted").await;
+    assert_eq!(v.check(&globex2).status, 200, "an overlap is open");
     let (ok, _, err) = env.kubectl(&["annotate", "scimdir", "globex", "scim.tokenops.dev/end-overlap=now"]);
     assert!(ok, "{err}");
-    wait_status(&v, &globex2, 401, "the previous token refused after the early end").await;
+    v.wait_status(&globex2, 401, "the previous token refused after the early end").await;
     let d = env.dirs().get("globex").await.unwrap();
     assert_eq!(d.status.as_ref().unwrap().previous_token_hash, None);
     assert_eq!(env.token("globex-scim-token").await.unwrap(), globex3, "ending an overlap never rotates");
@@ -154,19 +143,19 @@ async fn the_verifier_authenticates_by_hash_and_follows_rotations() {
     let (ok, _, err) = env.kubectl(&["annotate", "scimdir", "globex", "scim.tokenops.dev/rotate=r3", "--overwrite"]);
     assert!(ok, "{err}");
     let globex4 = next_token(&env, "globex-scim-token", &globex3).await;
-    wait_status(&v, &globex4, 200, "the fourth token accepted").await;
+    v.wait_status(&globex4, 200, "the fourth token accepted").await;
     env.secrets().delete("globex-scim-token", &DeleteParams::default()).await.unwrap();
     let globex5 = next_token(&env, "globex-scim-token", &globex4).await;
-    wait_status(&v, &globex5, 200, "the repaired token accepted").await;
-    assert_eq!(check(&v, &globex4).status, 401, "the token before the repair is refused");
-    assert_eq!(check(&v, &globex3).status, 401, "and so is the one before it");
+    v.wait_status(&globex5, 200, "the repaired token accepted").await;
+    assert_eq!(v.check(&globex4).status, 401, "the token before the repair is refused");
+    assert_eq!(v.check(&globex3).status, 401, "and so is the one before it");
 
     // Expiry at the instant: the record is back-dated so that acme's token expires in 3 s.
     use k8s_openapi::jiff::Timestamp;
     let soon = env.backdate("acme", 90 * 86_400, 3).await;
-    wait_status(&v, &acme2, 401, "the expired token refused").await;
+    v.wait_status(&acme2, 401, "the expired token refused").await;
     assert!(Timestamp::now() >= soon, "not refused before its expiry");
-    assert!(check(&v, &acme2).header("www-authenticate").unwrap().contains("expired"));
+    assert!(v.check(&acme2).header("www-authenticate").unwrap().contains("expired"));
 
     let metrics = v.metrics();
     for result in ["allowed", "unknown", "malformed", "missing", "expired", "wrong_directory"] {

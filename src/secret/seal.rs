@@ -141,8 +141,10 @@ pub async fn load_or_create(client: kube::Client, namespace: &str, name: &str) -
     };
     for _ in 0..2 {
         if let Some(secret) = api.get_opt(name).await.map_err(|e| explain("read", e))? {
-            let bytes = secret.data.as_ref().and_then(|d| d.get(KEY_DATA_KEY)).map(|b| Zeroizing::new(b.0.clone()));
-            return RecordKey::from_bytes(bytes.as_deref().map_or(&[][..], Vec::as_slice))
+            // Taken out of the Secret (not copied), so that the one copy is wiped when dropped.
+            let bytes =
+                Zeroizing::new(secret.data.and_then(|mut d| d.remove(KEY_DATA_KEY)).map(|b| b.0).unwrap_or_default());
+            return RecordKey::from_bytes(&bytes)
                 .map_err(|e| format!("record key Secret {namespace}/{name}, data key {KEY_DATA_KEY:?}: {e}"));
         }
         let key = RecordKey::generate();

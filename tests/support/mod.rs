@@ -355,6 +355,18 @@ impl Verifier {
         http_request(self.port, "GET", path, headers).expect("the verifier answers")
     }
 
+    /// `/verify` with `token` as the bearer token.
+    pub fn check(&self, token: &str) -> HttpResponse {
+        self.verify("/verify", &[("Authorization", &format!("Bearer {token}"))])
+    }
+
+    /// Waits until `token` gets `status` from the verifier; returns how long that took.
+    pub async fn wait_status(&self, token: &str, status: u16, what: &str) -> Duration {
+        let started = Instant::now();
+        wait_for(what, Duration::from_secs(30), || async { (self.check(token).status == status).then_some(()) }).await;
+        started.elapsed()
+    }
+
     pub fn metrics(&self) -> String {
         http_request(self.metrics_port, "GET", "/metrics", &[]).map(|r| r.body).unwrap_or_default()
     }
