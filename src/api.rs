@@ -128,6 +128,108 @@ pub struct ScimDirectorySpec {
     /// Labels and annotations to put on the Secret. They cannot override the operator's own keys.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_template: Option<SecretTemplate>,
+
+    /// The identity provider the operator pushes every new token to, so that nobody has to paste it
+    /// (see docs/entra.md). A planned rotation then always keeps the previous token valid for an
+    /// overlap (spec.rotationOverlap, or 1h when unset), which ends early once the identity provider
+    /// has synchronised with the new token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity_provider: Option<IdentityProvider>,
+}
+
+/// A GUID as Microsoft Entra ID writes tenant, object and client ids.
+const GUID_PATTERN: &str = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$";
+
+/// Where new tokens are pushed. Exactly one provider.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.entra)",
+    "message": "identityProvider needs exactly one provider: entra",
+}]))]
+pub struct IdentityProvider {
+    /// Microsoft Entra ID: the SCIM credentials of an enterprise application's provisioning job,
+    /// set through Microsoft Graph (`PUT /servicePrincipals/{id}/synchronization/secrets`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entra: Option<EntraProvisioning>,
+}
+
+/// The provisioning job of a (non-gallery) enterprise application in Microsoft Entra ID.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EntraProvisioning {
+    /// The directory (tenant) id.
+    #[schemars(regex(pattern = GUID_PATTERN), length(max = 36))]
+    pub tenant_id: String,
+    /// Object id of the provisioning application's service principal (Enterprise applications →
+    /// the app → Object ID), not its application (client) id.
+    #[schemars(regex(pattern = GUID_PATTERN), length(max = 36))]
+    pub service_principal_id: String,
+    /// The synchronization job, e.g. `scim.0123456789abcdef0123456789abcdef.<guid>`. When absent
+    /// the service principal must have exactly one job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"), length(min = 1, max = 256))]
+    pub job_id: Option<String>,
+    /// The Tenant URL Entra calls: the SCIM base address behind the verifier. https only.
+    #[schemars(
+        regex(pattern = r"^https://[^\s]+$"),
+        length(max = 2048),
+        extend("x-kubernetes-validations" = [{
+            "rule": "isURL(self) && url(self).getScheme() == 'https' && url(self).getHostname() != ''",
+            "message": "baseAddress must be an https:// URL with a host",
+        }])
+    )]
+    pub base_address: String,
+    /// How the operator authenticates to Microsoft Graph.
+    pub auth: EntraAuth,
+}
+
+/// Exactly one way to get an access token for Microsoft Graph.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.workloadIdentity) != has(self.clientSecret)",
+    "message": "auth needs exactly one of workloadIdentity and clientSecret",
+}]))]
+pub struct EntraAuth {
+    /// Workload identity federation: the operator's projected ServiceAccount token
+    /// (AZURE_FEDERATED_TOKEN_FILE) is the client assertion of this app registration. No secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_identity: Option<WorkloadIdentityAuth>,
+    /// A client secret of this app registration, in a Secret of the directory's own namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret: Option<ClientSecretAuth>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadIdentityAuth {
+    /// The application (client) id whose federated credential trusts the operator's ServiceAccount.
+    #[schemars(regex(pattern = GUID_PATTERN), length(max = 36))]
+    pub client_id: String,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientSecretAuth {
+    /// The application (client) id.
+    #[schemars(regex(pattern = GUID_PATTERN), length(max = 36))]
+    pub client_id: String,
+    /// The Secret holding the client secret. Always the directory's own namespace: there is no
+    /// namespace field.
+    pub secret_ref: SecretKeyRef,
+}
+
+/// A key of a Secret in the directory's namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct SecretKeyRef {
+    #[schemars(
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"),
+        length(min = 1, max = 253)
+    )]
+    pub name: String,
+    #[schemars(regex(pattern = r"^[-._a-zA-Z0-9]+$"), length(min = 1, max = 253))]
+    pub key: String,
 }
 
 /// Extra metadata for the managed Secret.
@@ -260,6 +362,11 @@ impl ScimDirectory {
             Some(name) => name.clone(),
             None => format!("{}-scim-token", self.metadata.name.as_deref().unwrap_or_default()),
         }
+    }
+
+    /// The Entra provisioning job new tokens are pushed to, if any.
+    pub fn entra(&self) -> Option<&EntraProvisioning> {
+        self.spec.identity_provider.as_ref()?.entra.as_ref()
     }
 
     /// The pending imperative rotation request, if any.
