@@ -7,6 +7,7 @@ pub mod api;
 pub mod cli;
 pub mod controller;
 pub mod duration;
+pub mod entra;
 pub mod events;
 pub mod leader;
 pub mod metrics;

@@ -53,6 +53,20 @@ pub struct IssueRecord {
     /// The end-overlap request (annotation value) that was current when this record was written, so
     /// that only a new value ends an overlap.
     pub end_overlap_request: Option<String>,
+    /// How far this token has been pushed to the identity provider (`spec.identityProvider`); `None`
+    /// when it has not been (a new token, or a record written before the push existed).
+    pub idp: Option<IdpProgress>,
+}
+
+/// The push of a record's token to the identity provider (see [`crate::entra::plan`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdpProgress {
+    /// Digest of the identity provider settings it was pushed to: other settings push again.
+    pub target: String,
+    /// When the identity provider accepted the token (the PUT's answer, rounded up to the second).
+    pub pushed_at: Timestamp,
+    /// When the identity provider's first run after the push succeeded, once it has.
+    pub synced_at: Option<Timestamp>,
 }
 
 /// A replaced token that stays valid until `valid_until` (a rotation overlap).
@@ -99,6 +113,9 @@ pub struct Desired {
     /// `spec.rotationOverlap`; `None` ends the previous token at once.
     pub rotation_overlap: Option<TokenLifetime>,
     pub end_overlap_request: Option<String>,
+    /// Digest of `spec.identityProvider` when every new token is pushed there (see
+    /// [`crate::entra::plan::target`]).
+    pub idp_target: Option<String>,
 }
 
 impl Desired {
@@ -112,6 +129,18 @@ impl Desired {
             dir.rotation_request(),
         )?
         .with_overlap(spec.rotation_overlap.as_deref(), dir.end_overlap_request())
+        .map(|d| d.with_identity_provider(dir.entra().map(crate::entra::plan::target)))
+    }
+
+    /// Pushes every new token to the identity provider at `target`. A planned rotation then always
+    /// keeps the previous token for an overlap (the identity provider still holds it until the
+    /// push): `spec.rotationOverlap`, or [`DEFAULT_IDP_OVERLAP`] when unset.
+    pub fn with_identity_provider(mut self, target: Option<String>) -> Desired {
+        if target.is_some() && self.rotation_overlap.is_none() {
+            self.rotation_overlap = Some(DEFAULT_IDP_OVERLAP);
+        }
+        self.idp_target = target;
+        self
     }
 
     /// Validates the parts of the spec the CRD schema cannot (duration bounds with day units, and the
@@ -154,6 +183,7 @@ impl Desired {
             rotation_request: rotation_request.map(str::to_owned),
             rotation_overlap: None,
             end_overlap_request: None,
+            idp_target: None,
         })
     }
 
@@ -178,6 +208,11 @@ impl Desired {
         self.expires_in.as_ref().map(TokenLifetime::canonical)
     }
 }
+
+/// The overlap of a planned rotation of a directory with an identity provider and no
+/// `spec.rotationOverlap`: an hour is ample for a push (seconds) and Entra's next provisioning cycle
+/// (every 40 minutes), and the overlap ends as soon as Entra has succeeded with the new token.
+pub const DEFAULT_IDP_OVERLAP: TokenLifetime = MIN_TOKEN_LIFETIME;
 
 /// The shortest time a token must stand between its issue and its automatic renewal: the larger of
 /// one hour and a tenth of its lifetime. `tokenExpiresIn: 3601s` with `renewBefore: 1h` would
@@ -575,6 +610,7 @@ pub fn new_record(desired: &Desired, token_hash: TokenHash, reason: IssueReason,
         reason,
         previous: None,
         end_overlap_request: desired.end_overlap_request.clone(),
+        idp: None,
     }
 }
 
@@ -608,6 +644,7 @@ mod tests {
     /// What the decision table expects: an issue for a reason (the record it carries is
     /// `evaluate`'s table), or exactly this decision.
     #[derive(Debug, PartialEq)]
+    #[allow(clippy::large_enum_variant)]
     enum Want {
         Issue(IssueReason),
         Is(Decision),
@@ -1191,6 +1228,28 @@ mod tests {
             let err = desired(0, None, None, None).with_overlap(Some(bad), None).unwrap_err().to_string();
             assert!(err.starts_with("spec.rotationOverlap"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn an_identity_provider_gives_every_planned_rotation_an_overlap() {
+        let plain = desired(0, Some("90d"), None, None);
+        let pushed = plain.clone().with_identity_provider(Some("0a1b".into()));
+        assert_eq!(pushed.rotation_overlap, Some(DEFAULT_IDP_OVERLAP));
+        assert_eq!(DEFAULT_IDP_OVERLAP.as_secs(), 3600);
+        let explicit =
+            plain.clone().with_overlap(Some("2h"), None).unwrap().with_identity_provider(Some("0a1b".into()));
+        assert_eq!(explicit.rotation_overlap.map(|o| o.as_secs()), Some(7200), "spec.rotationOverlap wins");
+        let rec = record(&pushed, hash('a'), T0);
+        let secret = owned(Some(hash('a')), Some(rec.clone()));
+        let now = ts("2026-01-02T00:00:00Z");
+        assert_eq!(
+            overlap(&pushed, IssueReason::RotationRequested, &secret, now),
+            Some(PreviousToken { token_hash: hash('a'), valid_until: ts("2026-01-02T01:00:00Z") })
+        );
+        assert_eq!(overlap(&plain, IssueReason::RotationRequested, &secret, now), None);
+        assert_eq!(overlap(&pushed, IssueReason::TokenChanged, &secret, now), None, "repairs never");
+        // A record that knows nothing of pushes (written before them) is kept as it is: no new token.
+        assert_eq!(decide(Ok(&pushed), &StatusView::default(), &secret, now), keep_of(&rec));
     }
 
     #[test]

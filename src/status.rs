@@ -29,6 +29,8 @@ pub fn view(dir: &ScimDirectory) -> StatusView {
                 })
             })(),
             end_overlap_request: None,
+            // Not in the status: a record rebuilt from it pushes its token once more (the same token).
+            idp: None,
             reason: match dir.ready_condition().map(|c| ReadyReason::parse(&c.reason)) {
                 Some(Some(ReadyReason::TokenIssued)) | None => IssueReason::Initial,
                 _ => status_reason(dir).unwrap_or(IssueReason::RotationGenerationChanged),

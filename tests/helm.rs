@@ -1870,6 +1870,7 @@ async fn secret_write_policy_admits_only_the_operators_own_secrets() {
         reason: scim_token_operator::policy::IssueReason::Initial,
         previous: None,
         end_overlap_request: None,
+        idp: None,
     };
     let exact = scim_token_operator::secret::desired_secret(
         &dir,

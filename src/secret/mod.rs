@@ -15,7 +15,7 @@ use zeroize::Zeroize;
 
 use crate::api::{GROUP, ScimDirectory};
 use crate::duration::{MAX_ROTATION_OVERLAP, TokenLifetime};
-use crate::policy::{IssueReason, IssueRecord, PreviousToken, RecordState, SecretState};
+use crate::policy::{IdpProgress, IssueReason, IssueRecord, PreviousToken, RecordState, SecretState};
 use crate::token::{Token, TokenHash};
 
 mod cache;
@@ -44,6 +44,8 @@ pub const REASON_ANNOTATION: &str = "scim.tokenops.dev/issue-reason";
 pub const PREVIOUS_HASH_ANNOTATION: &str = "scim.tokenops.dev/previous-token-hash";
 pub const PREVIOUS_VALID_UNTIL_ANNOTATION: &str = "scim.tokenops.dev/previous-valid-until";
 pub const END_OVERLAP_REQUEST_ANNOTATION: &str = "scim.tokenops.dev/end-overlap-request";
+/// The push of the token to the identity provider: `<target> <pushed-at>[ <synced-at>]`.
+pub const IDP_PUSH_ANNOTATION: &str = "scim.tokenops.dev/idp-push";
 /// A digest of the `secretTemplate` last applied to the Secret: when the template changes (a key
 /// removed, say), the Secret is re-applied and server-side apply prunes what the template dropped.
 pub const TEMPLATE_ANNOTATION: &str = "scim.tokenops.dev/template-hash";
@@ -202,6 +204,10 @@ pub fn read_record(annotations: &BTreeMap<String, String>) -> RecordState {
                 }
             },
             end_overlap_request: get(END_OVERLAP_REQUEST_ANNOTATION).map(str::to_owned),
+            idp: match get(IDP_PUSH_ANNOTATION) {
+                None => None,
+                Some(value) => Some(read_idp_progress(value)?),
+            },
         })
     })();
     let Some(record) = parsed else { return RecordState::Absent };
@@ -229,6 +235,21 @@ pub fn read_record(annotations: &BTreeMap<String, String>) -> RecordState {
     }
 }
 
+fn read_idp_progress(value: &str) -> Option<IdpProgress> {
+    let mut parts = value.split(' ');
+    let target = parts.next().filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_hexdigit()))?.to_owned();
+    let pushed_at = parts.next()?.parse().ok()?;
+    let synced_at = parts.next().map(|t| t.parse()).transpose().ok()?;
+    parts.next().is_none().then_some(IdpProgress { target, pushed_at, synced_at })
+}
+
+fn write_idp_progress(p: &IdpProgress) -> String {
+    match p.synced_at {
+        Some(at) => format!("{} {} {at}", p.target, p.pushed_at),
+        None => format!("{} {}", p.target, p.pushed_at),
+    }
+}
+
 /// The issue record as the operator writes it: its annotations, sealed with `key`. Public for the
 /// end-to-end tests, which hold the key and back-date records through it (a tenant cannot).
 pub fn record_annotations(dir: &ScimDirectory, record: &IssueRecord, key: &RecordKey) -> BTreeMap<String, String> {
@@ -253,6 +274,9 @@ pub fn record_annotations(dir: &ScimDirectory, record: &IssueRecord, key: &Recor
     }
     if let Some(request) = &record.end_overlap_request {
         a.insert(END_OVERLAP_REQUEST_ANNOTATION.to_owned(), request.clone());
+    }
+    if let Some(progress) = &record.idp {
+        a.insert(IDP_PUSH_ANNOTATION.to_owned(), write_idp_progress(progress));
     }
     a
 }
@@ -559,6 +583,36 @@ mod tests {
         let mut half = annotations.clone();
         half.remove(PREVIOUS_VALID_UNTIL_ANNOTATION);
         assert_eq!(read_record(&half), RecordState::Absent);
+    }
+
+    #[test]
+    fn the_push_progress_reads_back_and_a_malformed_one_is_no_record() {
+        let dir = directory();
+        let key = RecordKey::generate();
+        let desired = Desired::parse(0, Some("90d"), None, None).unwrap();
+        let record = new_record(&desired, TokenHash::of_bytes(b"t"), IssueReason::Initial, Timestamp::now());
+        let at: Timestamp = "2026-01-01T00:00:05Z".parse().unwrap();
+        for synced_at in [None, Some(at)] {
+            let pushed = IssueRecord {
+                idp: Some(IdpProgress { target: "0a1b".into(), pushed_at: at, synced_at }),
+                ..record.clone()
+            };
+            let annotations = record_annotations(&dir, &pushed, &key);
+            assert_eq!(read_record(&annotations), RecordState::Valid(pushed.clone()));
+        }
+        assert!(!record_annotations(&dir, &record, &key).contains_key(IDP_PUSH_ANNOTATION));
+        for bad in [
+            "",
+            "0a1b",
+            "0a1b yesterday",
+            "zz 2026-01-01T00:00:05Z",
+            "0a1b 2026-01-01T00:00:05Z x",
+            "0a1b 2026-01-01T00:00:05Z 2026-01-01T00:00:05Z 1",
+        ] {
+            let mut annotations = record_annotations(&dir, &record, &key);
+            annotations.insert(IDP_PUSH_ANNOTATION.into(), bad.into());
+            assert_eq!(read_record(&annotations), RecordState::Absent, "{bad:?}");
+        }
     }
 
     #[test]

@@ -110,7 +110,7 @@ impl RecordKey {
 /// and every field of the record.
 fn sealed_bytes(dir: &ScimDirectory, record: &IssueRecord) -> Vec<u8> {
     let previous = record.previous.as_ref();
-    serde_json::to_vec(&json!([
+    let mut fields = json!([
         DOMAIN,
         dir.metadata.namespace,
         dir.metadata.name,
@@ -126,8 +126,18 @@ fn sealed_bytes(dir: &ScimDirectory, record: &IssueRecord) -> Vec<u8> {
         previous.map(|p| p.token_hash.as_str()),
         previous.map(|p| p.valid_until.to_string()),
         record.end_overlap_request,
-    ]))
-    .expect("strings and numbers serialize")
+    ]);
+    // Appended only when present: a record without it (every record written before the push
+    // existed) seals to exactly the bytes it always did, so its seal still verifies.
+    if let Some(idp) = &record.idp {
+        let fields = fields.as_array_mut().expect("an array");
+        fields.extend([
+            json!(idp.target),
+            json!(idp.pushed_at.to_string()),
+            json!(idp.synced_at.map(|t| t.to_string())),
+        ]);
+    }
+    serde_json::to_vec(&fields).expect("strings and numbers serialize")
 }
 
 /// Reads the record key from Secret `namespace/name`, creating it (32 bytes from the OS CSPRNG) if
@@ -225,6 +235,59 @@ mod tests {
             ("a directory recreated under the name", directory("acme", "uid-2")),
         ] {
             assert!(!key.verifies(&other, &record, Some(&seal)), "{what} must not verify");
+        }
+    }
+
+    #[test]
+    fn the_push_progress_is_sealed_and_records_without_it_seal_as_before() {
+        let key = RecordKey::generate();
+        let dir = directory("acme", "uid-1");
+        let now: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let record = new_record(
+            &Desired::parse(0, None, None, None).unwrap(),
+            TokenHash::of_bytes(b"t"),
+            IssueReason::Initial,
+            now,
+        );
+        // The bytes every record was sealed over before the push existed: unchanged, so seals written
+        // by an older operator still verify (no new token on upgrade).
+        let before = serde_json::to_vec(&json!([
+            DOMAIN,
+            "tenants",
+            "acme",
+            "uid-1",
+            "acme-scim-token",
+            record.token_hash.as_str(),
+            0,
+            null,
+            null,
+            "2026-01-01T00:00:00Z",
+            null,
+            "Initial",
+            null,
+            null,
+            null,
+        ]))
+        .unwrap();
+        assert_eq!(sealed_bytes(&dir, &record), before);
+        let pushed = IssueRecord {
+            idp: Some(crate::policy::IdpProgress { target: "ab".into(), pushed_at: now, synced_at: None }),
+            ..record.clone()
+        };
+        let seal = Seal::parse(&key.seal(&dir, &pushed)).unwrap();
+        assert!(key.verifies(&dir, &pushed, Some(&seal)));
+        for other in [
+            record.clone(),
+            IssueRecord {
+                idp: Some(crate::policy::IdpProgress { target: "ac".into(), pushed_at: now, synced_at: None }),
+                ..record.clone()
+            },
+            IssueRecord {
+                idp: Some(crate::policy::IdpProgress { target: "ab".into(), pushed_at: now, synced_at: Some(now) }),
+                ..record.clone()
+            },
+        ] {
+            assert!(!key.verifies(&dir, &other, Some(&seal)), "{other:?}");
         }
     }
 
