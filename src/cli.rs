@@ -90,6 +90,25 @@ pub struct RunArgs {
     /// never held back.
     #[arg(long, env = "MIN_ISSUE_INTERVAL", default_value = "1m", value_parser = interval)]
     pub min_issue_interval: std::time::Duration,
+    /// Microsoft Graph, for directories with spec.identityProvider.entra (https only).
+    #[arg(long, env = "GRAPH_ENDPOINT", default_value = "https://graph.microsoft.com")]
+    pub graph_endpoint: String,
+    /// The Microsoft identity platform (the variable AKS workload identity sets); the token endpoint
+    /// is `<this><tenantId>/oauth2/v2.0/token` (https only).
+    #[arg(long, env = "AZURE_AUTHORITY_HOST", default_value = "https://login.microsoftonline.com/")]
+    pub entra_authority_host: String,
+    /// PEM file of trust roots added to the system's for Graph and the token endpoint (a
+    /// TLS-inspecting egress proxy's CA).
+    #[arg(long, env = "ENTRA_CA_FILE")]
+    pub entra_ca_file: Option<std::path::PathBuf>,
+    /// The projected ServiceAccount token used as the client assertion of workload identity
+    /// federation (AKS sets the variable); read afresh for every access token.
+    #[arg(long, env = "AZURE_FEDERATED_TOKEN_FILE")]
+    pub entra_federated_token_file: Option<std::path::PathBuf>,
+    /// How often the provisioning job of a pushed token is read until Entra has run with it (its
+    /// cycle is about 40 minutes).
+    #[arg(long, env = "ENTRA_POLL_INTERVAL", default_value = "1m", value_parser = interval)]
+    pub entra_poll_interval: std::time::Duration,
 }
 
 fn interval(value: &str) -> Result<std::time::Duration, String> {
@@ -141,6 +160,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .await
             .map_err(anyhow::Error::msg)?;
 
+    let entra = crate::entra::Entra::new(crate::entra::Config {
+        graph_endpoint: args.graph_endpoint.clone(),
+        authority_host: args.entra_authority_host.clone(),
+        ca_file: args.entra_ca_file.clone(),
+        federated_token_file: args.entra_federated_token_file.clone().filter(|p| !p.as_os_str().is_empty()),
+        poll_interval: args.entra_poll_interval,
+    })
+    .map_err(anyhow::Error::msg)?;
+
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
     let encode = metrics.clone();
@@ -179,6 +207,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         min_issue_interval: args.min_issue_interval,
         fence,
         record_key,
+        entra: Arc::new(entra),
     };
     let mut stop = stop_rx.clone();
     let shutdown = async move {

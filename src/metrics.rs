@@ -46,6 +46,15 @@ pub struct Metrics {
     pub leader: Gauge,
     /// Reconciles that gave up waiting for the directory cache to show the operator's own status write.
     pub status_echo_timeouts: Counter,
+    /// Steps of pushes to the identity provider, by result (pushed, synced, or the failed step).
+    pub idp_pushes: Family<ResultLabels, Counter>,
+    /// Seconds from a token's issue to the identity provider's first successful run with it.
+    pub idp_first_success: Histogram,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: String,
 }
 
 impl Default for Metrics {
@@ -88,8 +97,24 @@ impl Default for Metrics {
              (each may write that status once more)",
             status_echo_timeouts.clone(),
         );
+        let idp_pushes = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "identity_provider_pushes",
+            "Pushes of new tokens to the identity provider (Microsoft Entra ID), by result: pushed, synced, or the \
+             step that failed (AuthenticationFailed, ValidationFailed, PushFailed, ...)",
+            idp_pushes.clone(),
+        );
+        // 10 s to ~45 h: Entra's cycle is about 40 minutes.
+        let idp_first_success = Histogram::new(exponential_buckets(10.0, 2.0, 15));
+        registry.register(
+            "identity_provider_first_success_seconds",
+            "Time from a token's issue to the identity provider's first successful provisioning run with it",
+            idp_first_success.clone(),
+        );
         Metrics {
             registry,
+            idp_pushes,
+            idp_first_success,
             token_expiry,
             tokens_issued,
             issues_deferred,

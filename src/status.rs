@@ -66,7 +66,9 @@ pub fn with(dir: &ScimDirectory, record: Option<&IssueRecord>, ready: Condition)
     };
     status.observed_generation = dir.metadata.generation;
     status.secret_name = Some(dir.secret_name());
-    status.conditions = vec![ready];
+    // Ready first; the other conditions (the identity provider's) are kept as they are.
+    status.conditions =
+        std::iter::once(ready).chain(current.conditions.into_iter().filter(|c| c.type_ != "Ready")).collect();
     status
 }
 

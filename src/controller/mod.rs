@@ -22,6 +22,7 @@ use kube::{Client, ResourceExt};
 use tracing::{debug, warn};
 
 use crate::api::ScimDirectory;
+use crate::entra::Entra;
 use crate::events::Publisher;
 use crate::leader::{Fence, Fenced};
 use crate::metrics::{DirectoryLabels, ErrorLabels, Metrics, ScopeLabels};
@@ -120,6 +121,8 @@ pub struct Settings {
     pub fence: Fence,
     /// Seals the issue records the operator writes, and tells them from records it did not write.
     pub record_key: RecordKey,
+    /// The Graph client that pushes new tokens to Microsoft Entra ID.
+    pub entra: Arc<Entra>,
 }
 
 /// Shared state of all reconciliations.
@@ -132,6 +135,7 @@ pub struct Context {
     pub min_issue_interval: SignedDuration,
     pub fence: Fence,
     pub record_key: RecordKey,
+    pub entra: Arc<Entra>,
     /// Becomes true once the Secret cache holds its initial list. Reconciles wait on this channel rather
     /// than on `Store::wait_until_ready` directly, which wakes only the first of several tasks
     /// awaiting it at once (see [`InitialLists`]).
@@ -155,6 +159,7 @@ impl Context {
         self.failures.lock().expect("poisoned").remove(dir);
         self.exported.lock().expect("poisoned").remove(dir);
         self.unechoed_status.lock().expect("poisoned").remove(dir);
+        self.entra.succeeded(&format!("{}/{}", labels.namespace, labels.name));
     }
 
     /// The directory as of our own last status write. A reconcile that starts right after one (the
@@ -282,6 +287,7 @@ async fn run_scope(
         failpoint: settings.failpoint.clone(),
         fence: settings.fence.clone(),
         record_key: settings.record_key.clone(),
+        entra: settings.entra.clone(),
         min_issue_interval: SignedDuration::try_from(settings.min_issue_interval).unwrap_or(SignedDuration::MAX),
         secrets_synced,
         failures: Mutex::default(),

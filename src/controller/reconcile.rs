@@ -26,6 +26,10 @@ use crate::secret::{self, SecretView};
 use crate::status;
 use crate::token::Token;
 
+mod idp;
+
+use idp::IdpOutcome;
+
 /// Decisions one reconcile makes at most: each after a cache miss turned out to be a Secret the
 /// cache cannot see (its labels stripped, or a foreign one), or after a create lost a race with
 /// another writer.
@@ -167,7 +171,8 @@ impl Reconciler<'_> {
                 {
                     self.restore_record(current, &record, overlap_ended, now).await?;
                 }
-                self.finish(desired, &record, expired, now).await?
+                let pushed = self.sync_identity_provider(desired, record, expired, now).await?;
+                self.finish_with(desired, expired, &pushed, now).await?
             }
         };
         Ok(Round::Done(action))
@@ -331,11 +336,28 @@ impl Reconciler<'_> {
     /// Writes the status for a token that stands, then schedules the next wake-up (renewal, expiry,
     /// the end of an overlap).
     async fn finish(&self, desired: &Desired, record: &IssueRecord, expired: bool, now: Timestamp) -> Result<Action> {
-        self.write_token_status(record, expired, now).await?;
-        Ok(schedule(desired, record, now))
+        self.finish_with(desired, expired, &self.idp_standing(desired, record), now).await
     }
 
-    async fn write_token_status(&self, record: &IssueRecord, expired: bool, now: Timestamp) -> Result<()> {
+    /// [`Self::finish`] with the identity-provider step's outcome: its record, its condition, and
+    /// its next call, whichever comes first.
+    async fn finish_with(&self, desired: &Desired, expired: bool, idp: &IdpOutcome, now: Timestamp) -> Result<Action> {
+        self.write_token_status(&idp.record, expired, idp, now).await?;
+        Ok(match (policy::next_wakeup(desired, &idp.record, now), idp.requeue) {
+            (Some(at), Some(after)) => Action::requeue(duration_until(at, now).min(after)),
+            (Some(at), None) => Action::requeue(duration_until(at, now)),
+            (None, Some(after)) => Action::requeue(after),
+            (None, None) => Action::await_change(),
+        })
+    }
+
+    async fn write_token_status(
+        &self,
+        record: &IssueRecord,
+        expired: bool,
+        idp: &IdpOutcome,
+        now: Timestamp,
+    ) -> Result<()> {
         let (ctx, dir) = (self.ctx, self.dir);
         let ready = if expired {
             let message = format!(
@@ -352,8 +374,16 @@ impl Reconciler<'_> {
         ctx.export_expiry(dir, record.expires_at);
         // An overlap that has ended leaves the status (the verifier would refuse the token anyway).
         let shown = policy::with_live_overlap(record, now);
-        if write_status(ctx, dir, status::with(dir, Some(&shown), ready)).await? && expired {
-            publish(ctx, dir, EventType::Warning, ReadyReason::TokenExpired.as_str(), "the token has expired").await;
+        let mut status = status::with(dir, Some(&shown), ready);
+        idp.apply(dir, &mut status, now);
+        if write_status(ctx, dir, status).await? {
+            if expired {
+                publish(ctx, dir, EventType::Warning, ReadyReason::TokenExpired.as_str(), "the token has expired")
+                    .await;
+            }
+            if let Some((reason, note)) = idp.warning() {
+                publish(ctx, dir, EventType::Warning, reason, note).await;
+            }
         }
         Ok(())
     }
@@ -377,14 +407,6 @@ fn must_confirm_missing(dir: &ScimDirectory, decision: &Decision) -> bool {
 /// look-up first.
 fn creates_without_look_up(dir: &ScimDirectory, reason: IssueReason) -> bool {
     reason == IssueReason::Initial && dir.status.is_none()
-}
-
-/// When to reconcile again: at the next instant the decision or the status can change by itself.
-fn schedule(desired: &Desired, record: &IssueRecord, now: Timestamp) -> Action {
-    match policy::next_wakeup(desired, record, now) {
-        Some(at) => Action::requeue(duration_until(at, now)),
-        None => Action::await_change(),
-    }
 }
 
 fn duration_until(at: Timestamp, now: Timestamp) -> Duration {

@@ -30,6 +30,46 @@ pub use auth::AccessToken;
 pub use error::{Call, GraphError};
 pub use graph::Graph;
 
+/// The condition's type. True once Entra has run successfully with the current token.
+pub const CONDITION: &str = "IdentityProviderSynced";
+
+/// The reasons of the condition. A public contract, like Ready's (Argo CD's health check, `kubectl
+/// scim status`, docs/entra.md).
+pub mod reason {
+    /// True: Entra's provisioning job succeeded with the current token.
+    pub const SYNCED: &str = "Synced";
+    /// The current token is not pushed yet (a new token: the verifier must see it first).
+    pub const PUSH_PENDING: &str = "PushPending";
+    /// Pushed; waiting for the job's next successful run.
+    pub const AWAITING_SYNC: &str = "AwaitingSync";
+    pub const AUTHENTICATION_FAILED: &str = "AuthenticationFailed";
+    pub const VALIDATION_FAILED: &str = "ValidationFailed";
+    pub const PUSH_FAILED: &str = "PushFailed";
+    pub const JOB_STATUS_FAILED: &str = "JobStatusFailed";
+    pub const JOB_NOT_FOUND: &str = "JobNotFound";
+    pub const RESTART_FAILED: &str = "RestartFailed";
+    /// The job was in quarantine and was restarted.
+    pub const QUARANTINED: &str = "Quarantined";
+    /// The job's last run after the push failed.
+    pub const SYNC_FAILED: &str = "SyncFailed";
+    /// The token has expired: nothing is pushed.
+    pub const TOKEN_EXPIRED: &str = "TokenExpired";
+    pub const ALL: [&str; 12] = [
+        SYNCED,
+        PUSH_PENDING,
+        AWAITING_SYNC,
+        AUTHENTICATION_FAILED,
+        VALIDATION_FAILED,
+        PUSH_FAILED,
+        JOB_STATUS_FAILED,
+        JOB_NOT_FOUND,
+        RESTART_FAILED,
+        QUARANTINED,
+        SYNC_FAILED,
+        TOKEN_EXPIRED,
+    ];
+}
+
 const TOKEN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where Graph and the Microsoft identity platform are, and how often to look at a job.
