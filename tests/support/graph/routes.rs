@@ -489,9 +489,10 @@ fn put_secrets(shared: &Shared, sp_id: &str, body: &[u8]) -> Answer {
     Answer::no_content()
 }
 
-/// Calls `{BaseAddress}/Users` as Entra's connection test does: a filter for a user that does not
-/// exist, `Authorization: Bearer <SecretToken>`, over HTTPS trusting only the double's CA. Returns
-/// the SCIM status, or what kept the request from being answered.
+/// Calls `{BaseAddress}/Users` with `Authorization: Bearer <SecretToken>` over HTTPS, trusting only the
+/// double's CA. The contract does not say which request Entra sends; the double's choice is a filter
+/// for a user that does not exist (the query Entra makes before creating one). Returns the SCIM
+/// status, or what kept the request from being answered.
 pub async fn call_scim(shared: &Shared, base: &str, token: &str) -> Result<u16, String> {
     if !base.starts_with("https://") {
         return Err("the BaseAddress is not an https URL".to_owned());
