@@ -120,6 +120,13 @@ impl Reconciler<'_> {
         let (Some(entra), Some(target)) = (self.dir.entra(), desired.idp_target.as_deref()) else {
             return Ok(IdpOutcome::none(record));
         };
+        // Validation needs the verifier to accept the token, and the verifier learns it from the
+        // status: a token the status does not show yet (a crash between the Secret write and the
+        // status write) is pushed after this reconcile's status write.
+        let shown = self.dir.status.as_ref().and_then(|s| s.token_hash.as_deref());
+        if shown != Some(record.token_hash.as_str()) {
+            return Ok(self.idp_standing(desired, &record));
+        }
         match plan::next_step(target, &record) {
             Step::Synced { .. } => {
                 self.ctx.entra.succeeded(&self.key());
