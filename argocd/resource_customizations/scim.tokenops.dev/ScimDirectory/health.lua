@@ -10,6 +10,8 @@
 --   Ready=True (TokenIssued, TokenRotated)                  Healthy      (+ "; the previous token is
 --                                                                         still valid until T" while
 --                                                                         a rotation overlap lasts)
+--   Ready=True, IdentityProviderSynced=False                Progressing  (PushPending, AwaitingSync)
+--                                                           or Degraded  (a push step failed)
 --   Ready=False, TokenExpired                               Degraded
 --   anything else (Ready=Unknown, an unknown reason)        Progressing
 --
@@ -87,6 +89,31 @@ end
 if request ~= nil and request ~= "" and request ~= obj.status.lastRotationRequest then
   hs.status = "Progressing"
   hs.message = "Waiting for the operator to rotate the token (scim.tokenops.dev/rotate=" .. request .. ")"
+  return hs
+end
+
+-- A directory with an identity provider (spec.identityProvider, docs/entra.md): once the token is
+-- Ready, the push to Microsoft Entra ID decides.
+--   IdentityProviderSynced=False, PushPending or AwaitingSync  Progressing  (Entra has not run with the
+--                                                                         current token yet)
+--   IdentityProviderSynced=False, any other reason              Degraded     (a step failed; retried,
+--                                                                         the previous token stays
+--                                                                         valid until its overlap ends)
+--   IdentityProviderSynced=True (Synced), or no such condition  as Ready says
+local idp = nil
+for _, condition in ipairs(obj.status.conditions) do
+  if condition.type == "IdentityProviderSynced" then
+    idp = condition
+    break
+  end
+end
+if ready.status == "True" and idp ~= nil and idp.status ~= "True" then
+  if idp.reason == "PushPending" or idp.reason == "AwaitingSync" then
+    hs.status = "Progressing"
+  else
+    hs.status = "Degraded"
+  end
+  hs.message = "Microsoft Entra ID: " .. describe(idp) .. " (" .. tostring(idp.reason) .. ")"
   return hs
 end
 
