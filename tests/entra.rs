@@ -459,3 +459,39 @@ async fn a_kill_between_any_two_steps_neither_pushes_twice_nor_loses_the_push() 
     assert_eq!(case.graph.puts(SP).len(), base_puts.len() + 2, "pushed twice only across the ambiguous kill");
     case.assert_logs_clean().await;
 }
+
+/// The chart's NetworkPolicy opens egress to Microsoft's endpoints only when asked, and only while
+/// egress is restricted at all (rendered with the real helm).
+#[tokio::test]
+async fn the_chart_allows_egress_to_microsoft_only_when_asked() {
+    let cp = envtest::ControlPlane::shared();
+    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/scim-token-operator");
+    let render = |sets: &[&str]| {
+        let mut cmd = cp.helm();
+        cmd.args(["template", "x", chart, "-s", "templates/networkpolicy.yaml"]);
+        for set in sets {
+            cmd.args(["--set", set]);
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let policy: serde_json::Value = serde_yaml::from_slice(&out.stdout).unwrap();
+        policy["spec"]["egress"].as_array().cloned().unwrap_or_default()
+    };
+    let restricted = "networkPolicy.apiServer.cidrs={10.96.0.1/32}";
+    let microsoft = "networkPolicy.entra.cidrs={20.190.128.0/18,40.126.0.0/18}";
+    assert_eq!(render(&[restricted]).len(), 2, "the API server and DNS");
+    assert!(render(&[microsoft]).is_empty(), "egress unrestricted: nothing to open");
+    let egress = render(&[restricted, microsoft]);
+    assert_eq!(egress.len(), 3);
+    assert_eq!(
+        egress[2],
+        json!({
+            "to": [{ "ipBlock": { "cidr": "20.190.128.0/18" } }, { "ipBlock": { "cidr": "40.126.0.0/18" } }],
+            "ports": [{ "port": 443, "protocol": "TCP" }],
+        })
+    );
+    let mut cmd = cp.helm();
+    cmd.args(["template", "x", chart, "--set", "networkPolicy.entra.cidrs={graph.microsoft.com}"]);
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("entra/cidrs"));
+}

@@ -222,3 +222,42 @@ fn cache_key(namespace: &str, entra: &EntraProvisioning) -> auth::CacheKey {
     };
     auth::CacheKey { tenant: entra.tenant_id.to_ascii_lowercase(), client_id, source }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_condition_reason_is_documented_and_the_health_check_knows_the_pending_ones() {
+        let doc = include_str!("../../docs/entra.md");
+        let health = include_str!("../../argocd/resource_customizations/scim.tokenops.dev/ScimDirectory/health.lua");
+        for r in reason::ALL {
+            assert!(doc.contains(&format!("| `{r}` |")), "docs/entra.md does not explain {r}");
+        }
+        for r in [CONDITION, reason::PUSH_PENDING, reason::AWAITING_SYNC] {
+            assert!(health.contains(&format!("\"{r}\"")), "Argo CD's health check does not read {r}");
+        }
+    }
+
+    #[test]
+    fn endpoints_must_be_https() {
+        let config = |graph: &str, authority: &str| Config {
+            graph_endpoint: graph.into(),
+            authority_host: authority.into(),
+            ca_file: None,
+            federated_token_file: None,
+            poll_interval: Duration::from_secs(60),
+        };
+        assert!(Entra::new(config("https://graph.microsoft.com", "https://login.microsoftonline.com/")).is_ok());
+        let e = Entra::new(config("http://graph.microsoft.com", "https://login.microsoftonline.com/")).unwrap_err();
+        assert!(e.contains("--graph-endpoint must be an https:// URL"), "{e}");
+        let e = Entra::new(config("https://graph.microsoft.com", "http://127.0.0.1:8080/")).unwrap_err();
+        assert!(e.contains("--entra-authority-host"), "{e}");
+        let mut missing = config("https://graph.microsoft.com", "https://login.microsoftonline.com");
+        missing.ca_file = Some("/nonexistent/ca.pem".into());
+        assert!(Entra::new(missing).unwrap_err().contains("--entra-ca-file"));
+        let entra = Entra::new(config("https://g.example", "https://login.example")).unwrap();
+        assert_eq!(entra.config.authority_host, "https://login.example/", "the tenant is appended after a slash");
+        assert!(format!("{entra:?}").ends_with(", .. }"), "the cached access tokens stay out of Debug");
+    }
+}

@@ -48,6 +48,20 @@ pub struct Summary {
     pub explanation: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_event: Option<EventSummary>,
+    /// The push to the identity provider (spec.identityProvider): its `IdentityProviderSynced`
+    /// condition.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity_provider: Option<IdpSummary>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IdpSummary {
+    /// `True` once the identity provider has run successfully with the current token.
+    pub synced: String,
+    pub reason: String,
+    pub message: String,
+    pub since: Timestamp,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -181,6 +195,14 @@ pub fn summarize(dir: &ScimDirectory, last_event: Option<EventSummary>, now: Tim
         pending_rotation_request: pending.map(str::to_owned),
         explanation: explain(dir, now),
         last_event,
+        identity_provider: status.conditions.iter().find(|c| c.type_ == scim_token_operator::entra::CONDITION).map(
+            |c| IdpSummary {
+                synced: c.status.clone(),
+                reason: c.reason.clone(),
+                message: c.message.clone(),
+                since: c.last_transition_time.0,
+            },
+        ),
     }
 }
 
@@ -240,6 +262,11 @@ pub fn explain(dir: &ScimDirectory, now: Timestamp) -> Option<String> {
 /// The table, then one line per directory that needs attention.
 pub fn render(summaries: &[Summary], all_namespaces: bool, now: Timestamp) -> String {
     let mut headers = vec!["NAME", "READY", "REASON", "TOKEN", "ISSUED", "EXPIRES", "OVERLAP", "LAST EVENT"];
+    // The identity provider's state, only when some directory pushes to one.
+    let idp = summaries.iter().any(|s| s.identity_provider.is_some());
+    if idp {
+        headers.insert(headers.len() - 1, "IDP");
+    }
     if all_namespaces {
         headers.insert(0, "NAMESPACE");
     }
@@ -264,6 +291,10 @@ pub fn render(summaries: &[Summary], all_namespaces: bool, now: Timestamp) -> St
                     format!("{kind}{} ({})", e.reason, relative(e.time, now))
                 }),
             ];
+            if idp {
+                let state = s.identity_provider.as_ref().map_or_else(dash, |i| i.reason.clone());
+                row.insert(row.len() - 1, state);
+            }
             if all_namespaces {
                 row.insert(0, s.namespace.clone());
             }
@@ -277,13 +308,21 @@ pub fn render(summaries: &[Summary], all_namespaces: bool, now: Timestamp) -> St
         if let Some(explanation) = &s.explanation {
             out.push_str(&format!("\n{}", sanitize(&format!("{who}: {explanation}"))));
         }
+        if let Some(i) = s.identity_provider.as_ref().filter(|i| i.synced != "True") {
+            let line = format!("{who}: identity provider {} since {}: {}", i.reason, relative(i.since, now), i.message);
+            out.push_str(&format!("\n{}", sanitize(&line)));
+        }
         if let Some(request) = &s.pending_rotation_request {
             let line =
                 format!("{who}: rotation requested ({ROTATE_ANNOTATION}={request}), not acted on yet by the operator.");
             out.push_str(&format!("\n{}", sanitize(&line)));
         }
     }
-    if summaries.iter().any(|s| s.explanation.is_some() || s.pending_rotation_request.is_some()) {
+    if summaries.iter().any(|s| {
+        s.explanation.is_some()
+            || s.pending_rotation_request.is_some()
+            || s.identity_provider.as_ref().is_some_and(|i| i.synced != "True")
+    }) {
         out.push('\n');
     }
     out
@@ -357,6 +396,36 @@ mod tests {
         }
         let unreported = explain(&dir(None), now).unwrap();
         assert!(unreported.contains("not reported") && unreported.contains("tenants"), "{unreported}");
+    }
+
+    #[test]
+    fn the_identity_providers_state_shows_when_a_directory_pushes_to_one() {
+        let now = t("2026-01-08T00:00:00Z");
+        let plain = summarize(&dir(Some(("True", "TokenIssued", "issued"))), None, now);
+        assert!(!render(std::slice::from_ref(&plain), false, now).contains("IDP"), "no column without an IdP");
+        let mut d = dir(Some(("True", "TokenRotated", "rotated")));
+        d.status.as_mut().unwrap().conditions.push(Condition {
+            type_: "IdentityProviderSynced".into(),
+            status: "False".into(),
+            reason: "PushFailed".into(),
+            message: "PUT synchronization/secrets failed: HTTP 403, Authorization_RequestDenied: no".into(),
+            observed_generation: None,
+            last_transition_time: Time(t("2026-01-07T23:58:00Z")),
+        });
+        let s = summarize(&d, None, now);
+        assert_eq!(s.identity_provider.as_ref().map(|i| i.reason.as_str()), Some("PushFailed"));
+        let out = render(&[s.clone(), plain], false, now);
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(lines[0].contains("OVERLAP   IDP          LAST EVENT"), "{out}");
+        assert!(lines[1].contains("PushFailed") && lines[2].contains(" -  "), "{out}");
+        assert!(
+            out.contains(
+                "acme: identity provider PushFailed since 2m ago: PUT synchronization/secrets failed: HTTP 403"
+            ),
+            "{out}"
+        );
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["identityProvider"]["synced"], "False");
     }
 
     #[test]
