@@ -24,6 +24,14 @@ const APP: &str = "aaaaaaaa-0000-0000-0000-000000000001";
 const SP: &str = "22222222-2222-2222-2222-222222222222";
 const JOB: &str = "scim.0123456789abcdef0123456789abcdef.11111111-1111-1111-1111-111111111111";
 const CLIENT_SECRET: &str = "app-client-secret-value-0123456789";
+/// An app registration whose federated credential trusts the operator's ServiceAccount.
+const FEDERATED_APP: &str = "aaaaaaaa-0000-0000-0000-000000000002";
+/// Stand-ins for the projected ServiceAccount token, before and after the kubelet rotates it (the
+/// double compares the assertion byte for byte).
+const ASSERTIONS: [&str; 2] = [
+    "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6eDp5In0.c2lnbmF0dXJlLW9uZQ",
+    "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6eDp5In0.c2lnbmF0dXJlLXR3bw",
+];
 /// Entra's provisioning cycle in the double (Entra's own: about 40 minutes).
 const CYCLE: Duration = Duration::from_secs(2);
 
@@ -57,6 +65,10 @@ impl Case {
     /// The operator, pointed at the double, reading jobs every second; without leader election, so a
     /// crashed one is replaced at once.
     fn operator(&self, failpoint: Option<&str>) -> Operator {
+        self.operator_with(failpoint, &[])
+    }
+
+    fn operator_with(&self, failpoint: Option<&str>, extra: &[(&str, &str)]) -> Operator {
         let (graph, authority, ca) =
             (self.graph.graph_endpoint(), self.graph.authority_host(), self.graph.ca_file().display().to_string());
         let mut env = vec![
@@ -69,13 +81,21 @@ impl Case {
         if let Some(point) = failpoint {
             env.push(("SCIM_TOKEN_OPERATOR_FAILPOINT", point));
         }
+        env.extend_from_slice(extra);
         self.env.operator(&env)
     }
 
     /// Directory `name` pushing to SP with the client secret, its base address `name`'s route.
     fn apply(&self, name: &str, base: &str, extra: &str) {
+        let auth = format!(
+            "        clientSecret:\n          clientId: {APP}\n          secretRef: {{ name: entra-app, key: client-secret }}\n"
+        );
+        self.apply_with_auth(name, base, extra, &auth);
+    }
+
+    fn apply_with_auth(&self, name: &str, base: &str, extra: &str, auth: &str) {
         let manifest = format!(
-            "apiVersion: scim.tokenops.dev/v1alpha1\nkind: ScimDirectory\nmetadata:\n  name: {name}\nspec:\n{extra}  identityProvider:\n    entra:\n      tenantId: {TENANT}\n      servicePrincipalId: {SP}\n      baseAddress: {base}\n      auth:\n        clientSecret:\n          clientId: {APP}\n          secretRef: {{ name: entra-app, key: client-secret }}\n"
+            "apiVersion: scim.tokenops.dev/v1alpha1\nkind: ScimDirectory\nmetadata:\n  name: {name}\nspec:\n{extra}  identityProvider:\n    entra:\n      tenantId: {TENANT}\n      servicePrincipalId: {SP}\n      baseAddress: {base}\n      auth:\n{auth}"
         );
         let (ok, _, err) = self.env.apply(&manifest);
         assert!(ok, "{err}");
@@ -494,4 +514,53 @@ async fn the_chart_allows_egress_to_microsoft_only_when_asked() {
     cmd.args(["template", "x", chart, "--set", "networkPolicy.entra.cidrs={graph.microsoft.com}"]);
     let out = cmd.output().unwrap();
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("entra/cidrs"));
+}
+
+/// Workload identity federation: the projected ServiceAccount token is the client assertion, read
+/// afresh for every access token (it rotates). And a directory that existed before it had an identity
+/// provider: its record knows nothing of pushes, which is no reason for a new token; its current
+/// token is pushed as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workload_identity_and_a_directory_that_gains_an_identity_provider() {
+    let case = Case::start("entra-wi", &["contoso"]).await;
+    let file =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("entra-{}", case.env.ns)).join("azure-identity-token");
+    std::fs::write(&file, ASSERTIONS[0]).unwrap();
+    case.graph.add_app(TENANT, FEDERATED_APP, AppCredential::FederatedToken(ASSERTIONS[0].to_owned()));
+    // Synchronization.ReadWrite.All: the service principal belongs to another app.
+    case.graph.grant_tenant_wide(TENANT, FEDERATED_APP);
+    case.graph.set_cycle(CYCLE);
+    let path = file.display().to_string();
+    let _op = case.operator_with(None, &[("AZURE_FEDERATED_TOKEN_FILE", path.as_str())]);
+    let (ok, _, err) = case
+        .env
+        .apply("apiVersion: scim.tokenops.dev/v1alpha1\nkind: ScimDirectory\nmetadata:\n  name: contoso\nspec: {}\n");
+    assert!(ok, "{err}");
+    case.env.wait_ready_reason("contoso", "TokenIssued").await;
+    let before = case.token("contoso").await;
+
+    let auth = format!("        workloadIdentity:\n          clientId: {FEDERATED_APP}\n");
+    case.apply_with_auth("contoso", &case.stack.base_address("contoso"), "", &auth);
+    let d = case.wait_idp("contoso", reason::SYNCED).await;
+    assert_eq!(case.token("contoso").await, before, "no new token: the one the directory had is pushed");
+    assert_eq!(d.ready_condition().unwrap().reason, "TokenIssued");
+    assert_eq!(case.graph.puts(SP), [sha256(&before)]);
+    let callers: std::collections::BTreeSet<_> =
+        case.graph.calls().into_iter().filter(|c| c.call == Call::PutSecrets).filter_map(|c| c.client_id).collect();
+    assert_eq!(callers, [FEDERATED_APP.to_owned()].into(), "the federated app pushed");
+
+    // The kubelet rotates the projected token and Graph stops taking the old access token: the next
+    // access token is asked for with the new assertion.
+    std::fs::write(&file, ASSERTIONS[1]).unwrap();
+    case.graph.add_app(TENANT, FEDERATED_APP, AppCredential::FederatedToken(ASSERTIONS[1].to_owned()));
+    case.graph.expire_access_tokens();
+    let tokens_before = case.graph.calls().iter().filter(|c| c.call == Call::Token && c.status == 200).count();
+    rotate_and_follow(&case, "contoso", 1, |_| async {}).await;
+    let tokens_after = case.graph.calls().iter().filter(|c| c.call == Call::Token && c.status == 200).count();
+    assert!(tokens_after > tokens_before, "a new access token, with the rotated assertion");
+    let operator = std::fs::read_to_string(&case.env.log).unwrap();
+    for assertion in ASSERTIONS {
+        assert!(!operator.contains(assertion), "the assertion appeared in the operator's log");
+    }
+    case.assert_logs_clean().await;
 }

@@ -178,6 +178,8 @@ impl Reconciler<'_> {
             return Ok(self.failed(entra, reason::VALIDATION_FAILED, e, record));
         }
         failpoint(self.ctx, "entra-after-validate");
+        // A replica that may no longer lead sets nothing: the next leader pushes.
+        self.ctx.fence.check()?;
         if let Err(e) = graph.put_secrets(sp, &entra.base_address, &token).await {
             return Ok(self.failed(entra, reason::PUSH_FAILED, e, record));
         }
@@ -251,6 +253,7 @@ impl Reconciler<'_> {
                 Ok(IdpOutcome::state(synced_record, reason::SYNCED, message, None))
             }
             Verdict::Quarantined { reason: why } => {
+                self.ctx.fence.check()?;
                 if let Err(e) = graph.restart(sp, &job.id).await {
                     return Ok(self.failed(entra, reason::RESTART_FAILED, e, record));
                 }
