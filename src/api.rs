@@ -102,7 +102,7 @@ pub struct ScimDirectorySpec {
 
     /// Keep accepting the previous token this long after a rotation (same format as tokenExpiresIn; at
     /// most 24h), so the identity provider can be switched to the new token without failed requests.
-    /// Absent: the previous token is invalid at once. Repairs (a deleted or tampered Secret) never open
+    /// Absent: the previous token is invalid at once (1h with spec.identityProvider). Repairs (a deleted or tampered Secret) never open
     /// an overlap. The Secret holds only the new token; the verifier accepts the previous one by hash.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(

@@ -16,8 +16,9 @@ use crate::secret::{self, ObservedSecret, SecretView};
 use crate::status;
 use crate::token::Token;
 
-/// Re-applies the Secret's labels and annotations around the token it already holds. The only place
-/// the operator reads a stored plaintext, and only to write it back unchanged: server-side apply of
+/// Re-applies the Secret's labels and annotations around the token it already holds. One of two places
+/// the operator reads a stored plaintext (the other: the push to the identity provider, which also
+/// writes it back unchanged with the push's record), here only to write it back unchanged: server-side apply of
 /// the complete Secret would otherwise drop the key. The write is guarded by the resourceVersion the
 /// decision was made on, and the token must still be the one the record names.
 pub(super) async fn restore_metadata(
