@@ -465,6 +465,10 @@ async fn validate_credentials_and_provisioning_cycles_call_the_real_scim_stack_w
     assert!(base.starts_with("https://127.0.0.1:") && base.ends_with("/acme/v2"), "{base}");
     let owner = access_token(&graph, APP).await;
     let validate = format!("jobs/{JOB}/validateCredentials");
+    // nginx serves HTTPS with the double's certificate: the operator's token passes, another does not.
+    let client = Some(graph.client_config());
+    assert_eq!(stack.users_status(client.clone(), "acme", &issued).await, 200);
+    assert_eq!(stack.users_status(client, "acme", Token::generate().expose()).await, 401);
 
     // The operator's token: Entra's test reaches scim2-server through nginx and the verifier.
     let r = graph_call(
