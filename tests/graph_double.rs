@@ -287,6 +287,15 @@ async fn graph_answers_401_without_a_valid_access_token_403_without_permission_a
     let other = json_of(&other)["access_token"].as_str().unwrap().to_owned();
     assert_eq!(graph_call(&graph, "GET", SP, "jobs", Some(&other), None).await.status, 404);
 
+    // A token whose real lifetime is shorter than its expires_in (revoked, say): 401 once it ends.
+    graph.set_access_token_lifetime(Duration::from_millis(300));
+    let short = access_token(&graph, APP).await;
+    assert_eq!(graph_call(&graph, "GET", SP, "jobs", Some(&short), None).await.status, 200);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let r = graph_call(&graph, "GET", SP, "jobs", Some(&short), None).await;
+    assert_eq!((r.status, graph_error_code(&r)), (401, "InvalidAuthenticationToken".to_owned()));
+    graph.set_access_token_lifetime(Duration::from_secs(3599));
+
     // An expired access token: 401 until a new one is fetched.
     graph.expire_access_tokens();
     assert_eq!(graph_call(&graph, "GET", SP, "jobs", Some(&owner), None).await.status, 401);
@@ -367,8 +376,20 @@ async fn secrets_are_saved_masked_on_read_and_every_put_is_recorded_in_order() {
     let r = graph_call(&graph, "GET", SP, &format!("jobs/{JOB}"), Some(&owner), None).await;
     assert_eq!(json_of(&r)["id"], JOB);
 
+    // pause and start: the status code follows.
+    let r = graph_call(&graph, "POST", SP, &format!("jobs/{JOB}/pause"), Some(&owner), None).await;
+    assert_eq!((r.status, graph.job_status(SP)["code"].as_str()), (204, Some("Paused")));
+    let r = graph_call(&graph, "POST", SP, &format!("jobs/{JOB}/start"), Some(&owner), None).await;
+    assert_eq!((r.status, graph.job_status(SP)["code"].as_str()), (204, Some("NotRun")));
+
+    // Credentials an administrator saved are not the operator's PUTs.
+    let seeded = Token::generate();
+    graph.seed_credentials(SP, base, seeded.expose());
+    assert_eq!(graph.saved_token_sha256(SP), Some(sha256(seeded.expose())));
+    assert_eq!(graph.puts(SP).len(), 2);
+
     let text = format!("{}{}", std::fs::read_to_string(graph.log_file()).unwrap(), r.body);
-    assert_not_in(&text, &[first.expose(), second.expose(), &owner], "the double's log or a read");
+    assert_not_in(&text, &[first.expose(), second.expose(), seeded.expose(), &owner], "the double's log or a read");
 }
 
 #[tokio::test]
@@ -465,6 +486,10 @@ async fn validate_credentials_and_provisioning_cycles_call_the_real_scim_stack_w
     assert!(base.starts_with("https://127.0.0.1:") && base.ends_with("/acme/v2"), "{base}");
     let owner = access_token(&graph, APP).await;
     let validate = format!("jobs/{JOB}/validateCredentials");
+    // nginx serves HTTPS with the double's certificate: the operator's token passes, another does not.
+    let client = Some(graph.client_config());
+    assert_eq!(stack.users_status(client.clone(), "acme", &issued).await, 200);
+    assert_eq!(stack.users_status(client, "acme", Token::generate().expose()).await, 401);
 
     // The operator's token: Entra's test reaches scim2-server through nginx and the verifier.
     let r = graph_call(

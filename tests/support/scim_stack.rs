@@ -161,9 +161,20 @@ impl ScimStack {
     /// is a DNS label: a valid tenant, never `v2`). With `tls`, nginx serves HTTPS with that
     /// certificate. Waits until the verifier is ready and nginx listens.
     pub async fn start(env: &Env, dir: &Path, tls: Option<Tls<'_>>, directories: &[&str]) -> ScimStack {
+        ScimStack::start_with(env, dir, tls, directories, &[]).await
+    }
+
+    /// [`ScimStack::start`] with extra environment for the verifier (e.g. `VERIFY_STRIP_AUTHORIZATION`).
+    pub async fn start_with(
+        env: &Env,
+        dir: &Path,
+        tls: Option<Tls<'_>>,
+        directories: &[&str],
+        verifier_env: &[(&str, &str)],
+    ) -> ScimStack {
         let peers = peers();
         std::fs::create_dir_all(dir).unwrap();
-        let verifier = env.verifier();
+        let verifier = env.verifier_with(verifier_env);
         let (server, scim_port) = scim2_server(&peers, dir, directories).await;
         let routes: Vec<(&str, &str)> = directories.iter().map(|d| (*d, *d)).collect();
         let nginx_port = free_port();
@@ -186,6 +197,32 @@ impl ScimStack {
     pub fn base_address(&self, directory: &str) -> String {
         let scheme = if self.https { "https" } else { "http" };
         format!("{scheme}://127.0.0.1:{}/{directory}/v2", self.nginx_port)
+    }
+
+    /// `GET <base address>/Users` through nginx with `token` as the bearer token; the status. Over
+    /// HTTPS `client` must trust nginx's certificate (e.g. `GraphDouble::client_config()`); `None`
+    /// for plain HTTP.
+    pub async fn users_status(
+        &self,
+        client: Option<std::sync::Arc<rustls::ClientConfig>>,
+        directory: &str,
+        token: &str,
+    ) -> u16 {
+        let authorization = format!("Bearer {token}");
+        match client {
+            Some(client) => {
+                let url = format!("{}/Users", self.base_address(directory));
+                let headers = [("authorization", authorization.as_str())];
+                let request = super::graph::tls::Request { method: "GET", url: &url, headers: &headers, body: None };
+                super::graph::tls::send(client, request, Duration::from_secs(10)).await.expect("nginx answers").status
+            }
+            None => {
+                let path = format!("/{directory}/v2/Users");
+                super::http_request(self.nginx_port, "GET", &path, &[("Authorization", &authorization)])
+                    .expect("nginx answers")
+                    .status
+            }
+        }
     }
 
     /// The logs of nginx and scim2-server, concatenated (for a test's "no token in any log").

@@ -43,6 +43,7 @@ pub enum Call {
 }
 
 /// A failure the double answers instead of the real answer, for the next `times` matching calls.
+/// It wins over every other answer, a missing access token's 401 included.
 #[derive(Clone, Debug)]
 pub struct Fault {
     pub call: Call,
