@@ -68,6 +68,12 @@ pub struct RecordView {
     pub previous_token_valid_until: Option<Timestamp>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub end_overlap_request: Option<String>,
+    /// When the token was pushed to the identity provider (spec.identityProvider).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pushed_to_identity_provider_at: Option<Timestamp>,
+    /// When the identity provider first ran successfully with it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity_provider_synced_at: Option<Timestamp>,
 }
 
 impl From<&IssueRecord> for RecordView {
@@ -83,6 +89,8 @@ impl From<&IssueRecord> for RecordView {
             previous_token_hash: r.previous.as_ref().map(|p| p.token_hash.to_string()),
             previous_token_valid_until: r.previous.as_ref().map(|p| p.valid_until),
             end_overlap_request: r.end_overlap_request.clone(),
+            pushed_to_identity_provider_at: r.idp.as_ref().map(|p| p.pushed_at),
+            identity_provider_synced_at: r.idp.as_ref().and_then(|p| p.synced_at),
         }
     }
 }
@@ -229,6 +237,13 @@ fn record_lines(lines: &mut Vec<(&str, String)>, i: &Inspection, r: &RecordView,
     ));
     if let Some(request) = &r.end_overlap_request {
         lines.push(("End-overlap request", request.clone()));
+    }
+    if let Some(pushed) = r.pushed_to_identity_provider_at {
+        let synced = r.identity_provider_synced_at.map_or_else(
+            || "; not yet run with it".to_owned(),
+            |t| format!("; it ran with it successfully at {}", at(t, now)),
+        );
+        lines.push(("Identity provider", format!("pushed at {}{synced}", at(pushed, now))));
     }
 }
 

@@ -390,3 +390,51 @@ fn overlap_note(record: &IssueRecord) -> String {
         None => String::new(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::ScimDirectorySpec;
+    use crate::policy::{IssueReason, new_record};
+    use crate::token::TokenHash;
+
+    fn ts(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn the_condition_is_set_in_place_keeps_its_transition_time_and_goes_without_an_identity_provider() {
+        let dir = ScimDirectory::new("acme", ScimDirectorySpec::default());
+        let record = new_record(
+            &Desired::parse(0, None, None, None).unwrap(),
+            TokenHash::of_bytes(b"t"),
+            IssueReason::Initial,
+            ts("2026-01-01T00:00:00Z"),
+        );
+        let ready = Condition {
+            type_: "Ready".into(),
+            status: "True".into(),
+            reason: "TokenIssued".into(),
+            message: "issued".into(),
+            observed_generation: None,
+            last_transition_time: Time(ts("2026-01-01T00:00:00Z")),
+        };
+        let mut status = ScimDirectoryStatus { conditions: vec![ready.clone()], ..ScimDirectoryStatus::default() };
+        let state = |reason, message: &str| IdpOutcome::state(record.clone(), reason, message.to_owned(), None);
+
+        state(reason::PUSH_PENDING, "pending").apply(&dir, &mut status, ts("2026-01-01T00:00:01Z"));
+        assert_eq!(status.conditions.len(), 2);
+        assert_eq!((status.conditions[1].type_.as_str(), status.conditions[1].status.as_str()), (CONDITION, "False"));
+        // Another False reason: the transition time stays; True: it moves.
+        state(reason::AWAITING_SYNC, "waiting").apply(&dir, &mut status, ts("2026-01-01T00:00:02Z"));
+        assert_eq!(status.conditions[1].last_transition_time.0, ts("2026-01-01T00:00:01Z"));
+        assert_eq!(status.conditions[1].reason, reason::AWAITING_SYNC);
+        state(reason::SYNCED, "synced").apply(&dir, &mut status, ts("2026-01-01T00:40:00Z"));
+        assert_eq!(status.conditions[1].status, "True");
+        assert_eq!(status.conditions[1].last_transition_time.0, ts("2026-01-01T00:40:00Z"));
+        assert_eq!(status.conditions[0], ready, "Ready untouched, first");
+        assert_eq!(state(reason::SYNCED, "synced").warning(), None, "a state is no warning");
+        IdpOutcome::none(record.clone()).apply(&dir, &mut status, ts("2026-01-02T00:00:00Z"));
+        assert_eq!(status.conditions, vec![ready], "no identity provider, no condition");
+    }
+}
