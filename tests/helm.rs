@@ -919,142 +919,203 @@ impl AsDeployed {
         );
     }
 
-    /// What the secret-write policy refuses and admits in a watched namespace.
+    /// What the secret-write policy refuses and admits in a watched namespace. RBAC lets the
+    /// ServiceAccount create and patch every Secret of a watched namespace (of the cluster, in
+    /// `works_cluster_wide_after_an_upgrade`); the policy lets it write the operator's own Secrets only.
     async fn is_confined_by_the_secret_write_policy(&self) {
-        let fullname = FULLNAME;
-        let admin = &self.admin;
-        let team = &self.team;
-        let user = &self.user;
-        let release_ns = &self.release_ns;
-        let team_ns = &self.team_ns;
-        let other_ns = &self.other_ns;
-        let as_operator = &self.as_operator;
-        let team_secrets = &self.team_secrets;
-        let others: Api<ScimDirectory> = Api::namespaced(admin.clone(), other_ns);
-        // The secret-write policy: RBAC lets the ServiceAccount create and patch every Secret of a watched
-        // namespace (of the cluster, below); the policy lets it write the operator's own Secrets only.
+        self.policy_admits_only_secrets_a_directory_controls().await;
+        // Deleting, re-parenting and dropping ownerReferences are already refused by RBAC (no delete)
+        // and, on this control plane, by OwnerReferencesPermissionEnforcement (changing
+        // ownerReferences needs delete). A cluster without that plugin, or with a broader Role, has
+        // neither: grant delete on Secrets for a moment, so that the policy alone stands in the way.
+        self.grant_delete_on_secrets(true).await;
+        self.policy_refuses_deleting_taking_over_or_moving_secrets().await;
+        self.grant_delete_on_secrets(false).await;
+
+        let others: Api<ScimDirectory> = Api::namespaced(self.admin.clone(), &self.other_ns);
+        assert!(others.get("acme").await.unwrap().status.is_none(), "the outsider was never reconciled");
+        let log = std::fs::read_to_string(&self.team.log).unwrap();
+        assert!(!log.to_lowercase().contains("forbidden"), "the operator was never refused:\n{log}");
+    }
+
+    fn acme_owner_ref(dir: &ScimDirectory) -> Value {
+        serde_json::to_value(dir.controller_owner_ref(&()).unwrap()).unwrap()
+    }
+
+    /// Creates of a Secret named `planted`: refused unless labelled and controlled by a directory.
+    async fn policy_admits_only_secrets_a_directory_controls(&self) {
         let managed = json!({ "app.kubernetes.io/managed-by": "scim-token-operator" });
-        let owner_of = |dir: &ScimDirectory| serde_json::to_value(dir.controller_owner_ref(&()).unwrap()).unwrap();
-        let acme_ref = owner_of(&team.dirs().get("acme").await.unwrap());
-        let create = PostParams::default();
-        let message = refused_by_policy(
-            team_secrets.create(&create, &test_secret("planted", json!({}), None)).await,
-            NOT_LABELLED,
-            "creating an unlabelled Secret",
-        );
-        assert!(message.contains(&format!("refused CREATE of Secret {team_ns}/planted by {user}: ")), "{message}");
-        refused_by_policy(
-            team_secrets.create(&create, &test_secret("planted", json!({}), Some(&acme_ref))).await,
-            NOT_LABELLED,
-            "creating an unlabelled Secret a directory controls",
-        );
-        refused_by_policy(
-            team_secrets.create(&create, &test_secret("planted", managed.clone(), None)).await,
-            NOT_OWNED,
-            "creating a labelled Secret without an ownerReference",
-        );
-        let mut not_controller = acme_ref.clone();
-        not_controller["controller"] = json!(false);
-        refused_by_policy(
-            team_secrets.create(&create, &test_secret("planted", managed.clone(), Some(&not_controller))).await,
-            NOT_OWNED,
-            "creating a labelled Secret a directory owns but does not control",
-        );
-        let mut other_group = acme_ref.clone();
-        other_group["apiVersion"] = json!("scim.example.com/v1alpha1");
-        refused_by_policy(
-            team_secrets.create(&create, &test_secret("planted", managed.clone(), Some(&other_group))).await,
-            NOT_OWNED,
-            "creating a labelled Secret controlled by another group's ScimDirectory",
-        );
-        let dry_run = PostParams { dry_run: true, ..PostParams::default() };
-        team_secrets
-            .create(&dry_run, &test_secret("planted", managed.clone(), Some(&acme_ref)))
+        let acme_ref = Self::acme_owner_ref(&self.team.dirs().get("acme").await.unwrap());
+        let with = |field: &str, value: Value| {
+            let mut owner = acme_ref.clone();
+            owner[field] = value;
+            Some(owner)
+        };
+        struct Planted {
+            what: &'static str,
+            labels: Value,
+            owner: Option<Value>,
+            refused_with: &'static str,
+        }
+        let cases = [
+            Planted {
+                what: "creating an unlabelled Secret",
+                labels: json!({}),
+                owner: None,
+                refused_with: NOT_LABELLED,
+            },
+            Planted {
+                what: "creating an unlabelled Secret a directory controls",
+                labels: json!({}),
+                owner: Some(acme_ref.clone()),
+                refused_with: NOT_LABELLED,
+            },
+            Planted {
+                what: "creating a labelled Secret without an ownerReference",
+                labels: managed.clone(),
+                owner: None,
+                refused_with: NOT_OWNED,
+            },
+            Planted {
+                what: "creating a labelled Secret a directory owns but does not control",
+                labels: managed.clone(),
+                owner: with("controller", json!(false)),
+                refused_with: NOT_OWNED,
+            },
+            Planted {
+                what: "creating a labelled Secret controlled by another group's ScimDirectory",
+                labels: managed.clone(),
+                owner: with("apiVersion", json!("scim.example.com/v1alpha1")),
+                refused_with: NOT_OWNED,
+            },
+        ];
+        for Planted { what, labels, owner, refused_with } in cases {
+            let planted = test_secret("planted", labels, owner.as_ref());
+            let message =
+                refused_by_policy(self.team_secrets.create(&PostParams::default(), &planted).await, refused_with, what);
+            let (team_ns, user) = (&self.team_ns, &self.user);
+            assert!(message.contains(&format!("refused CREATE of Secret {team_ns}/planted by {user}: ")), "{message}");
+        }
+        self.team_secrets
+            .create(
+                &PostParams { dry_run: true, ..PostParams::default() },
+                &test_secret("planted", managed.clone(), Some(&acme_ref)),
+            )
             .await
             .expect("the policy admits a labelled Secret a directory controls (dry run)");
+    }
 
-        // Deleting, re-parenting and dropping ownerReferences are already refused by RBAC (no delete) and, on
-        // this control plane, by OwnerReferencesPermissionEnforcement (changing ownerReferences needs delete).
-        // A cluster without that plugin, or with a broader Role, has neither: grant delete on Secrets for a
-        // moment, so that the policy alone stands in the way.
-        let grant_roles: Api<Role> = Api::namespaced(admin.clone(), team_ns);
-        let grant_bindings: Api<RoleBinding> = Api::namespaced(admin.clone(), team_ns);
-        let grant: Role = serde_json::from_value(json!({
-            "metadata": { "name": "test-delete-secrets" },
+    /// Grants (or takes back) delete on the team's Secrets to the operator's ServiceAccount, and waits
+    /// until the authorizer says so.
+    async fn grant_delete_on_secrets(&self, granted: bool) {
+        let roles: Api<Role> = Api::namespaced(self.admin.clone(), &self.team_ns);
+        let bindings: Api<RoleBinding> = Api::namespaced(self.admin.clone(), &self.team_ns);
+        let name = "test-delete-secrets";
+        if !granted {
+            bindings.delete(name, &DeleteParams::default()).await.unwrap();
+            roles.delete(name, &DeleteParams::default()).await.unwrap();
+            return;
+        }
+        let role: Role = serde_json::from_value(json!({
+            "metadata": { "name": name },
             "rules": [{ "apiGroups": [""], "resources": ["secrets"], "verbs": ["delete"] }]
         }))
         .unwrap();
-        grant_roles.create(&create, &grant).await.unwrap();
-        let grant_binding: RoleBinding = serde_json::from_value(json!({
-            "metadata": { "name": "test-delete-secrets" },
-            "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "test-delete-secrets" },
-            "subjects": [{ "kind": "ServiceAccount", "name": fullname, "namespace": release_ns }]
+        roles.create(&PostParams::default(), &role).await.unwrap();
+        let binding: RoleBinding = serde_json::from_value(json!({
+            "metadata": { "name": name },
+            "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name },
+            "subjects": [{ "kind": "ServiceAccount", "name": FULLNAME, "namespace": self.release_ns }]
         }))
         .unwrap();
-        grant_bindings.create(&create, &grant_binding).await.unwrap();
-        let reviews: Api<SelfSubjectAccessReview> = Api::all(as_operator.clone());
+        bindings.create(&PostParams::default(), &binding).await.unwrap();
+        let reviews: Api<SelfSubjectAccessReview> = Api::all(self.as_operator.clone());
         let review: SelfSubjectAccessReview = serde_json::from_value(json!({
-            "spec": { "resourceAttributes": { "namespace": team_ns, "verb": "delete", "resource": "secrets" } }
+            "spec": { "resourceAttributes": { "namespace": self.team_ns, "verb": "delete", "resource": "secrets" } }
         }))
         .unwrap();
         wait_for("the ServiceAccount may delete Secrets", Duration::from_secs(30), || async {
-            reviews.create(&create, &review).await.unwrap().status?.allowed.then_some(())
+            reviews.create(&PostParams::default(), &review).await.unwrap().status?.allowed.then_some(())
         })
         .await;
+    }
+
+    /// With delete granted: the foreign Secret `taken` and the operator's own `acme-scim-token` can be
+    /// neither deleted, taken over, moved to another directory nor cut loose; an update that keeps the
+    /// operator's Secret what it is passes.
+    async fn policy_refuses_deleting_taking_over_or_moving_secrets(&self) {
+        let (team, team_secrets) = (&self.team, &self.team_secrets);
+        let managed = json!({ "app.kubernetes.io/managed-by": "scim-token-operator" });
+        let acme_ref = Self::acme_owner_ref(&team.dirs().get("acme").await.unwrap());
+        let thief_ref = Self::acme_owner_ref(&team.dirs().get("thief").await.unwrap());
+        let takeover = json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": { "name": "taken", "labels": managed, "ownerReferences": [acme_ref] }
+        });
+        enum Write {
+            Delete,
+            Apply(Value),
+            Merge(Value),
+        }
+        struct Refused {
+            what: &'static str,
+            secret: &'static str,
+            write: Write,
+            refused_with: &'static str,
+        }
+        let cases = [
+            Refused { what: "deleting a foreign Secret", secret: "taken", write: Write::Delete, refused_with: DELETED },
+            Refused {
+                what: "deleting the operator's own Secret",
+                secret: "acme-scim-token",
+                write: Write::Delete,
+                refused_with: DELETED,
+            },
+            Refused {
+                what: "taking over a foreign Secret by applying the label and a controller ownerReference",
+                secret: "taken",
+                write: Write::Apply(takeover.clone()),
+                refused_with: TAKEOVER,
+            },
+            Refused {
+                what: "taking over a foreign Secret with a merge patch",
+                secret: "taken",
+                write: Write::Merge(takeover),
+                refused_with: TAKEOVER,
+            },
+            Refused {
+                what: "moving the operator's Secret to another directory",
+                secret: "acme-scim-token",
+                write: Write::Merge(json!({ "metadata": { "ownerReferences": [thief_ref] } })),
+                refused_with: MOVED,
+            },
+            Refused {
+                what: "dropping the ownerReference of the operator's Secret",
+                secret: "acme-scim-token",
+                write: Write::Merge(json!({ "metadata": { "ownerReferences": null } })),
+                refused_with: NOT_OWNED,
+            },
+        ];
         let versions = || async {
             let taken = team.secrets().get("taken").await.unwrap().metadata.resource_version;
             let acme = team.secrets().get("acme-scim-token").await.unwrap().metadata.resource_version;
             (taken, acme)
         };
         let before = versions().await;
-        refused_by_policy(
-            team_secrets.delete("taken", &DeleteParams::default()).await,
-            DELETED,
-            "deleting a foreign Secret",
-        );
-        refused_by_policy(
-            team_secrets.delete("acme-scim-token", &DeleteParams::default()).await,
-            DELETED,
-            "deleting the operator's own Secret",
-        );
-        let takeover = json!({
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": { "name": "taken", "labels": managed, "ownerReferences": [acme_ref] }
-        });
-        refused_by_policy(
-            team_secrets.patch("taken", &PatchParams::apply("intruder").force(), &Patch::Apply(&takeover)).await,
-            TAKEOVER,
-            "taking over a foreign Secret by applying the label and a controller ownerReference",
-        );
-        refused_by_policy(
-            team_secrets.patch("taken", &PatchParams::default(), &Patch::Merge(&takeover)).await,
-            TAKEOVER,
-            "taking over a foreign Secret with a merge patch",
-        );
-        let thief_ref = owner_of(&team.dirs().get("thief").await.unwrap());
-        refused_by_policy(
-            team_secrets
-                .patch(
-                    "acme-scim-token",
-                    &PatchParams::default(),
-                    &Patch::Merge(json!({ "metadata": { "ownerReferences": [thief_ref] } })),
-                )
-                .await,
-            MOVED,
-            "moving the operator's Secret to another directory",
-        );
-        refused_by_policy(
-            team_secrets
-                .patch(
-                    "acme-scim-token",
-                    &PatchParams::default(),
-                    &Patch::Merge(json!({ "metadata": { "ownerReferences": null } })),
-                )
-                .await,
-            NOT_OWNED,
-            "dropping the ownerReference of the operator's Secret",
-        );
+        for Refused { what, secret, write, refused_with } in cases {
+            let result = match write {
+                Write::Delete => team_secrets.delete(secret, &DeleteParams::default()).await.map(|_| ()),
+                Write::Apply(s) => team_secrets
+                    .patch(secret, &PatchParams::apply("intruder").force(), &Patch::Apply(&s))
+                    .await
+                    .map(|_| ()),
+                Write::Merge(patch) => {
+                    team_secrets.patch(secret, &PatchParams::default(), &Patch::Merge(&patch)).await.map(|_| ())
+                }
+            };
+            refused_by_policy(result, refused_with, what);
+        }
         team_secrets
             .patch(
                 "acme-scim-token",
@@ -1064,12 +1125,6 @@ impl AsDeployed {
             .await
             .expect("the policy admits an update of the operator's own Secret (dry run)");
         assert_eq!(versions().await, before, "the refused writes changed nothing");
-        grant_bindings.delete("test-delete-secrets", &DeleteParams::default()).await.unwrap();
-        grant_roles.delete("test-delete-secrets", &DeleteParams::default()).await.unwrap();
-
-        assert!(others.get("acme").await.unwrap().status.is_none(), "the outsider was never reconciled");
-        let log = std::fs::read_to_string(&team.log).unwrap();
-        assert!(!log.to_lowercase().contains("forbidden"), "the operator was never refused:\n{log}");
     }
 
     /// The verifier's ServiceAccount: list + watch on ScimDirectories, nothing else.
