@@ -42,7 +42,6 @@ struct Harness {
     client: Client,
     ctx: Arc<Context>,
     calls: Calls,
-    _secrets_synced: tokio::sync::watch::Sender<bool>,
 }
 
 impl Harness {
@@ -54,7 +53,7 @@ impl Harness {
         let recording = recording_client(cp.config().clone(), calls.clone(), &ns);
         let (dir_reader, dir_writer) = reflector::store();
         let (synced_tx, secrets_synced) = tokio::sync::watch::channel(false);
-        let lists = Arc::new(InitialLists::new(synced_tx.clone(), || {}));
+        let lists = Arc::new(InitialLists::new(synced_tx, || {}));
         let ctx = Arc::new(Context {
             client: recording.clone(),
             secrets: SecretCache::default(),
@@ -80,7 +79,7 @@ impl Harness {
             streams::directory_triggers(Api::namespaced(client.clone(), &ns), dir_writer, ctx.clone(), lists);
         tokio::spawn(secret_changes.for_each(|_| async {}));
         tokio::spawn(directory_triggers.for_each(|_| async {}));
-        Harness { ns, client, ctx, calls, _secrets_synced: synced_tx }
+        Harness { ns, client, ctx, calls }
     }
 
     /// The same caches, client and record key with another minimum interval between automatic issues.
