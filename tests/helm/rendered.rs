@@ -352,8 +352,15 @@ fn check_record_key_rbac(objects: &[Value], namespace: &str, fullname: &str, ser
 fn check_verifier(objects: &[Value], namespace: &str, service_account: &str, watch_namespace: Option<&str>) {
     let deployment = find_of(objects, "Deployment", "verifier");
     check_deployment(deployment, watch_namespace);
-    let operator = find_of(objects, "Deployment", "operator");
     assert_eq!(deployment["metadata"]["namespace"], namespace);
+    check_verifier_pod(objects, deployment, service_account);
+    check_verifier_selectors(objects, deployment);
+    check_verifier_rbac(objects, namespace, service_account, watch_namespace);
+}
+
+/// The verifier's pod: the operator's image and security settings, its probes, ports and environment.
+fn check_verifier_pod(objects: &[Value], deployment: &Value, service_account: &str) {
+    let operator = find_of(objects, "Deployment", "operator");
     assert_eq!(deployment["spec"]["replicas"], 2, "two verifier replicas by default");
     assert_eq!(deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"], 0);
     let pod = &deployment["spec"]["template"]["spec"];
@@ -398,6 +405,12 @@ fn check_verifier(objects: &[Value], namespace: &str, service_account: &str, wat
         !env.iter().any(|(k, _)| k.starts_with("LEADER_ELECTION") || k == "POD_NAMESPACE"),
         "no leader election, no Lease: {env:?}"
     );
+}
+
+/// The verifier's pods and the operator's are told apart by every selector; its Service and
+/// PodDisruptionBudget select its pods.
+fn check_verifier_selectors(objects: &[Value], deployment: &Value) {
+    let operator = find_of(objects, "Deployment", "operator");
     let pod_labels = &deployment["spec"]["template"]["metadata"]["labels"];
     let operator_pod_labels = &operator["spec"]["template"]["metadata"]["labels"];
     let service_selector = |service: &Value| json!({ "matchLabels": service["spec"]["selector"] });
@@ -432,7 +445,10 @@ fn check_verifier(objects: &[Value], namespace: &str, service_account: &str, wat
     let pdb = find_of(objects, "PodDisruptionBudget", "verifier");
     assert_eq!(pdb["spec"]["selector"], deployment["spec"]["selector"]);
     assert_eq!(pdb["spec"]["maxUnavailable"], 1);
-    // Its RBAC: exactly list + watch on ScimDirectories, wherever the operator has its rules.
+}
+
+/// The verifier's RBAC: exactly list + watch on ScimDirectories, wherever the operator has its rules.
+fn check_verifier_rbac(objects: &[Value], namespace: &str, service_account: &str, watch_namespace: Option<&str>) {
     let roles: Vec<&Value> =
         ["ClusterRole", "Role"].iter().flat_map(|k| of_component(objects, k, "verifier")).collect();
     let bindings: Vec<&Value> =
