@@ -9,76 +9,21 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use scim_token_operator::token::Token;
+use support::scim_stack::{self, PEERS, Process, peers, start, wait_port};
 use support::{Env, HttpResponse, free_port, http_request, wait_for};
 
-const PEERS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers");
-
-/// Paths printed by hack/test-peers.sh (NGINX, SCIM2_SERVER, SCIM, ...).
-fn peers() -> BTreeMap<String, String> {
-    let out = Command::new("bash")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/hack/test-peers.sh"))
-        .output()
-        .expect("run hack/test-peers.sh");
-    assert!(
-        out.status.success(),
-        "hack/test-peers.sh could not provide nginx and the SCIM tools:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect()
-}
-
-/// A child process killed (and reaped) on drop.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start(mut cmd: Command, log: &Path) -> Process {
-    let log = std::fs::File::create(log).unwrap();
-    Process(cmd.stdout(log.try_clone().unwrap()).stderr(log).spawn().expect("start a peer"))
-}
-
-async fn wait_port(port: u16, what: &str) {
-    wait_for(what, Duration::from_secs(30), || async {
-        std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())
-    })
-    .await;
-}
-
-/// scim2-server with no token of its own (the proxy is the only gate) and one tenant per route;
-/// --debug logs each request's headers, so the test sees what reached it. Its environment is
-/// emptied: the debug log prints that too.
+/// scim2-server with tenants tenant-a and tenant-b.
 async fn scim2_server(peers: &BTreeMap<String, String>, dir: &Path) -> (Process, u16) {
-    let port = free_port();
-    let mut server = Command::new(&peers["SCIM2_SERVER"]);
-    server
-        .args(["--hostname", "127.0.0.1", "--port", &port.to_string()])
-        .args(["--tenant", "tenant-a", "--tenant", "tenant-b", "--debug"])
-        .env_clear()
-        .env("PATH", "/usr/bin:/bin");
-    let process = start(server, &dir.join("scim2-server.log"));
-    wait_port(port, "scim2-server").await;
-    (process, port)
+    scim_stack::scim2_server(peers, dir, &["tenant-a", "tenant-b"]).await
 }
 
 /// A fresh scratch directory for this test's peers.
 fn scratch(env: &Env) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("peers-{}", env.ns));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    scim_stack::scratch(env, "peers")
 }
 
 /// The directories both proxies route to: acme (tenant-a) with an overlap, globex (tenant-b) expiring.
@@ -99,22 +44,8 @@ async fn expire_soon(env: &Env) -> k8s_openapi::jiff::Timestamp {
 
 /// nginx with the proven configuration: tenant-a bound to directory `ns/acme`, tenant-b to `ns/globex`.
 fn nginx_config(prefix: &Path, listen: u16, verifier: u16, scim: u16, ns: &str) -> String {
-    let tenant = std::fs::read_to_string(format!("{PEERS}/tenant-location.conf.template")).unwrap();
-    let locations: String = [("tenant-a", "acme"), ("tenant-b", "globex")]
-        .iter()
-        .map(|(t, d)| {
-            tenant.replace("{{TENANT}}", t).replace("{{DIRECTORY_NAMESPACE}}", ns).replace("{{DIRECTORY_NAME}}", d)
-        })
-        .collect();
-    let config = std::fs::read_to_string(format!("{PEERS}/nginx.conf.template"))
-        .unwrap()
-        .replace("{{PREFIX}}", prefix.to_str().unwrap())
-        .replace("{{LISTEN}}", &format!("127.0.0.1:{listen}"))
-        .replace("{{VERIFIER}}", &format!("127.0.0.1:{verifier}"))
-        .replace("{{SCIM_SERVER}}", &format!("127.0.0.1:{scim}"))
-        .replace("{{TENANT_LOCATIONS}}", &locations);
-    assert!(!config.contains("{{"), "every placeholder filled");
-    config
+    let routes = [("tenant-a", "acme"), ("tenant-b", "globex")];
+    scim_stack::nginx_config(prefix, listen, None, verifier, scim, ns, &routes)
 }
 
 /// `scim -u <url> [args]` (scim2-cli) with the token in its header variable (kept out of `ps`).
@@ -243,12 +174,8 @@ async fn nginx_gates_a_real_scim_server_and_a_real_scim_client_follows_rotations
     let (_server, scim_port) = scim2_server(&peers, &dir).await;
 
     let nginx_port = free_port();
-    std::fs::write(dir.join("nginx.conf"), nginx_config(&dir, nginx_port, verifier.port, scim_port, &env.ns)).unwrap();
-    let mut nginx = Command::new(&peers["NGINX"]);
-    nginx.arg("-p").arg(format!("{}/", dir.display())).arg("-c").arg(dir.join("nginx.conf"));
-    nginx.arg("-e").arg(dir.join("error.log"));
-    let _nginx = start(nginx, &dir.join("nginx.out"));
-    wait_port(nginx_port, "nginx").await;
+    let config = nginx_config(&dir, nginx_port, verifier.port, scim_port, &env.ns);
+    let _nginx = scim_stack::nginx(&peers, &dir, &config, nginx_port).await;
 
     let acme = env.token("acme-scim-token").await.unwrap();
     let globex = env.token("globex-scim-token").await.unwrap();

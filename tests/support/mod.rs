@@ -2,6 +2,9 @@
 //! process, and polling helpers. Every test works in a namespace of its own.
 #![allow(dead_code)]
 
+pub mod graph;
+pub mod scim_stack;
+
 use std::collections::BTreeSet;
 use std::fs::OpenOptions;
 use std::net::TcpListener;

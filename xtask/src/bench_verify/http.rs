@@ -147,6 +147,7 @@ pub(super) fn start_nginx(
     let mut conf = std::fs::read_to_string(peers.join("nginx.conf.template"))?
         .replace("{{PREFIX}}", prefix_str)
         .replace("{{LISTEN}}", &format!("127.0.0.1:{port}"))
+        .replace("{{TLS}}", "")
         .replace("{{VERIFIER}}", &format!("127.0.0.1:{verifier_port}"))
         .replace("{{SCIM_SERVER}}", &format!("127.0.0.1:{floor_port}"))
         .replace("{{TENANT_LOCATIONS}}", &(tenant + plain));
