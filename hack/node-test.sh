@@ -16,6 +16,7 @@
 #   exactly once; the old token is refused;
 # - `kubectl logs` of every pod holds no token; then `cargo xtask cluster down`, which fails on any
 #   leftover. The bridge CNI enforces no NetworkPolicy: they are applied, not proven by refused traffic.
+# Then the README's `cargo xtask demo --node --once` with the same image.
 #
 #   node-test.sh [ARCHIVE]     default: target/image-check/scim-token-operator.tar (tag scim-token-operator:test)
 #
@@ -286,4 +287,9 @@ log "kubectl logs of every pod: no token; no container restarted"
 
 up=0
 cargo xtask cluster down
-log "ok in $((SECONDS - started))s (cluster up ${up_secs}s, helm install to Ready ${install_secs}s, upgrade ${upgrade_secs}s, failover ${failover_secs}s)"
+test_secs=$((SECONDS - started))
+
+# The README's demo on the node (its own cluster up and down), still under the lock.
+t=$SECONDS
+cargo xtask demo --node --once --image "$archive"
+log "ok in $((SECONDS - started))s: the chart test ${test_secs}s (cluster up ${up_secs}s, helm install to Ready ${install_secs}s, upgrade ${upgrade_secs}s, failover ${failover_secs}s), demo --node --once $((SECONDS - t))s"
