@@ -156,7 +156,7 @@ check_processes() {
     mem="$(awk -v u="$(cat "/sys/fs/cgroup/memory$(awk -F: '$2 == "memory" { print $3 }' "/proc/$pid/cgroup")/memory.usage_in_bytes")" \
       '$1 == "total_inactive_file" { printf "%.1f MiB", (u - $2) / 1048576 }' \
       "/sys/fs/cgroup/memory$(awk -F: '$2 == "memory" { print $3 }' "/proc/$pid/cgroup")/memory.stat")"
-    log "  $pod: pid $pid ($cmd), uid $uid, gid $gid, CapEff $caps, NoNewPrivs $nnp, Seccomp $seccomp, root $root, working set $mem, $(grep ^VmRSS: "/proc/$pid/status" | tr -s ' \t' ' ')"
+    log "  $pod: pid $pid ($cmd), uid $uid, gid $gid, CapEff $caps, NoNewPrivs $nnp, Seccomp $seccomp, root $root, working set $mem, $(grep ^RssAnon: "/proc/$pid/status" | tr -s ' \t' ' ')"
     [[ "$uid" == 65532 && "$gid" == 65532 && "$caps" == 0000000000000000 && "$nnp" == 1 && "$seccomp" == 2 && "$root" == ro ]] ||
       die "$pod does not run as 65532:65532 with no capabilities, no new privileges, seccomp and a read-only root"
   done
@@ -284,6 +284,23 @@ check_logs
 restarts="$(k -n "$ns" get pods -o jsonpath='{.items[*].status.containerStatuses[0].restartCount}')"
 [[ "$restarts" =~ ^(0\ )*0$ ]] || die "container restarts: $restarts"
 log "kubectl logs of every pod: no token; no container restarted"
+
+# For BENCHMARKS.md (not in the test command): NODE_TEST_DIRECTORIES=1000 adds that many directories
+# and reports the pods' memory again once every one is Ready.
+if ((${NODE_TEST_DIRECTORIES:-0} > 0)); then
+  n=$NODE_TEST_DIRECTORIES
+  k create namespace bench >/dev/null
+  for i in $(seq "$n"); do
+    printf 'apiVersion: scim.tokenops.dev/v1alpha1\nkind: ScimDirectory\nmetadata: {name: d%d, namespace: bench}\nspec: {}\n---\n' "$i"
+  done >"$work/directories.yaml"
+  t="$(now)"
+  k apply --server-side -f "$work/directories.yaml" >/dev/null
+  all_ready() { [[ "$(k -n bench get scimdir -o jsonpath='{range .items[*]}{.status.conditions[0].status}{"\n"}{end}' | grep -c '^True$')" == "$n" ]]; }
+  until_true "$n directories to be Ready" 600 all_ready
+  log "$n directories Ready $(since "$t")s after kubectl apply; the pods' memory 10 s later:"
+  sleep 10
+  check_processes
+fi
 
 up=0
 cargo xtask cluster down
