@@ -263,6 +263,8 @@ log "the PodDisruptionBudget refuses evicting the last ready operator pod: ${out
 k uncordon scim-node >/dev/null
 k -n "$ns" wait --for=delete "pod/$leader" --timeout=60s >/dev/null
 k -n "$ns" rollout status "deployment/$release" --timeout=120s >/dev/null
+[[ "$(record)" == "$before" && "$(issued)" == 0 && -z "$(events)" ]] ||
+  die "the failover issued a token: $before -> $(record), tokens issued $(issued), Events $(events)"
 
 # A rotation after the failover: exactly one new token.
 t="$(now)"
