@@ -6,6 +6,7 @@
 //! `demo` is the operator's main job end to end on a fresh machine: it builds (or finds) a local
 //! kube-apiserver + etcd, installs the CRD, runs the operator, applies an example with the real
 //! kubectl, prints the directory's status and Secret name, and keeps everything running until Ctrl-C.
+//! `demo --node` does the same as it runs in a cluster (`demo_node.rs`).
 
 use std::net::SocketAddr;
 use std::path::Path;
