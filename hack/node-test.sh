@@ -145,23 +145,33 @@ check_processes() {
   local pod id pid uid gid caps nnp seccomp root cmd mem
   for pod in $(all_pods); do
     id="$(k -n "$ns" get pod "$pod" -o jsonpath='{.status.containerStatuses[0].containerID}')"
-    pid="$(cargo_ctr task ls | awk -v id="${id#containerd://}" '$1 == id { print $2 }')"
+    pid="$(node_ctr task ls | awk -v id="${id#containerd://}" '$1 == id { print $2 }')"
     [[ -n "$pid" ]] || die "no containerd task for $pod ($id)"
     uid="$(awk '/^Uid:/ { print $2 }' "/proc/$pid/status")" gid="$(awk '/^Gid:/ { print $2 }' "/proc/$pid/status")"
     caps="$(awk '/^CapEff:/ { print $2 }' "/proc/$pid/status")" nnp="$(awk '/^NoNewPrivs:/ { print $2 }' "/proc/$pid/status")"
     seccomp="$(awk '/^Seccomp:/ { print $2 }' "/proc/$pid/status")"
     root="$(awk '$5 == "/" { print $6 }' "/proc/$pid/mountinfo" | cut -d, -f1)"
     cmd="$(tr '\0' ' ' <"/proc/$pid/cmdline")"
-    # The kubelet's working set (cgroup v1): usage minus inactive file pages.
-    mem="$(awk -v u="$(cat "/sys/fs/cgroup/memory$(awk -F: '$2 == "memory" { print $3 }' "/proc/$pid/cgroup")/memory.usage_in_bytes")" \
-      '$1 == "total_inactive_file" { printf "%.1f MiB", (u - $2) / 1048576 }' \
-      "/sys/fs/cgroup/memory$(awk -F: '$2 == "memory" { print $3 }' "/proc/$pid/cgroup")/memory.stat")"
+    mem="$(working_set "$pid")"
     log "  $pod: pid $pid ($cmd), uid $uid, gid $gid, CapEff $caps, NoNewPrivs $nnp, Seccomp $seccomp, root $root, working set $mem, $(grep ^RssAnon: "/proc/$pid/status" | tr -s ' \t' ' ')"
     [[ "$uid" == 65532 && "$gid" == 65532 && "$caps" == 0000000000000000 && "$nnp" == 1 && "$seccomp" == 2 && "$root" == ro ]] ||
       die "$pod does not run as 65532:65532 with no capabilities, no new privileges, seccomp and a read-only root"
   done
 }
-cargo_ctr() { ctr --address /run/containerd/containerd.sock --namespace k8s.io "$@"; }
+# The container's working set as the kubelet computes it: its cgroup's usage minus inactive file pages
+# (cgroup v1 here; v2 too). Reported, never asserted.
+working_set() {
+  local v1 v2 cg
+  v1="$(awk -F: '$2 == "memory" { print $3 }' "/proc/$1/cgroup")" v2="$(awk -F: '$1 == "0" { print $3 }' "/proc/$1/cgroup")"
+  if cg="/sys/fs/cgroup/memory$v1" && [[ -n "$v1" && -f "$cg/memory.usage_in_bytes" ]]; then
+    awk -v u="$(cat "$cg/memory.usage_in_bytes")" '$1 == "total_inactive_file" { printf "%.1f MiB", (u - $2) / 1048576 }' "$cg/memory.stat"
+  elif cg="/sys/fs/cgroup$v2" && [[ -f "$cg/memory.current" ]]; then
+    awk -v u="$(cat "$cg/memory.current")" '$1 == "inactive_file" { printf "%.1f MiB", (u - $2) / 1048576 }' "$cg/memory.stat"
+  else
+    printf 'unknown'
+  fi
+}
+node_ctr() { ctr --address /run/containerd/containerd.sock --namespace k8s.io "$@"; }
 pods_settled() { # $1: the image every pod of the release runs; exactly 2 + 2 pods, all Ready, none terminating
   local out
   out="$(k -n "$ns" get pods -o jsonpath='{range .items[*]}{.spec.containers[0].image} {.metadata.deletionTimestamp} {.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}')"
@@ -210,7 +220,7 @@ log "ScimDirectory applied -> token in Secret acme-scim-token -> 200 from http:/
 check_logs
 
 # helm upgrade to a second tag of the same image: every pod rolls; the verifier keeps answering.
-cargo_ctr images tag "$image" "$repository:upgrade" >/dev/null
+node_ctr images tag "$image" "$repository:upgrade" >/dev/null
 before="$(record)"
 (
   while :; do
