@@ -30,9 +30,11 @@ cargo test --workspace --locked --features scim-token-operator/failpoints "$@" 2
 cargo xtask image --binary "${CARGO_TARGET_DIR:-target}/debug/scim-token-operator" \
   --out "${CARGO_TARGET_DIR:-target}/image-check" --tag scim-token-operator:test
 
-# That image on a real single-node cluster (cargo xtask cluster up|down): the verifier as a pod behind a
-# ClusterIP Service reached through kube-proxy, run as 65532 on a read-only root, and nothing left on
-# the machine after `down` (≈ 11 s warm).
+# That image on a real single-node cluster (cargo xtask cluster up|down): the chart installed with Helm
+# (2 operator and 2 verifier pods Ready through their probes, run as 65532 on a read-only root), a token
+# issued and verified through the verifier's ClusterIP Service, helm upgrade with no second token and no
+# failed verification, leader failover and a rotation exactly once after it, no token in any pod's log,
+# nothing left on the machine after `down`, then `cargo xtask demo --node --once` (≈ 65 s warm).
 bash hack/node-test.sh "${CARGO_TARGET_DIR:-target}/image-check/scim-token-operator.tar"
 
 # The README's main-job command must keep working: run it once, non-interactively.

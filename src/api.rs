@@ -276,6 +276,10 @@ pub struct ScimDirectoryStatus {
     /// Absent when the token never expires.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_expires_at: Option<Time>,
+    /// Why the current token was issued (`Initial`, `RotationRequested`, `RenewalDue`, ...: the
+    /// Secret's `scim.tokenops.dev/issue-reason`), so that a record restored from the status keeps it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_issue_reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_rotation_generation: Option<i64>,
     /// The last value of the `scim.tokenops.dev/rotate` annotation that was acted on.

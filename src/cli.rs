@@ -1,4 +1,4 @@
-//! Command line: `run` (the default) and `crd`.
+//! Command line: `run` (the default), `verify` and `crd`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -650,35 +650,59 @@ mod tests {
         Is(Decision),
     }
 
-    #[test]
-    fn decision_table() {
-        let base = desired(0, None, None, None);
-        let with_expiry = desired(0, Some("90d"), None, None);
-        let renewing = desired(0, Some("90d"), Some("7d"), None);
-        let rec = record(&base, hash('a'), T0);
-        let rec_exp = record(&with_expiry, hash('a'), T0);
-        let rec_renew = record(&renewing, hash('a'), T0);
-        let status_with =
-            |r: &IssueRecord| StatusView { token_hash: Some(r.token_hash.clone()), record: Some(r.clone()) };
-        let keep = |r: &IssueRecord, restore: bool, expired: bool| Decision::Keep {
-            record: r.clone(),
-            restore_record: restore,
-            expired,
-            overlap_ended: false,
-        };
+    /// One situation of the decision table, named by what it is, and the decision it must lead to.
+    struct Case<'a> {
+        name: &'a str,
+        desired: Result<Desired, SpecError>,
+        status: StatusView,
+        secret: SecretState,
+        now: &'a str,
+        want: Want,
+    }
 
-        struct Case<'a> {
-            name: &'a str,
-            desired: Result<Desired, SpecError>,
-            status: StatusView,
-            secret: SecretState,
-            now: &'a str,
-            want: Want,
+    fn check(cases: Vec<Case>) {
+        for Case { name, desired, status, secret, now, want } in cases {
+            let got = match decide(desired.as_ref(), &status, &secret, ts(now)) {
+                Decision::Issue(issue) => Want::Issue(issue.reason),
+                other => Want::Is(other),
+            };
+            assert_eq!(got, want, "case {name:?}");
         }
-        let cases: Vec<Case> = vec![
+    }
+
+    fn base() -> Desired {
+        desired(0, None, None, None)
+    }
+    fn with_expiry() -> Desired {
+        desired(0, Some("90d"), None, None)
+    }
+    fn renewing() -> Desired {
+        desired(0, Some("90d"), Some("7d"), None)
+    }
+    /// The records of a token `a` issued at T0 for each of the three.
+    fn rec() -> IssueRecord {
+        record(&base(), hash('a'), T0)
+    }
+    fn rec_exp() -> IssueRecord {
+        record(&with_expiry(), hash('a'), T0)
+    }
+    fn rec_renew() -> IssueRecord {
+        record(&renewing(), hash('a'), T0)
+    }
+    fn status_with(r: &IssueRecord) -> StatusView {
+        StatusView { token_hash: Some(r.token_hash.clone()), record: Some(r.clone()) }
+    }
+    fn kept(r: &IssueRecord, restore_record: bool, expired: bool) -> Decision {
+        Decision::Keep { record: r.clone(), restore_record, expired, overlap_ended: false }
+    }
+
+    /// What the Secret holds (or that there is none), and an invalid spec before everything.
+    #[test]
+    fn decides_on_what_the_secret_holds() {
+        check(vec![
             Case {
                 name: "new directory",
-                desired: Ok(base.clone()),
+                desired: Ok(base()),
                 status: StatusView::default(),
                 secret: SecretState::Missing,
                 now: T0,
@@ -686,46 +710,43 @@ mod tests {
             },
             Case {
                 name: "secret deleted after issue",
-                desired: Ok(base.clone()),
-                status: status_with(&rec),
+                desired: Ok(base()),
+                status: status_with(&rec()),
                 secret: SecretState::Missing,
                 now: T0,
                 want: Want::Issue(IssueReason::SecretDeleted),
             },
             Case {
                 name: "foreign secret",
-                desired: Ok(base.clone()),
+                desired: Ok(base()),
                 status: StatusView::default(),
                 secret: SecretState::Foreign,
                 now: T0,
                 want: Want::Is(Decision::Conflict),
             },
             Case {
-                name: "forged record (expiry pushed out)",
-                desired: Ok(with_expiry.clone()),
-                status: status_with(&rec_exp),
-                secret: SecretState::Owned {
-                    token_hash: Some(hash('a')),
-                    record: RecordState::Forged("expires-at is not issued-at + token-expires-in".into()),
-                },
+                name: "token key missing",
+                desired: Ok(base()),
+                status: status_with(&rec()),
+                secret: owned(None, Some(rec())),
                 now: T0,
-                want: Want::Issue(IssueReason::RecordTampered),
+                want: Want::Issue(IssueReason::TokenMissing),
             },
             Case {
-                name: "issue time in the future",
-                desired: Ok(with_expiry.clone()),
-                status: status_with(&rec_exp),
-                secret: owned(Some(hash('a')), Some(record(&with_expiry, hash('a'), "2026-01-01T00:01:01Z"))),
+                name: "token edited by hand",
+                desired: Ok(base()),
+                status: status_with(&rec()),
+                secret: owned(Some(hash('b')), Some(rec())),
                 now: T0,
-                want: Want::Issue(IssueReason::RecordTampered),
+                want: Want::Issue(IssueReason::TokenChanged),
             },
             Case {
-                name: "issue time within the clock skew",
-                desired: Ok(with_expiry.clone()),
-                status: status_with(&rec_exp),
-                secret: owned(Some(hash('a')), Some(record(&with_expiry, hash('a'), "2026-01-01T00:01:00Z"))),
+                name: "steady state",
+                desired: Ok(base()),
+                status: status_with(&rec()),
+                secret: owned(Some(hash('a')), Some(rec())),
                 now: T0,
-                want: Want::Is(keep(&record(&with_expiry, hash('a'), "2026-01-01T00:01:00Z"), false, false)),
+                want: Want::Is(kept(&rec(), false, false)),
             },
             Case {
                 name: "invalid spec wins over everything",
@@ -735,107 +756,131 @@ mod tests {
                 now: T0,
                 want: Want::Is(Decision::InvalidSpec(SpecError::RenewBeforeWithoutExpiry)),
             },
-            Case {
-                name: "token key missing",
-                desired: Ok(base.clone()),
-                status: status_with(&rec),
-                secret: owned(None, Some(rec.clone())),
-                now: T0,
-                want: Want::Issue(IssueReason::TokenMissing),
-            },
-            Case {
-                name: "token edited by hand",
-                desired: Ok(base.clone()),
-                status: status_with(&rec),
-                secret: owned(Some(hash('b')), Some(rec.clone())),
-                now: T0,
-                want: Want::Issue(IssueReason::TokenChanged),
-            },
-            Case {
-                name: "steady state",
-                desired: Ok(base.clone()),
-                status: status_with(&rec),
-                secret: owned(Some(hash('a')), Some(rec.clone())),
-                now: T0,
-                want: Want::Is(keep(&rec, false, false)),
-            },
+        ]);
+    }
+
+    /// A crash between the Secret write and the status write, and annotations stripped from the Secret.
+    #[test]
+    fn adopts_the_secret_after_a_crash_and_restores_stripped_annotations() {
+        check(vec![
             Case {
                 name: "crash after Secret write: status empty, Secret adopted",
-                desired: Ok(base.clone()),
+                desired: Ok(base()),
                 status: StatusView::default(),
-                secret: owned(Some(hash('a')), Some(rec.clone())),
+                secret: owned(Some(hash('a')), Some(rec())),
                 now: T0,
-                want: Want::Is(keep(&rec, false, false)),
+                want: Want::Is(kept(&rec(), false, false)),
             },
             Case {
                 name: "crash after rotation: stale status, Secret adopted",
                 desired: Ok(desired(1, None, None, None)),
-                status: status_with(&rec),
+                status: status_with(&rec()),
                 secret: owned(Some(hash('b')), Some(record(&desired(1, None, None, None), hash('b'), T0))),
                 now: T0,
-                want: Want::Is(keep(&record(&desired(1, None, None, None), hash('b'), T0), false, false)),
+                want: Want::Is(kept(&record(&desired(1, None, None, None), hash('b'), T0), false, false)),
             },
             Case {
                 name: "annotations stripped, status vouches",
-                desired: Ok(base.clone()),
-                status: status_with(&rec),
+                desired: Ok(base()),
+                status: status_with(&rec()),
                 secret: owned(Some(hash('a')), None),
                 now: T0,
-                want: Want::Is(keep(&rec, true, false)),
+                want: Want::Is(kept(&rec(), true, false)),
             },
             Case {
                 name: "annotations stripped, unknown token",
-                desired: Ok(base.clone()),
-                status: status_with(&rec),
+                desired: Ok(base()),
+                status: status_with(&rec()),
                 secret: owned(Some(hash('b')), None),
                 now: T0,
                 want: Want::Issue(IssueReason::TokenChanged),
             },
+        ]);
+    }
+
+    /// A record someone edited: an expiry pushed out, an issue time in the future.
+    #[test]
+    fn replaces_a_token_whose_record_was_forged() {
+        check(vec![
+            Case {
+                name: "forged record (expiry pushed out)",
+                desired: Ok(with_expiry()),
+                status: status_with(&rec_exp()),
+                secret: SecretState::Owned {
+                    token_hash: Some(hash('a')),
+                    record: RecordState::Forged("expires-at is not issued-at + token-expires-in".into()),
+                },
+                now: T0,
+                want: Want::Issue(IssueReason::RecordTampered),
+            },
+            Case {
+                name: "issue time in the future",
+                desired: Ok(with_expiry()),
+                status: status_with(&rec_exp()),
+                secret: owned(Some(hash('a')), Some(record(&with_expiry(), hash('a'), "2026-01-01T00:01:01Z"))),
+                now: T0,
+                want: Want::Issue(IssueReason::RecordTampered),
+            },
+            Case {
+                name: "issue time within the clock skew",
+                desired: Ok(with_expiry()),
+                status: status_with(&rec_exp()),
+                secret: owned(Some(hash('a')), Some(record(&with_expiry(), hash('a'), "2026-01-01T00:01:00Z"))),
+                now: T0,
+                want: Want::Is(kept(&record(&with_expiry(), hash('a'), "2026-01-01T00:01:00Z"), false, false)),
+            },
+        ]);
+    }
+
+    /// The spec and the rotation request against what the token was issued for.
+    #[test]
+    fn rotates_on_spec_changes_and_requests() {
+        check(vec![
             Case {
                 name: "rotation generation bumped",
                 desired: Ok(desired(1, None, None, None)),
-                status: status_with(&rec),
-                secret: owned(Some(hash('a')), Some(rec.clone())),
+                status: status_with(&rec()),
+                secret: owned(Some(hash('a')), Some(rec())),
                 now: T0,
                 want: Want::Issue(IssueReason::RotationGenerationChanged),
             },
             Case {
                 name: "expiry added",
-                desired: Ok(with_expiry.clone()),
-                status: status_with(&rec),
-                secret: owned(Some(hash('a')), Some(rec.clone())),
+                desired: Ok(with_expiry()),
+                status: status_with(&rec()),
+                secret: owned(Some(hash('a')), Some(rec())),
                 now: T0,
                 want: Want::Issue(IssueReason::ExpirySettingChanged),
             },
             Case {
                 name: "expiry removed",
-                desired: Ok(base.clone()),
-                status: status_with(&rec_exp),
-                secret: owned(Some(hash('a')), Some(rec_exp.clone())),
+                desired: Ok(base()),
+                status: status_with(&rec_exp()),
+                secret: owned(Some(hash('a')), Some(rec_exp())),
                 now: T0,
                 want: Want::Issue(IssueReason::ExpirySettingChanged),
             },
             Case {
                 name: "expiry changed",
                 desired: Ok(desired(0, Some("180d"), None, None)),
-                status: status_with(&rec_exp),
-                secret: owned(Some(hash('a')), Some(rec_exp.clone())),
+                status: status_with(&rec_exp()),
+                secret: owned(Some(hash('a')), Some(rec_exp())),
                 now: T0,
                 want: Want::Issue(IssueReason::ExpirySettingChanged),
             },
             Case {
                 name: "expiry rewritten in another unit is no change",
                 desired: Ok(desired(0, Some("2160h"), None, None)),
-                status: status_with(&rec_exp),
-                secret: owned(Some(hash('a')), Some(rec_exp.clone())),
+                status: status_with(&rec_exp()),
+                secret: owned(Some(hash('a')), Some(rec_exp())),
                 now: T0,
-                want: Want::Is(keep(&rec_exp, false, false)),
+                want: Want::Is(kept(&rec_exp(), false, false)),
             },
             Case {
                 name: "rotation requested",
                 desired: Ok(desired(0, None, None, Some("r1"))),
-                status: status_with(&rec),
-                secret: owned(Some(hash('a')), Some(rec.clone())),
+                status: status_with(&rec()),
+                secret: owned(Some(hash('a')), Some(rec())),
                 now: T0,
                 want: Want::Issue(IssueReason::RotationRequested),
             },
@@ -845,121 +890,138 @@ mod tests {
                 status: StatusView::default(),
                 secret: owned(Some(hash('a')), Some(record(&desired(0, None, None, Some("r1")), hash('a'), T0))),
                 now: T0,
-                want: Want::Is(keep(&record(&desired(0, None, None, Some("r1")), hash('a'), T0), false, false)),
+                want: Want::Is(kept(&record(&desired(0, None, None, Some("r1")), hash('a'), T0), false, false)),
             },
             Case {
                 name: "rotation request annotation removed later",
-                desired: Ok(base.clone()),
+                desired: Ok(base()),
                 status: StatusView::default(),
                 secret: owned(Some(hash('a')), Some(record(&desired(0, None, None, Some("r1")), hash('a'), T0))),
                 now: T0,
-                want: Want::Is(keep(&record(&desired(0, None, None, Some("r1")), hash('a'), T0), false, false)),
+                want: Want::Is(kept(&record(&desired(0, None, None, Some("r1")), hash('a'), T0), false, false)),
             },
+        ]);
+    }
+
+    /// Renewal and expiry, to the second.
+    #[test]
+    fn renews_and_expires_on_time() {
+        check(vec![
             Case {
                 name: "not yet due for renewal",
-                desired: Ok(renewing.clone()),
-                status: status_with(&rec_renew),
-                secret: owned(Some(hash('a')), Some(rec_renew.clone())),
+                desired: Ok(renewing()),
+                status: status_with(&rec_renew()),
+                secret: owned(Some(hash('a')), Some(rec_renew())),
                 now: "2026-03-24T23:59:59Z",
-                want: Want::Is(keep(&rec_renew, false, false)),
+                want: Want::Is(kept(&rec_renew(), false, false)),
             },
             Case {
                 name: "due for renewal",
-                desired: Ok(renewing.clone()),
-                status: status_with(&rec_renew),
-                secret: owned(Some(hash('a')), Some(rec_renew.clone())),
+                desired: Ok(renewing()),
+                status: status_with(&rec_renew()),
+                secret: owned(Some(hash('a')), Some(rec_renew())),
                 now: "2026-03-25T00:00:00Z",
                 want: Want::Issue(IssueReason::RenewalDue),
             },
             Case {
                 name: "expired without renewal",
-                desired: Ok(with_expiry.clone()),
-                status: status_with(&rec_exp),
-                secret: owned(Some(hash('a')), Some(rec_exp.clone())),
+                desired: Ok(with_expiry()),
+                status: status_with(&rec_exp()),
+                secret: owned(Some(hash('a')), Some(rec_exp())),
                 now: "2026-04-01T00:00:00Z",
-                want: Want::Is(keep(&rec_exp, false, true)),
+                want: Want::Is(kept(&rec_exp(), false, true)),
             },
             Case {
                 name: "one second before expiry",
-                desired: Ok(with_expiry.clone()),
-                status: status_with(&rec_exp),
-                secret: owned(Some(hash('a')), Some(rec_exp.clone())),
+                desired: Ok(with_expiry()),
+                status: status_with(&rec_exp()),
+                secret: owned(Some(hash('a')), Some(rec_exp())),
                 now: "2026-03-31T23:59:59Z",
-                want: Want::Is(keep(&rec_exp, false, false)),
+                want: Want::Is(kept(&rec_exp(), false, false)),
             },
+        ]);
+    }
+
+    /// Records without the operator's seal.
+    #[test]
+    fn believes_an_unsealed_record_only_as_far_as_the_status_vouches() {
+        check(vec![
             Case {
                 name: "unsealed record the status vouches for (an upgrade, a lost key): re-sealed, no new token",
-                desired: Ok(with_expiry.clone()),
-                status: status_with(&rec_exp),
-                secret: unsealed(Some(hash('a')), rec_exp.clone()),
+                desired: Ok(with_expiry()),
+                status: status_with(&rec_exp()),
+                secret: unsealed(Some(hash('a')), rec_exp()),
                 now: T0,
-                want: Want::Is(keep(&rec_exp, true, false)),
+                want: Want::Is(kept(&rec_exp(), true, false)),
             },
             Case {
                 name: "unsealed record with the issue time pushed forward",
-                desired: Ok(with_expiry.clone()),
-                status: status_with(&rec_exp),
-                secret: unsealed(Some(hash('a')), record(&with_expiry, hash('a'), "2026-01-01T00:00:50Z")),
+                desired: Ok(with_expiry()),
+                status: status_with(&rec_exp()),
+                secret: unsealed(Some(hash('a')), record(&with_expiry(), hash('a'), "2026-01-01T00:00:50Z")),
                 now: T0,
                 want: Want::Issue(IssueReason::RecordTampered),
             },
             Case {
                 name: "unsealed record no status vouches for (a planted Secret record)",
-                desired: Ok(base.clone()),
+                desired: Ok(base()),
                 status: StatusView::default(),
-                secret: unsealed(Some(hash('a')), rec.clone()),
+                secret: unsealed(Some(hash('a')), rec()),
                 now: T0,
                 want: Want::Issue(IssueReason::RecordTampered),
             },
             Case {
                 name: "unsealed record naming a token of someone's choosing, with its hash",
-                desired: Ok(base.clone()),
-                status: status_with(&rec),
-                secret: unsealed(Some(hash('b')), record(&base, hash('b'), T0)),
+                desired: Ok(base()),
+                status: status_with(&rec()),
+                secret: unsealed(Some(hash('b')), record(&base(), hash('b'), T0)),
                 now: T0,
                 want: Want::Issue(IssueReason::RecordTampered),
             },
             Case {
                 name: "unsealed record with a previous token planted",
-                desired: Ok(base.clone()),
-                status: status_with(&rec),
-                secret: unsealed(Some(hash('a')), with_previous(&rec, hash('c'), "2026-01-01T01:00:00Z")),
+                desired: Ok(base()),
+                status: status_with(&rec()),
+                secret: unsealed(Some(hash('a')), with_previous(&rec(), hash('c'), "2026-01-01T01:00:00Z")),
                 now: T0,
                 want: Want::Issue(IssueReason::RecordTampered),
             },
+        ]);
+    }
+
+    /// A previous token on a sealed record against the overlap the spec allows now.
+    #[test]
+    fn bounds_a_sealed_previous_token_by_the_spec() {
+        check(vec![
             Case {
                 name: "sealed previous token, but the spec has no rotationOverlap (any more): dropped",
-                desired: Ok(base.clone()),
-                status: status_with(&rec),
-                secret: owned(Some(hash('a')), Some(with_previous(&rec, hash('c'), "2026-01-01T01:00:00Z"))),
+                desired: Ok(base()),
+                status: status_with(&rec()),
+                secret: owned(Some(hash('a')), Some(with_previous(&rec(), hash('c'), "2026-01-01T01:00:00Z"))),
                 now: T0,
-                want: Want::Is(keep(&rec, true, false)),
+                want: Want::Is(kept(&rec(), true, false)),
             },
             Case {
                 name: "sealed previous token beyond the spec's overlap: cut to it",
-                desired: Ok(base.clone().with_overlap(Some("10m"), None).unwrap()),
-                status: status_with(&rec),
-                secret: owned(Some(hash('a')), Some(with_previous(&rec, hash('c'), "2026-01-01T01:00:00Z"))),
+                desired: Ok(base().with_overlap(Some("10m"), None).unwrap()),
+                status: status_with(&rec()),
+                secret: owned(Some(hash('a')), Some(with_previous(&rec(), hash('c'), "2026-01-01T01:00:00Z"))),
                 now: T0,
-                want: Want::Is(keep(&with_previous(&rec, hash('c'), "2026-01-01T00:10:00Z"), true, false)),
+                want: Want::Is(kept(&with_previous(&rec(), hash('c'), "2026-01-01T00:10:00Z"), true, false)),
             },
             Case {
                 name: "sealed previous token within the spec's overlap: kept as is",
-                desired: Ok(base.clone().with_overlap(Some("1h"), None).unwrap()),
-                status: status_with(&rec),
-                secret: owned(Some(hash('a')), Some(with_previous(&rec, hash('c'), "2026-01-01T01:00:00Z"))),
+                desired: Ok(base().with_overlap(Some("1h"), None).unwrap()),
+                status: status_with(&rec()),
+                secret: owned(Some(hash('a')), Some(with_previous(&rec(), hash('c'), "2026-01-01T01:00:00Z"))),
                 now: T0,
-                want: Want::Is(keep(&with_previous(&rec, hash('c'), "2026-01-01T01:00:00Z"), false, false)),
+                want: Want::Is(kept(&with_previous(&rec(), hash('c'), "2026-01-01T01:00:00Z"), false, false)),
             },
-        ];
-        for Case { name, desired, status, secret, now, want } in cases {
-            let got = match decide(desired.as_ref(), &status, &secret, ts(now)) {
-                Decision::Issue(issue) => Want::Issue(issue.reason),
-                other => Want::Is(other),
-            };
-            assert_eq!(got, want, "case {name:?}");
-        }
-        // Every reason is reachable from the table above or named here on purpose.
+        ]);
+    }
+
+    #[test]
+    fn every_issue_reason_round_trips_through_its_name() {
         for reason in IssueReason::ALL {
             assert_eq!(IssueReason::parse(reason.as_str()), Some(reason));
         }
@@ -967,24 +1029,34 @@ mod tests {
 
     #[test]
     fn desired_rejects_what_the_schema_cannot() {
-        for (expires, renew, fragment) in [
-            (Some("30m"), None, "spec.tokenExpiresIn"),
-            (Some("3651d"), None, "spec.tokenExpiresIn"),
-            (Some("10x"), None, "spec.tokenExpiresIn"),
-            (Some("1.5s"), None, "whole seconds"),
-            (Some("90d"), Some("90d"), "must be at least 9d"),
-            (Some("90d"), Some("100d"), "leaves 0s between"),
-            (None, Some("7d"), "requires spec.tokenExpiresIn"),
-            (Some("90d"), Some("5m"), "spec.renewBefore"),
+        /// A spec with these durations, and what the error names.
+        struct Rejected {
+            expires_in: Option<&'static str>,
+            renew_before: Option<&'static str>,
+            says: &'static str,
+        }
+        for Rejected { expires_in, renew_before, says } in [
+            Rejected { expires_in: Some("30m"), renew_before: None, says: "spec.tokenExpiresIn" },
+            Rejected { expires_in: Some("3651d"), renew_before: None, says: "spec.tokenExpiresIn" },
+            Rejected { expires_in: Some("10x"), renew_before: None, says: "spec.tokenExpiresIn" },
+            Rejected { expires_in: Some("1.5s"), renew_before: None, says: "whole seconds" },
+            Rejected { expires_in: Some("90d"), renew_before: Some("90d"), says: "must be at least 9d" },
+            Rejected { expires_in: Some("90d"), renew_before: Some("100d"), says: "leaves 0s between" },
+            Rejected { expires_in: None, renew_before: Some("7d"), says: "requires spec.tokenExpiresIn" },
+            Rejected { expires_in: Some("90d"), renew_before: Some("5m"), says: "spec.renewBefore" },
             // The storms: a renewal a second after each issue, or right at it.
-            (Some("3601s"), Some("1h"), "leaves 1s between a token's issue and its renewal"),
-            (Some("2h"), Some("1h1s"), "must be at least 1h"),
-            (Some("3600.000000001s"), Some("1h"), "whole seconds"),
+            Rejected {
+                expires_in: Some("3601s"),
+                renew_before: Some("1h"),
+                says: "leaves 1s between a token's issue and its renewal",
+            },
+            Rejected { expires_in: Some("2h"), renew_before: Some("1h1s"), says: "must be at least 1h" },
+            Rejected { expires_in: Some("3600.000000001s"), renew_before: Some("1h"), says: "whole seconds" },
             // 10% of the lifetime once that is more than an hour.
-            (Some("100d"), Some("90d1s"), "must be at least 10d"),
+            Rejected { expires_in: Some("100d"), renew_before: Some("90d1s"), says: "must be at least 10d" },
         ] {
-            let err = Desired::parse(0, expires, renew, None).unwrap_err().to_string();
-            assert!(err.contains(fragment), "{expires:?}/{renew:?}: {err}");
+            let err = Desired::parse(0, expires_in, renew_before, None).unwrap_err().to_string();
+            assert!(err.contains(says), "{expires_in:?}/{renew_before:?}: {err}");
         }
         assert!(Desired::parse(-1, None, None, None).unwrap_err().to_string().contains("rotationGeneration"));
         assert!(Desired::parse(3, Some("90d"), Some("7d"), Some("x")).is_ok());
@@ -1016,79 +1088,97 @@ mod tests {
         let minute = SignedDuration::from_secs(60);
         let issue = |reason| Decision::Issue(Issue { reason, previous: None, desired: d.clone(), now: ts(T0) });
         let deferred = |reason, until: &str| Decision::Deferred { reason, last_issued_at: ts(T0), until: ts(until) };
-        type Case<'a> = (&'a str, Decision, &'a StatusView, &'a SecretState, &'a str, Decision);
+        struct Case<'a> {
+            name: &'a str,
+            decision: Decision,
+            status: &'a StatusView,
+            secret: &'a SecretState,
+            now: &'a str,
+            want: Decision,
+        }
         let none = StatusView::default();
         let future = owned(Some(hash('a')), Some(record(&d, hash('a'), "2099-01-01T00:00:00Z")));
-        let cases: Vec<Case> = vec![
-            (
-                "repair right after an issue waits",
-                issue(IssueReason::TokenChanged),
-                &status,
-                &secret,
-                "2026-01-01T00:00:30Z",
-                deferred(IssueReason::TokenChanged, "2026-01-01T00:01:00Z"),
-            ),
-            (
-                "repair once the interval has passed",
-                issue(IssueReason::TokenChanged),
-                &status,
-                &secret,
-                "2026-01-01T00:01:00Z",
-                issue(IssueReason::TokenChanged),
-            ),
-            (
-                "renewal waits too",
-                issue(IssueReason::RenewalDue),
-                &status,
-                &secret,
-                "2026-01-01T00:00:01Z",
-                deferred(IssueReason::RenewalDue, "2026-01-01T00:01:00Z"),
-            ),
-            (
-                "Secret deleted: the status knows the last issue",
-                issue(IssueReason::SecretDeleted),
-                &status,
-                &SecretState::Missing,
-                "2026-01-01T00:00:10Z",
-                deferred(IssueReason::SecretDeleted, "2026-01-01T00:01:00Z"),
-            ),
-            (
-                "requested rotation is immediate",
-                issue(IssueReason::RotationRequested),
-                &status,
-                &secret,
-                "2026-01-01T00:00:01Z",
-                issue(IssueReason::RotationRequested),
-            ),
-            (
-                "spec change is immediate",
-                issue(IssueReason::RotationGenerationChanged),
-                &status,
-                &secret,
-                "2026-01-01T00:00:01Z",
-                issue(IssueReason::RotationGenerationChanged),
-            ),
-            (
-                "first token is immediate",
-                issue(IssueReason::Initial),
-                &none,
-                &SecretState::Missing,
-                T0,
-                issue(IssueReason::Initial),
-            ),
-            (
-                "a future issue time holds nothing back",
-                issue(IssueReason::RecordTampered),
-                &none,
-                &future,
-                T0,
-                issue(IssueReason::RecordTampered),
-            ),
-            ("keep passes through", keep_of(&rec), &status, &secret, T0, keep_of(&rec)),
+        let cases = vec![
+            Case {
+                name: "repair right after an issue waits",
+                decision: issue(IssueReason::TokenChanged),
+                status: &status,
+                secret: &secret,
+                now: "2026-01-01T00:00:30Z",
+                want: deferred(IssueReason::TokenChanged, "2026-01-01T00:01:00Z"),
+            },
+            Case {
+                name: "repair once the interval has passed",
+                decision: issue(IssueReason::TokenChanged),
+                status: &status,
+                secret: &secret,
+                now: "2026-01-01T00:01:00Z",
+                want: issue(IssueReason::TokenChanged),
+            },
+            Case {
+                name: "renewal waits too",
+                decision: issue(IssueReason::RenewalDue),
+                status: &status,
+                secret: &secret,
+                now: "2026-01-01T00:00:01Z",
+                want: deferred(IssueReason::RenewalDue, "2026-01-01T00:01:00Z"),
+            },
+            Case {
+                name: "Secret deleted: the status knows the last issue",
+                decision: issue(IssueReason::SecretDeleted),
+                status: &status,
+                secret: &SecretState::Missing,
+                now: "2026-01-01T00:00:10Z",
+                want: deferred(IssueReason::SecretDeleted, "2026-01-01T00:01:00Z"),
+            },
+            Case {
+                name: "requested rotation is immediate",
+                decision: issue(IssueReason::RotationRequested),
+                status: &status,
+                secret: &secret,
+                now: "2026-01-01T00:00:01Z",
+                want: issue(IssueReason::RotationRequested),
+            },
+            Case {
+                name: "spec change is immediate",
+                decision: issue(IssueReason::RotationGenerationChanged),
+                status: &status,
+                secret: &secret,
+                now: "2026-01-01T00:00:01Z",
+                want: issue(IssueReason::RotationGenerationChanged),
+            },
+            Case {
+                name: "first token is immediate",
+                decision: issue(IssueReason::Initial),
+                status: &none,
+                secret: &SecretState::Missing,
+                now: T0,
+                want: issue(IssueReason::Initial),
+            },
+            Case {
+                name: "a future issue time holds nothing back",
+                decision: issue(IssueReason::RecordTampered),
+                status: &none,
+                secret: &future,
+                now: T0,
+                want: issue(IssueReason::RecordTampered),
+            },
+            Case {
+                name: "keep passes through",
+                decision: keep_of(&rec),
+                status: &status,
+                secret: &secret,
+                now: T0,
+                want: keep_of(&rec),
+            },
         ];
-        for (name, decision, status, secret, now, want) in cases {
+        for Case { name, decision, status, secret, now, want } in cases {
             assert_eq!(throttle(decision, status, secret, ts(now), minute), want, "case {name:?}");
         }
+    }
+
+    #[test]
+    fn only_renewals_and_repairs_are_automatic() {
         for reason in IssueReason::ALL {
             let requested = matches!(
                 reason,

@@ -163,7 +163,7 @@ fn finished(result: Result<(), hyper::Error>) {
 /// the ACK, so the write waits for the client's delayed ACK, 40 ms on Linux. h2 writes a gRPC answer
 /// whose DATA frame has 256 bytes or more (1 KiB without vectored writes; a denial, with its body and
 /// challenge, has 320) in two writes: the HEADERS and DATA frames (the payload chained, not copied),
-/// then the trailers once those are out. Each denial cost 44 ms (issue 27; packet capture in
+/// then the trailers once those are out: each denial would wait 44 ms (packet capture in
 /// BENCHMARKS.md). An HTTP/1.1 answer is one write, but any answer written in pieces behind a proxy
 /// that keeps its connection open would pay the same. An accept error (out of file descriptors, say)
 /// is retried after a pause instead of spinning.
@@ -415,7 +415,7 @@ mod tests {
 
     use super::*;
 
-    /// Every listener's connections get TCP_NODELAY (issue 27: without it a gRPC denial took 44 ms),
+    /// Every listener's connections get TCP_NODELAY (without it a gRPC denial waits 44 ms),
     /// and the deadline wrapper passes the socket's vectored writes through (hyper and h2 choose how
     /// they write from `is_write_vectored`).
     #[tokio::test]

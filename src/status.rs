@@ -31,18 +31,16 @@ pub fn view(dir: &ScimDirectory) -> StatusView {
             end_overlap_request: None,
             // Not in the status: a record rebuilt from it pushes its token once more (the same token).
             idp: None,
-            reason: match dir.ready_condition().map(|c| ReadyReason::parse(&c.reason)) {
-                Some(Some(ReadyReason::TokenIssued)) | None => IssueReason::Initial,
-                _ => status_reason(dir).unwrap_or(IssueReason::RotationGenerationChanged),
-            },
+            reason: status.token_issue_reason.as_deref().and_then(IssueReason::parse).unwrap_or_else(|| {
+                // A status written before it carried the reason: only a first token is known for sure.
+                match dir.ready_reason() {
+                    Some(ReadyReason::TokenIssued) | None => IssueReason::Initial,
+                    Some(_) => IssueReason::RotationGenerationChanged,
+                }
+            }),
         })
     })();
     StatusView { token_hash, record }
-}
-
-fn status_reason(dir: &ScimDirectory) -> Option<IssueReason> {
-    let message = &dir.ready_condition()?.message;
-    IssueReason::ALL.into_iter().find(|r| message.ends_with(&format!("({})", r.as_str())))
 }
 
 /// The status for a token described by `record`, or with the token fields kept as they are when the
@@ -54,6 +52,7 @@ pub fn with(dir: &ScimDirectory, record: Option<&IssueRecord>, ready: Condition)
             token_hash: Some(r.token_hash.to_string()),
             token_issued_at: Some(Time(r.issued_at)),
             token_expires_at: r.expires_at.map(Time),
+            token_issue_reason: Some(r.reason.as_str().into()),
             observed_rotation_generation: Some(r.rotation_generation),
             last_rotation_request: r.rotation_request.clone(),
             previous_token_hash: r.previous.as_ref().map(|p| p.token_hash.to_string()),
@@ -134,5 +133,29 @@ mod tests {
         assert_eq!(kept.token_hash, status.token_hash);
         assert_eq!(kept.previous_token_valid_until, status.previous_token_valid_until);
         assert_eq!(kept.conditions[0].reason, "SecretConflict");
+    }
+
+    #[test]
+    fn the_issue_reason_reads_back_whatever_the_ready_condition_says() {
+        let mut dir = ScimDirectory::new("acme", ScimDirectorySpec::default());
+        let now: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let desired = Desired::parse(0, Some("90d"), Some("7d"), None).unwrap();
+        let record = new_record(&desired, TokenHash::of_bytes(b"t"), IssueReason::RenewalDue, now);
+        let rotated = condition(&dir, ReadyReason::TokenRotated, "rotated the token (RenewalDue)", now);
+        dir.status = Some(with(&dir, Some(&record), rotated));
+        assert_eq!(dir.status.as_ref().unwrap().token_issue_reason.as_deref(), Some("RenewalDue"));
+        // Conditions whose message does not end with the reason, written over a token that stands.
+        let expired = condition(&dir, ReadyReason::TokenExpired, "the token expired at 2026-04-01T00:00:00Z", now);
+        let deferred = condition(&dir, ReadyReason::IssueDeferred, "a new token (TokenChanged) is deferred", now);
+        for status in [with(&dir, Some(&record), expired), with(&dir, None, deferred)] {
+            let mut later = dir.clone();
+            later.status = Some(status);
+            assert_eq!(view(&later).record.map(|r| r.reason), Some(IssueReason::RenewalDue), "{:?}", later.status);
+        }
+        // A status written before it carried the reason.
+        let issued = condition(&dir, ReadyReason::TokenIssued, IssueReason::Initial.describe(), now);
+        let mut old = dir.clone();
+        old.status = Some(ScimDirectoryStatus { token_issue_reason: None, ..with(&dir, Some(&record), issued) });
+        assert_eq!(view(&old).record.map(|r| r.reason), Some(IssueReason::Initial));
     }
 }

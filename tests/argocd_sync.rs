@@ -1,4 +1,4 @@
-//! GitOps with a real Argo CD (issue 26): Argo CD v2.14.21's application controller and repo server
+//! GitOps with a real Argo CD: Argo CD v2.14.21's application controller and repo server
 //! (`hack/argocd.sh`, built from the Go module proxy, cached) sync ScimDirectories from a Git
 //! repository on 127.0.0.1 to the test control plane, with the project's health check and `rotate`
 //! action installed into `argocd-cm` as docs/gitops.md says (tests/support/argocd.rs). Everything is

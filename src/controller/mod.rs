@@ -6,6 +6,7 @@
 //! - `streams.rs`: the Secret and directory watch streams and the caches they feed.
 //! - `reconcile.rs`: one reconcile, as its steps.
 //! - `writes.rs`: every write to the API server (Secret, status, Events) and the reads past the cache.
+//! - `tests.rs`: the reconcile's branches, one reconcile at a time against a real API server.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -30,6 +31,8 @@ use crate::secret::{ObservedSecret, RecordKey, SecretCache};
 
 mod reconcile;
 mod streams;
+#[cfg(test)]
+mod tests;
 mod writes;
 
 pub use reconcile::reconcile;

@@ -155,8 +155,8 @@ impl Elector {
         if holder(&lease) != Some(self.settings.identity.as_str()) {
             return Ok(());
         }
-        // Every field null, as kube-lease-manager (the previous implementation) releases, so a replica
-        // still running it during a rolling update sees the Lease free too.
+        // Every field null, as kube-lease-manager releases a Lease: a replica of a release that elects
+        // with it, still running during a rolling update, then sees the Lease free too.
         let patch = json!({
             "metadata": { "resourceVersion": lease.metadata.resource_version },
             "spec": { "holderIdentity": null, "acquireTime": null, "renewTime": null, "leaseDurationSeconds": null },

@@ -6,7 +6,9 @@
 //! `demo` is the operator's main job end to end on a fresh machine: it builds (or finds) a local
 //! kube-apiserver + etcd, installs the CRD, runs the operator, applies an example with the real
 //! kubectl, prints the directory's status and Secret name, and keeps everything running until Ctrl-C.
+//! `demo --node` does the same as it runs in a cluster (`demo_node.rs`).
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -18,6 +20,7 @@ mod bench;
 mod bench_verify;
 mod chaos;
 mod cluster;
+mod demo_node;
 mod image;
 
 /// Project tasks.
@@ -29,6 +32,13 @@ enum Task {
         /// Exit after the example is Ready (used by the test command)
         #[arg(long)]
         once: bool,
+        /// As it runs in a cluster: the image (`cargo xtask image`) on a real node (`cargo xtask cluster
+        /// up`), installed with the Helm chart (needs root, like `cargo xtask cluster`)
+        #[arg(long)]
+        node: bool,
+        /// With --node: this image archive instead of building one with `cargo xtask image`
+        #[arg(long, value_name = "ARCHIVE", requires = "node")]
+        image: Option<std::path::PathBuf>,
     },
     Bench(bench::Options),
     BenchVerify(bench_verify::Options),
@@ -40,7 +50,8 @@ enum Task {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match <Task as clap::Parser>::parse() {
-        Task::Demo { once } => demo(once).await,
+        Task::Demo { once, node: false, .. } => demo(once).await,
+        Task::Demo { once, node: true, image } => demo_node::run(once, image).await,
         Task::Bench(o) => bench::run(usable("bench", o.validate())).await,
         Task::BenchVerify(o) => bench_verify::run(usable("bench-verify", o.validate())).await,
         Task::Chaos(o) => chaos_main(usable("chaos", o.validate())).await,
@@ -141,7 +152,8 @@ async fn demo(once: bool) -> anyhow::Result<()> {
         .stderr(verifier_log)
         .spawn()
         .with_context(|| format!("starting {} verify", operator_bin.display()))?;
-    let loop_result = whole_loop(&cp, ns, &secret, verify_port).await;
+    let verify_addr = std::net::SocketAddr::from(([127, 0, 0, 1], verify_port));
+    let loop_result = whole_loop(&|| cp.kubectl(), ns, &secret, verify_addr).await;
     if loop_result.is_err() || once {
         terminate(&mut verifier);
         terminate(&mut operator);
@@ -167,16 +179,16 @@ async fn demo(once: bool) -> anyhow::Result<()> {
 
 /// The loop the verifier closes: a request with the Secret's token is authenticated (as the proxy's
 /// auth request sees it), a rotation replaces the token, and the old one is refused at once.
-async fn whole_loop(cp: &ControlPlane, ns: &str, secret: &str, port: u16) -> anyhow::Result<()> {
-    let token = secret_token(cp, ns, secret)?;
-    let answer = wait_answer(port, &token, 200).await.context("the verifier did not accept the Secret's token")?;
+async fn whole_loop(kubectl: &dyn Fn() -> Command, ns: &str, secret: &str, addr: SocketAddr) -> anyhow::Result<()> {
+    let token = secret_token(kubectl, ns, secret)?;
+    let answer = wait_answer(addr, &token, 200).await.context("the verifier did not accept the Secret's token")?;
     step("a SCIM request with the Secret's token, as the proxy's auth request (GET /verify/scim/v2/Users)");
     println!("  {answer}");
     step("kubectl annotate scimdir acme scim.tokenops.dev/rotate=demo (an imperative rotation)");
-    kubectl(cp, &["annotate", "scimdir", "acme", "-n", ns, "scim.tokenops.dev/rotate=demo", "--overwrite"])?;
+    run_kubectl(kubectl(), &["annotate", "scimdir", "acme", "-n", ns, "scim.tokenops.dev/rotate=demo", "--overwrite"])?;
     let deadline = Instant::now() + Duration::from_secs(30);
     let rotated = loop {
-        let now = secret_token(cp, ns, secret)?;
+        let now = secret_token(kubectl, ns, secret)?;
         if now != token {
             break now;
         }
@@ -185,26 +197,26 @@ async fn whole_loop(cp: &ControlPlane, ns: &str, secret: &str, port: u16) -> any
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let old = wait_answer(port, &token, 401).await.context("the verifier kept accepting the rotated-out token")?;
-    let new = wait_answer(port, &rotated, 200).await.context("the verifier did not accept the new token")?;
+    let old = wait_answer(addr, &token, 401).await.context("the verifier kept accepting the rotated-out token")?;
+    let new = wait_answer(addr, &rotated, 200).await.context("the verifier did not accept the new token")?;
     step("the same request after the rotation");
     println!("  old token: {old}\n  new token: {new}");
     Ok(())
 }
 
 /// The token in the Secret (never printed: only its hash is).
-fn secret_token(cp: &ControlPlane, ns: &str, secret: &str) -> anyhow::Result<String> {
-    let json = kubectl_out(cp, &["get", "secret", secret, "-n", ns, "-o", "json"])?;
+fn secret_token(kubectl: &dyn Fn() -> Command, ns: &str, secret: &str) -> anyhow::Result<String> {
+    let json = kubectl_output(kubectl(), &["get", "secret", secret, "-n", ns, "-o", "json"])?;
     let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_str(&json)?;
     let bytes = secret.data.and_then(|d| d.get("token").cloned()).context("the Secret has no token")?;
     Ok(String::from_utf8(bytes.0)?)
 }
 
 /// Asks the verifier until it answers `want` (10 s at most); returns a one-line summary of the answer.
-async fn wait_answer(port: u16, token: &str, want: u16) -> anyhow::Result<String> {
+async fn wait_answer(addr: SocketAddr, token: &str, want: u16) -> anyhow::Result<String> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if let Ok((status, headers)) = verify_request(port, token)
+        if let Ok((status, headers)) = verify_request(addr, token)
             && status == want
         {
             let hash = scim_token_operator::token::TokenHash::of_bytes(token.as_bytes());
@@ -226,9 +238,10 @@ async fn wait_answer(port: u16, token: &str, want: u16) -> anyhow::Result<String
 }
 
 /// One HTTP/1.0 request to the verifier; returns the status and the header lines.
-fn verify_request(port: u16, token: &str) -> anyhow::Result<(u16, Vec<String>)> {
+fn verify_request(addr: SocketAddr, token: &str) -> anyhow::Result<(u16, Vec<String>)> {
     use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     write!(stream, "GET /verify/scim/v2/Users HTTP/1.0\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n\r\n")?;
     let mut raw = String::new();
     stream.read_to_string(&mut raw)?;
@@ -271,15 +284,24 @@ fn path_str(p: &Path) -> anyhow::Result<&str> {
 }
 
 fn kubectl(cp: &ControlPlane, args: &[&str]) -> anyhow::Result<()> {
-    let status = cp.kubectl().args(args).stdout(Stdio::null()).status().context("running kubectl")?;
+    run_kubectl(cp.kubectl(), args)
+}
+
+fn kubectl_out(cp: &ControlPlane, args: &[&str]) -> anyhow::Result<String> {
+    kubectl_output(cp.kubectl(), args)
+}
+
+/// `kubectl ARGS` (a command set up for its cluster), its output discarded.
+fn run_kubectl(mut kubectl: Command, args: &[&str]) -> anyhow::Result<()> {
+    let status = kubectl.args(args).stdout(Stdio::null()).status().context("running kubectl")?;
     if !status.success() {
         bail!("kubectl {} failed", args.join(" "));
     }
     Ok(())
 }
 
-fn kubectl_out(cp: &ControlPlane, args: &[&str]) -> anyhow::Result<String> {
-    let out = cp.kubectl().args(args).output().context("running kubectl")?;
+fn kubectl_output(mut kubectl: Command, args: &[&str]) -> anyhow::Result<String> {
+    let out = kubectl.args(args).output().context("running kubectl")?;
     if !out.status.success() {
         bail!("kubectl {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
     }
@@ -320,7 +342,12 @@ mod tests {
 
     #[test]
     fn the_test_commands_invocations_parse() {
-        assert!(matches!(parse(&["demo", "--once"]), Task::Demo { once: true }));
+        assert!(matches!(parse(&["demo", "--once"]), Task::Demo { once: true, node: false, image: None }));
+        assert!(matches!(
+            parse(&["demo", "--node", "--once", "--image", "x.tar"]),
+            Task::Demo { once: true, node: true, image: Some(_) }
+        ));
+        assert!(try_parse(&["demo", "--image", "x.tar"]).is_err(), "--image without --node");
         let Task::Bench(b) =
             parse(&["bench", "--n", "50", "--runs", "1", "--idle-secs", "10", "--rotations", "10", "--check"])
         else {

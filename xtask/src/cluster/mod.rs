@@ -45,7 +45,7 @@ pub(crate) const KUBERNETES_SERVICE_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
 pub(crate) const RANGE: &str = "198.18.0.0/15";
 /// The kubelet probes this path for container stats whatever its runtime endpoint says.
 pub(crate) const CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock";
-const DEFAULT_RUN_DIR: &str = "/run/scim-token-operator/cluster";
+pub(crate) const DEFAULT_RUN_DIR: &str = "/run/scim-token-operator/cluster";
 /// How long `up` waits for the node to be Ready (a cold page cache on two busy cores).
 const UP_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -164,7 +164,7 @@ pub(crate) fn which(tool: &str) -> Option<PathBuf> {
 }
 
 /// `hack/envtest-assets.sh --node`: the directory holding kube-scheduler, kubelet and kube-proxy.
-fn node_binaries() -> anyhow::Result<PathBuf> {
+pub(crate) fn node_binaries() -> anyhow::Result<PathBuf> {
     let script = envtest::workspace_root().join("hack/envtest-assets.sh");
     let out = Command::new("bash")
         .arg(&script)
@@ -178,7 +178,7 @@ fn node_binaries() -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-fn up(run_dir: &Path, imports: &[PathBuf]) -> anyhow::Result<()> {
+pub(crate) fn up(run_dir: &Path, imports: &[PathBuf]) -> anyhow::Result<()> {
     let started = Instant::now();
     preflight()?;
     let dir = RunDir(run_dir.to_path_buf());
@@ -253,7 +253,7 @@ fn up(run_dir: &Path, imports: &[PathBuf]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn down(run_dir: &Path) -> anyhow::Result<()> {
+pub(crate) fn down(run_dir: &Path) -> anyhow::Result<()> {
     let started = Instant::now();
     preflight()?;
     let dir = RunDir(run_dir.to_path_buf());
