@@ -63,6 +63,7 @@ impl Harness {
             min_issue_interval,
             fence: Fence::open(),
             record_key: RecordKey::generate(),
+            entra: Arc::new(no_identity_provider()),
             secrets_synced,
             failures: Mutex::default(),
             exported: Mutex::default(),
@@ -94,6 +95,7 @@ impl Harness {
             min_issue_interval,
             fence: ctx.fence.clone(),
             record_key: ctx.record_key.clone(),
+            entra: ctx.entra.clone(),
             secrets_synced: ctx.secrets_synced.clone(),
             failures: Mutex::default(),
             exported: Mutex::default(),
@@ -185,6 +187,19 @@ impl Harness {
 }
 
 /// A client of the test control plane that records every request it sends, as [`Calls`].
+/// The Graph client as the operator starts it with its defaults; no directory here names an identity
+/// provider, so it is never called.
+fn no_identity_provider() -> crate::entra::Entra {
+    crate::entra::Entra::new(crate::entra::Config {
+        graph_endpoint: "https://graph.microsoft.com".into(),
+        authority_host: "https://login.microsoftonline.com/".into(),
+        ca_file: None,
+        federated_token_file: None,
+        poll_interval: std::time::Duration::from_secs(30),
+    })
+    .expect("the default Graph settings")
+}
+
 fn recording_client(config: kube::Config, calls: Calls, ns: &str) -> Client {
     let prefix = format!("/namespaces/{ns}/");
     let record = tower::ServiceBuilder::new().map_request(move |request: Request<Body>| {
