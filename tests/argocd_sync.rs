@@ -14,16 +14,18 @@
 mod argocd_support;
 mod support;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use std::time::Duration;
 
 use argocd_support::{ArgoCd, NAMESPACE, RECONCILIATION};
+use k8s_openapi::jiff::Timestamp;
 use serde_json::{Value as Json, json};
 use support::{Env, Operator, wait_for};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
+const ROTATE: &str = "scim.tokenops.dev/rotate";
 
 fn example(file: &str) -> String {
     std::fs::read_to_string(format!("{ROOT}/examples/{file}")).unwrap()
@@ -220,25 +222,54 @@ async fn rotation_generation_commit_rotates_once() {
     case.env.assert_log_clean().await;
 }
 
-/// The `rotate` action's result, sent the way Argo CD's API server sends it (the JSON merge patch
-/// `{"metadata":{"annotations":{"scim.tokenops.dev/rotate":...}}}`, which tests/argocd.rs derives
-/// on Argo CD's engine): the operator rotates once, the Application shows Progressing only until then,
-/// and the automated sync with selfHeal neither removes the annotation nor rotates again.
+fn resource_row<'a>(action: &'a str, disabled: &'a str) -> [&'a str; 5] {
+    ["scim.tokenops.dev", "ScimDirectory", "acme", action, disabled]
+}
+
+/// `argocd app actions run <app> rotate` through Argo CD's API server: the server runs the action's
+/// Lua and patches the directory; the operator rotates once and records the request in
+/// `status.lastRotationRequest`; the Application is Healthy again, and the automated sync with selfHeal
+/// neither removes the annotation nor rotates again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rotate_action_patch_survives_self_heal() {
+async fn rotate_action_rotates_once_and_survives_self_heal() {
     let (case, revision) = Case::start("argo-action", &[("acme.yaml", &example("basic.yaml"))]).await;
     let before = case.env.token("acme-scim-token").await.expect("acme's token");
     // Label tracking and server-side apply leave no annotation: the action adds a whole new map.
     let live = case.env.dirs().get("acme").await.unwrap();
     assert_eq!(live.metadata.annotations.unwrap_or_default(), Default::default(), "no annotations before");
 
-    let value = "2026-06-01T12:00:00Z";
-    let patch = json!({ "metadata": { "annotations": { "scim.tokenops.dev/rotate": value } } }).to_string();
-    let (ok, _, err) = case.env.kubectl(&["patch", "scimdirectory", "acme", "--type", "merge", "-p", &patch]);
-    assert!(ok, "{err}");
-    wait_for("the request handled", Duration::from_secs(30), || async {
+    let resource = ["--group", "scim.tokenops.dev", "--kind", "ScimDirectory", "--resource-name", "acme"];
+    let (ok, out, err) = case.argo.cli(&[&["app", "actions", "list", &case.app][..], &resource].concat());
+    // GROUP KIND NAME ACTION DISABLED
+    let offered = out.lines().any(|l| l.split_whitespace().collect::<Vec<_>>()[..] == resource_row("rotate", "false"));
+    assert!(ok && offered, "argocd app actions list: {out}{err}");
+    let started = Timestamp::now().as_second();
+    let (ok, out, err) = case.argo.cli(&[&["app", "actions", "run", &case.app, "rotate"][..], &resource].concat());
+    assert!(ok, "argocd app actions run: {out}{err}");
+
+    let dir = case.env.dirs().get("acme").await.unwrap();
+    let value = dir.metadata.annotations.as_ref().and_then(|a| a.get(ROTATE)).cloned().expect("the annotation set");
+    let at: Timestamp = value.parse().unwrap_or_else(|e| panic!("{value} is not RFC 3339: {e}"));
+    assert!((started..=Timestamp::now().as_second()).contains(&at.as_second()), "{value} is the time of the action");
+    // Patched by Argo CD's API server, with the annotation and nothing else: its field manager is the
+    // executable's name (`argocd` here, `argocd-server` in Argo CD's image); `argocd-controller` is
+    // the sync's.
+    let managers: BTreeMap<String, String> = dir
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|m| m.subresource.is_none())
+        .map(|m| {
+            (m.manager.clone().unwrap_or_default(), m.fields_v1.as_ref().map(|f| f.0.to_string()).unwrap_or_default())
+        })
+        .collect();
+    let by_server = json!({ "f:metadata": { "f:annotations": { ".": {}, "f:scim.tokenops.dev/rotate": {} } } });
+    assert_eq!(managers.keys().collect::<Vec<_>>(), ["argocd", "argocd-controller"], "{managers:?}");
+    assert_eq!(managers["argocd"], by_server.to_string());
+    wait_for("the request handled and recorded", Duration::from_secs(30), || async {
         let d = case.env.dirs().get("acme").await.ok()?;
-        (d.status?.last_rotation_request.as_deref() == Some(value)).then_some(())
+        (d.status?.last_rotation_request.as_deref() == Some(value.as_str())).then_some(())
     })
     .await;
     let after = case.env.token("acme-scim-token").await.unwrap();
@@ -256,7 +287,8 @@ async fn rotate_action_patch_survives_self_heal() {
     .await;
     let dir = case.env.dirs().get("acme").await.unwrap();
     let annotations = dir.metadata.annotations.unwrap_or_default();
-    assert_eq!(annotations.get("scim.tokenops.dev/rotate").map(String::as_str), Some(value), "annotation kept");
+    assert_eq!(annotations.get(ROTATE), Some(&value), "annotation kept");
+    assert_eq!(dir.status.unwrap().last_rotation_request.as_ref(), Some(&value), "still recorded");
     assert_eq!(case.env.token("acme-scim-token").await.as_deref(), Some(after.as_str()), "rotated once only");
     assert_eq!(case.issues("acme", "RotationRequested").await, 1, "one rotation Event");
     case.env.assert_log_clean().await;
