@@ -318,6 +318,57 @@ async fn secret_conflict_is_degraded_with_the_operators_message() {
     assert_eq!(message, dir.ready_condition().unwrap().message, "Argo CD shows the operator's message");
 }
 
+/// A token that expired (the operator's `TokenExpired`): Degraded in Argo CD, the directory's and so
+/// the Application's health, with the operator's message. A rotation with an overlap window: Healthy,
+/// with the operator's message and until when the previous token stays valid. Both read from the
+/// Application's resource health, as Argo CD's application controller computed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_token_is_degraded_and_an_overlap_is_healthy() {
+    let expiring = "apiVersion: scim.tokenops.dev/v1alpha1\nkind: ScimDirectory\nmetadata:\n  name: expiring\nspec:\n  tokenExpiresIn: 2h\n";
+    let overlap = |generation: u32| {
+        format!(
+            "apiVersion: scim.tokenops.dev/v1alpha1\nkind: ScimDirectory\nmetadata:\n  name: overlap\nspec:\n  rotationGeneration: {generation}\n  rotationOverlap: 1h\n"
+        )
+    };
+    let (case, _) = Case::start("argo-health", &[("expiring.yaml", expiring), ("overlap.yaml", &overlap(0))]).await;
+    let health = |a: &Json, name: &str| directories(a).into_iter().find(|d| d.0 == name).map(|d| (d.2, d.3));
+
+    // A rotation with rotationOverlap, committed: the old token stays valid for an hour.
+    let second = case.commit(&[("overlap.yaml", Some(&overlap(1)))], "rotate overlap");
+    let message = case
+        .wait("overlap rotated, Healthy with its window", |a| {
+            let (status, message) = health(a, "overlap")?;
+            (sync_status(a).2 == second && status == "Healthy" && message.contains("still valid until"))
+                .then_some(message)
+        })
+        .await;
+    let dir = case.env.dirs().get("overlap").await.unwrap();
+    let status = dir.status.as_ref().unwrap();
+    // As the API server serves it to Argo CD (RFC 3339).
+    let until = serde_json::to_value(status.previous_token_valid_until.as_ref().expect("an overlap window")).unwrap();
+    let until = until.as_str().unwrap();
+    let condition = dir.ready_condition().unwrap();
+    assert_eq!(message, format!("{}; the previous token is still valid until {until}", condition.message));
+    assert_eq!(condition.reason, "TokenRotated");
+
+    // The other token's issue record back-dated to an hour past its expiry.
+    case.env.backdate("expiring", 7200, -3600).await;
+    let expired = case.env.wait_ready_reason("expiring", "TokenExpired").await;
+    let app = case
+        .wait("expiring Degraded", |a| {
+            (health(a, "expiring")?.0 == "Degraded" && sync_status(a).1 == "Degraded").then(|| a.clone())
+        })
+        .await;
+    assert_eq!(
+        health(&app, "expiring").unwrap().1,
+        expired.ready_condition().unwrap().message,
+        "the operator's message"
+    );
+    assert_eq!(health(&app, "overlap"), Some(("Healthy".to_owned(), message)), "overlap unaffected");
+    assert_eq!(sync_status(&app).0, "Synced");
+    case.env.assert_log_clean().await;
+}
+
 /// Removing a directory from Git: with prune off (the example's policy) Argo CD only reports it; a sync
 /// with prune (what `argocd app sync --prune` has the API server write into the Application's
 /// `operation`) deletes it, and the garbage collector its Secret. The other directory is untouched.
