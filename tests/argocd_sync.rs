@@ -414,3 +414,144 @@ async fn prune_removes_the_directory_and_its_secret() {
     assert_eq!(Case::history(&app).first(), Some(&first));
     case.env.assert_log_clean().await;
 }
+
+/// The chart's files, relative to the repository root, with their content.
+fn chart_files() -> Vec<(String, String)> {
+    fn walk(dir: &std::path::Path, out: &mut Vec<(String, String)>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else {
+                let relative = path.strip_prefix(ROOT).unwrap().to_string_lossy().into_owned();
+                out.push((relative, std::fs::read_to_string(&path).unwrap()));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&std::path::Path::new(ROOT).join("charts/scim-token-operator"), &mut out);
+    out
+}
+
+/// (group, kind, namespace, name) of an object or of an Application's resource entry.
+type Key = (String, String, String, String);
+
+fn key(group: &str, kind: &str, namespace: &str, name: &str) -> Key {
+    (group.to_owned(), kind.to_owned(), namespace.to_owned(), name.to_owned())
+}
+
+/// `examples/argocd/application-chart.yaml` as it is (name, release name, destination namespace,
+/// syncPolicy), pointed at the chart in the loopback repository: Synced at the commit, and every
+/// object `helm template` renders of the chart is one of the Application's resources, Synced, and
+/// exists in the cluster; still Synced, with one sync, across periodic refreshes.
+///
+/// Health: this control plane runs no node and, of kube-controller-manager's controllers, only the
+/// garbage collector (`cargo xtask cluster` has the rest; this test does without), so no pod ever
+/// runs and neither the Deployments nor the PodDisruptionBudget get a status. Argo CD shows them, and
+/// so the Application, Progressing; that is asserted, with the Services Healthy and the other kinds
+/// (RBAC, NetworkPolicies, the admission policy, the CRD) without a health check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chart_installed_by_an_application_is_synced() {
+    let argo = ArgoCd::shared();
+    let cp = argo.cp;
+    let branch = "chart";
+    let files = chart_files();
+    let refs: Vec<(&str, Option<&str>)> = files.iter().map(|(p, c)| (p.as_str(), Some(c.as_str()))).collect();
+    let revision = argo.commit(branch, &refs, "the chart");
+
+    let text = std::fs::read_to_string(format!("{ROOT}/examples/argocd/application-chart.yaml")).unwrap();
+    let mut app: Json = serde_yaml::from_str(&text).unwrap();
+    app["spec"]["source"]["repoURL"] = json!(argo.repo_url);
+    app["spec"]["source"]["targetRevision"] = json!(branch);
+    let name = app["metadata"]["name"].as_str().unwrap().to_owned();
+    let namespace = app["spec"]["destination"]["namespace"].as_str().unwrap().to_owned();
+    let release = app["spec"]["source"]["helm"]["releaseName"].as_str().unwrap().to_owned();
+    argo.apply(&app);
+
+    // What the chart renders with its defaults, as helm itself renders it (CRDs included, as Argo CD
+    // applies them).
+    let chart = format!("{ROOT}/charts/scim-token-operator");
+    let out =
+        cp.helm().args(["template", &release, &chart, "--namespace", &namespace, "--include-crds"]).output().unwrap();
+    assert!(out.status.success(), "helm template: {}", String::from_utf8_lossy(&out.stderr));
+    let rendered: BTreeSet<_> = serde_yaml::Deserializer::from_str(&String::from_utf8(out.stdout).unwrap())
+        .map(|doc| <Json as serde::Deserialize>::deserialize(doc).unwrap())
+        .filter(|o| !o.is_null())
+        .map(|o| {
+            let api = o["apiVersion"].as_str().unwrap();
+            let group = api.rsplit_once('/').map_or("", |(g, _)| g);
+            let kind = o["kind"].as_str().unwrap();
+            let cluster_scoped = matches!(
+                kind,
+                "CustomResourceDefinition"
+                    | "ClusterRole"
+                    | "ClusterRoleBinding"
+                    | "ValidatingAdmissionPolicy"
+                    | "ValidatingAdmissionPolicyBinding"
+            );
+            key(group, kind, if cluster_scoped { "" } else { &namespace }, o["metadata"]["name"].as_str().unwrap())
+        })
+        .collect();
+    assert!(rendered.iter().any(|k| k.1 == "Deployment"), "{rendered:?}");
+
+    let resources = |a: &Json| -> BTreeMap<Key, (String, String, String)> {
+        a["status"]["resources"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| {
+                let s = |v: &Json| v.as_str().unwrap_or("").to_owned();
+                (
+                    key(&s(&r["group"]), &s(&r["kind"]), &s(&r["namespace"]), &s(&r["name"])),
+                    (s(&r["status"]), s(&r["health"]["status"]), s(&r["health"]["message"])),
+                )
+            })
+            .collect()
+    };
+    let synced = |a: &Json| {
+        let (sync, _, rev) = sync_status(a);
+        let res = resources(a);
+        sync == "Synced"
+            && rev == revision
+            && a["status"]["operationState"]["phase"] == "Succeeded"
+            && res.keys().cloned().collect::<BTreeSet<_>>() == rendered
+            && res.values().all(|(s, _, _)| s == "Synced")
+    };
+    let app =
+        argo.wait_app(&name, &format!("Synced at {revision}"), SYNC_TIMEOUT, |a| synced(a).then(|| a.clone())).await;
+
+    // Every object exists in the cluster.
+    for (group, kind, ns, object) in &rendered {
+        let resource = if group.is_empty() { kind.clone() } else { format!("{kind}.{group}") };
+        let mut args = vec!["get", resource.as_str(), object.as_str(), "-o", "name"];
+        if !ns.is_empty() {
+            args.extend(["-n", ns.as_str()]);
+        }
+        let out = cp.kubectl().args(&args).output().unwrap();
+        assert!(out.status.success(), "{resource} {ns}/{object}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    // Health, as far as this control plane allows: gitops-engine's checks for Deployments and
+    // PodDisruptionBudgets wait for the status their controllers write, and none runs here.
+    for ((_, kind, _, object), (_, health, message)) in resources(&app) {
+        let expected = match kind.as_str() {
+            "Deployment" => (
+                "Progressing",
+                "Waiting for rollout to finish: observed deployment generation less than desired generation",
+            ),
+            "PodDisruptionBudget" => ("Progressing", "Waiting for status"),
+            "Service" => ("Healthy", ""),
+            _ => ("", ""),
+        };
+        assert_eq!((health.as_str(), message.as_str()), expected, "{kind} {object}");
+    }
+    assert_eq!(sync_status(&app).1, "Progressing");
+
+    let start = argo.refreshes(&name);
+    argo.wait_app(&name, "2 periodic refreshes", RECONCILIATION * 8, |a| {
+        assert!(synced(a), "left Synced: {:#}", a["status"]);
+        assert_eq!(Case::history(a), vec![revision.clone()], "one sync only (no self-heal)");
+        (argo.refreshes(&name) >= start + 2).then_some(())
+    })
+    .await;
+}

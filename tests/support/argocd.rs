@@ -246,7 +246,14 @@ impl ArgoCd {
 
         // What Argo CD's own Procfile gives its processes when it runs them locally, against a kubeconfig
         // (ARGOCD_FAKE_IN_CLUSTER: https://kubernetes.default.svc is the kubeconfig's cluster).
-        let path = format!("{}:{}", cp.assets_dir().display(), std::env::var("PATH").unwrap_or_default());
+        // helm for the repo server's Helm sources: the one the tests use (envtest's assets or located).
+        let helm = PathBuf::from(cp.helm().get_program());
+        let path = format!(
+            "{}:{}:{}",
+            helm.parent().unwrap().display(),
+            cp.assets_dir().display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
         let common = |name: &str| -> Vec<(String, String)> {
             [
                 ("ARGOCD_BINARY_NAME", name.to_owned()),
