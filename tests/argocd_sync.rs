@@ -443,7 +443,7 @@ fn key(group: &str, kind: &str, namespace: &str, name: &str) -> Key {
 /// `examples/argocd/application-chart.yaml` as it is (name, release name, destination namespace,
 /// syncPolicy), pointed at the chart in the loopback repository: Synced at the commit, and every
 /// object `helm template` renders of the chart is one of the Application's resources, Synced, and
-/// exists in the cluster; still Synced, with one sync, across periodic refreshes.
+/// exists in the cluster; still Synced, with one sync, after a periodic refresh.
 ///
 /// Health: this control plane runs no node and, of kube-controller-manager's controllers, only the
 /// garbage collector (`cargo xtask cluster` has the rest; this test does without), so no pod ever
@@ -547,11 +547,13 @@ async fn the_chart_installed_by_an_application_is_synced() {
     }
     assert_eq!(sync_status(&app).1, "Progressing");
 
+    // One periodic refresh: nothing writes to these objects after their creation here (no
+    // controllers), so the comparison after the sync already saw every server-side default.
     let start = argo.refreshes(&name);
-    argo.wait_app(&name, "2 periodic refreshes", RECONCILIATION * 8, |a| {
+    argo.wait_app(&name, "a periodic refresh", RECONCILIATION * 6, |a| {
         assert!(synced(a), "left Synced: {:#}", a["status"]);
         assert_eq!(Case::history(a), vec![revision.clone()], "one sync only (no self-heal)");
-        (argo.refreshes(&name) >= start + 2).then_some(())
+        (argo.refreshes(&name) > start).then_some(())
     })
     .await;
 }
