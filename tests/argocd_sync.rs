@@ -415,6 +415,19 @@ async fn prune_removes_the_directory_and_its_secret() {
     case.env.assert_log_clean().await;
 }
 
+/// The second chart Application's name and namespace.
+const OTHER_APP: &str = "identity-scim";
+
+/// Whether a label selector (matchLabels, matchExpressions with In) selects `labels`.
+fn selects(selector: &Json, labels: &Json) -> bool {
+    let by_label = selector["matchLabels"].as_object().into_iter().flatten().all(|(k, v)| &labels[k] == v);
+    let by_expression = selector["matchExpressions"].as_array().into_iter().flatten().all(|e| {
+        assert_eq!(e["operator"], "In", "{e}");
+        e["values"].as_array().unwrap().contains(&labels[e["key"].as_str().unwrap()])
+    });
+    by_label && by_expression
+}
+
 /// The chart's files, relative to the repository root, with their content.
 fn chart_files() -> Vec<(String, String)> {
     fn walk(dir: &std::path::Path, out: &mut Vec<(String, String)>) {
@@ -467,6 +480,29 @@ async fn the_chart_installed_by_an_application_is_synced() {
     let namespace = app["spec"]["destination"]["namespace"].as_str().unwrap().to_owned();
     let release = app["spec"]["source"]["helm"]["releaseName"].as_str().unwrap().to_owned();
     argo.apply(&app);
+    // A second release, under an Application whose name is not the release's name, with the
+    // ServiceMonitor (its CRD reduced to what the API server needs) and without the CRD the first
+    // Application already manages.
+    let monitors = json!({
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": { "name": "servicemonitors.monitoring.coreos.com" },
+        "spec": {
+            "group": "monitoring.coreos.com", "scope": "Namespaced",
+            "names": { "plural": "servicemonitors", "kind": "ServiceMonitor" },
+            "versions": [{ "name": "v1", "served": true, "storage": true,
+                "schema": { "openAPIV3Schema": { "type": "object", "x-kubernetes-preserve-unknown-fields": true } } }]
+        }
+    });
+    argo.kubectl_apply(&monitors);
+    let mut other = app.clone();
+    other["metadata"]["name"] = json!(OTHER_APP);
+    other["spec"]["destination"]["namespace"] = json!(OTHER_APP);
+    other["spec"]["source"]["helm"] = json!({
+        "releaseName": "scim-tokens",
+        "skipCrds": true,
+        "valuesObject": { "serviceMonitor": { "enabled": true } }
+    });
+    argo.apply(&other);
 
     // What the chart renders with its defaults, as helm itself renders it (CRDs included, as Argo CD
     // applies them).
@@ -546,6 +582,28 @@ async fn the_chart_installed_by_an_application_is_synced() {
         assert_eq!((health.as_str(), message.as_str()), expected, "{kind} {object}");
     }
     assert_eq!(sync_status(&app).1, "Progressing");
+
+    // The second release: Synced, and its ServiceMonitor selects both metrics Services as they are
+    // live, after Argo CD's label tracking set `app.kubernetes.io/instance` to the Application's name.
+    argo.wait_app(OTHER_APP, "Synced", SYNC_TIMEOUT, |a| {
+        (sync_status(a).0 == "Synced" && a["status"]["operationState"]["phase"] == "Succeeded").then_some(())
+    })
+    .await;
+    let get = |kind: &str, name: &str| -> Json {
+        let out = cp.kubectl().args(["get", kind, name, "-n", OTHER_APP, "-o", "json"]).output().unwrap();
+        assert!(out.status.success(), "{kind} {name}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let monitor = get("servicemonitors.monitoring.coreos.com", "scim-tokens-scim-token-operator");
+    for service in ["scim-tokens-scim-token-operator-metrics", "scim-tokens-scim-token-operator-verifier"] {
+        let labels = &get("service", service)["metadata"]["labels"];
+        assert_eq!(labels["app.kubernetes.io/instance"], OTHER_APP, "Argo CD's tracking label");
+        assert!(
+            selects(&monitor["spec"]["selector"], labels),
+            "the ServiceMonitor {} does not select Service {service} {labels}",
+            monitor["spec"]["selector"]
+        );
+    }
 
     // One periodic refresh: nothing writes to these objects after their creation here (no
     // controllers), so the comparison after the sync already saw every server-side default.

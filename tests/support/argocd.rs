@@ -410,6 +410,11 @@ impl ArgoCd {
         (out.status.success(), text(&out.stdout), text(&out.stderr))
     }
 
+    /// `kubectl apply` of any object (JSON).
+    pub fn kubectl_apply(&self, manifest: &Json) {
+        kubectl_stdin(self.cp, &["apply", "-f", "-"], &manifest.to_string());
+    }
+
     /// Creates or updates an Application from a manifest (JSON).
     pub fn apply(&self, manifest: &Json) {
         kubectl_stdin(self.cp, &["apply", "-n", NAMESPACE, "-f", "-"], &manifest.to_string());
