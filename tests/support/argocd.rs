@@ -26,7 +26,7 @@ use crate::support::{free_port, http_request};
 pub const NAMESPACE: &str = "argocd";
 /// Argo CD's `timeout.reconciliation`: how often the controller refreshes every Application (and, as
 /// in Argo CD's install manifests, the repo server's revision cache expiry: the same setting).
-pub const RECONCILIATION: Duration = Duration::from_secs(10);
+pub const RECONCILIATION: Duration = Duration::from_secs(5);
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 /// The admin account's password (argocd-secret's `admin.password`, bcrypt-hashed).
@@ -260,6 +260,8 @@ impl ArgoCd {
                 ("ARGOCD_FAKE_IN_CLUSTER", "true".into()),
                 ("KUBECONFIG", cp.kubeconfig_path().display().to_string()),
                 ("ARGOCD_RECONCILIATION_TIMEOUT", reconciliation.clone()),
+                // Argo CD 3.x delays each periodic refresh by up to a minute by default.
+                ("ARGOCD_RECONCILIATION_JITTER", "0".into()),
                 ("ARGOCD_TLS_DATA_PATH", base.join("tls").display().to_string()),
                 ("ARGOCD_SSH_DATA_PATH", base.join("ssh").display().to_string()),
                 ("ARGOCD_GNUPGHOME", base.join("gpg").display().to_string()),
@@ -296,6 +298,9 @@ impl ArgoCd {
             "--repo-server-plaintext".into(),
             format!("--metrics-port={controller_metrics}"),
             "--status-processors=4".into(),
+            // 2.x's default. Argo CD 3.x keeps each resource's health out of the Application (in Redis,
+            // for the API and UI) unless told so; the tests read it from the Application.
+            "--persist-resource-health=true".into(),
             "--operation-processors=2".into(),
             // The self-heal backoff's first step (2 s by default) is kept; a short reconciliation
             // period is what the tests shorten.
@@ -398,6 +403,11 @@ impl ArgoCd {
         git(&["rev-parse", "HEAD"]).trim().to_owned()
     }
 
+    /// Whether this is Argo CD 3.x (`ARGOCD_VERSION=3...`; 2.14.21 by default).
+    pub fn v3(&self) -> bool {
+        self.version.contains(" v3.")
+    }
+
     /// The `argocd` CLI, logged in to the API server as admin: (success, stdout, stderr).
     pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
         let out = Command::new(&self.argocd)
@@ -459,8 +469,13 @@ impl ArgoCd {
     /// status.reconciledAt only when the comparison result changed, so the status cannot count them.
     pub fn refreshes(&self, name: &str) -> usize {
         let log = std::fs::read_to_string(self.logs.join("application-controller.log")).unwrap_or_default();
-        let app = format!(" application={name} ");
-        log.lines().filter(|l| l.contains("Refreshing app status (comparison expired") && l.contains(&app)).count()
+        // Text (2.x's default format) or JSON (3.x's).
+        let (text, json) = (format!(" application={name} "), format!(r#""application":"{name}""#));
+        log.lines()
+            .filter(|l| {
+                l.contains("Refreshing app status (comparison expired") && (l.contains(&text) || l.contains(&json))
+            })
+            .count()
     }
 
     /// Polls Application `name` every 250 ms until `f` returns Some, or panics with its last status.
