@@ -1,13 +1,14 @@
-//! GitOps with a real Argo CD (issue 26): Argo CD v2.14.21's application controller and repo server
-//! (`hack/argocd.sh`, built from the Go module proxy, cached) sync ScimDirectories from a Git
-//! repository on 127.0.0.1 to the test control plane, with the project's health check and `rotate`
-//! action installed into `argocd-cm` as docs/gitops.md says (tests/support/argocd.rs). Everything is
-//! asserted from Argo CD's own Application status and from the cluster.
+//! GitOps with a real Argo CD (issue 26): Argo CD v2.14.21's application controller, repo server and
+//! API server (`hack/argocd.sh`, built from the Go module proxy, cached; `ARGOCD_VERSION` picks
+//! another release) sync ScimDirectories and the chart from a Git repository on 127.0.0.1 to the test
+//! control plane, with the project's health check and `rotate` action installed into `argocd-cm` as
+//! docs/gitops.md says (tests/support/argocd.rs); the action runs through the real `argocd` CLI.
+//! Everything is asserted from Argo CD's own Application status and from the cluster.
 //!
-//! Each test syncs `examples/argocd/application-directories.yaml` (its syncPolicy verbatim: automated,
-//! selfHeal, no prune, CreateNamespace, ServerSideApply), pointed at the loopback repository, a branch
-//! and folder of its own (one test's commits never move another's revision) and its own namespace, in
-//! which the operator runs. The folder holds the repository's own
+//! Each directory test syncs `examples/argocd/application-directories.yaml` (its syncPolicy verbatim:
+//! automated, selfHeal, no prune, CreateNamespace, ServerSideApply), pointed at the loopback
+//! repository, a branch and folder of its own (one test's commits never move another's revision) and
+//! its own namespace, in which the operator runs. The folder holds the repository's own
 //! `examples/*.yaml` directories.
 
 #[path = "support/argocd.rs"]

@@ -1,13 +1,14 @@
-//! A real Argo CD (v2.14.21, `hack/argocd.sh`) on the test binary's shared control plane, for
+//! A real Argo CD (v2.14.21 or `ARGOCD_VERSION`, `hack/argocd.sh`) on the test binary's shared control plane, for
 //! tests/argocd_sync.rs: Argo CD's CRDs and stock ConfigMaps/Secrets from the release's own
 //! manifests, the project's health check and `rotate` action applied the way docs/gitops.md tells users
 //! (`kubectl patch configmap argocd-cm --type merge --patch-file argocd/argocd-cm-patch.yaml`), Redis,
-//! `argocd-repo-server` and `argocd-application-controller` as local processes, and a bare Git
-//! repository served by `git daemon` on 127.0.0.1.
+//! `argocd-repo-server`, `argocd-application-controller` and `argocd-server` (plaintext, loopback) as
+//! local processes, the `argocd` CLI logged in as admin, and a bare Git repository served by
+//! `git daemon` on 127.0.0.1.
 //!
-//! Started once per test binary. Each process runs under a small bash guard that kills it when the test
-//! binary's end of its stdin pipe closes, i.e. when the test process exits: the processes are shared
-//! by every test of the binary and outlive any one of them.
+//! Started once per test binary. Each process runs under a small bash guard that starts it again when
+//! it exits and kills it when the test binary's end of its stdin pipe closes, i.e. when the test
+//! process exits: the processes are shared by every test of the binary and outlive any one of them.
 
 use std::collections::BTreeMap;
 use std::io::Write;
