@@ -1,6 +1,6 @@
-//! A real Argo CD (v2.14.21 or `ARGOCD_VERSION`, `hack/argocd.sh`) on the test binary's shared control plane, for
-//! tests/argocd_sync.rs: Argo CD's CRDs and stock ConfigMaps/Secrets from the release's own
-//! manifests, the project's health check and `rotate` action applied the way docs/gitops.md tells users
+//! A real Argo CD (v2.14.21 or `ARGOCD_VERSION`, `hack/argocd.sh`) on the test binary's shared
+//! control plane, for tests/argocd_sync.rs: Argo CD's CRDs and stock ConfigMaps/Secrets from the
+//! release's own manifests, the project's health check and `rotate` action applied the way docs/gitops.md tells users
 //! (`kubectl patch configmap argocd-cm --type merge --patch-file argocd/argocd-cm-patch.yaml`), Redis,
 //! `argocd-repo-server`, `argocd-application-controller` and `argocd-server` (plaintext, loopback) as
 //! local processes, the `argocd` CLI logged in as admin, and a bare Git repository served by
@@ -279,16 +279,16 @@ impl ArgoCd {
         wait_port(redis_port, "redis-server", Duration::from_secs(20));
 
         let repo_port = free_port();
+        let repo_metrics = free_port();
         let repo_args: Vec<String> = vec![
             "--address=127.0.0.1".into(),
             format!("--port={repo_port}"),
             "--metrics-address=127.0.0.1".into(),
+            format!("--metrics-port={repo_metrics}"),
             format!("--redis={redis_addr}"),
             "--disable-tls".into(),
             "--parallelismlimit=2".into(),
         ];
-        let repo_metrics = free_port();
-        let repo_args: Vec<String> = [repo_args, vec![format!("--metrics-port={repo_metrics}")]].concat();
         children.push(spawn_guarded(argocd, &repo_args, &common("argocd-repo-server"), &logs.join("repo-server.log")));
 
         let controller_metrics = free_port();
