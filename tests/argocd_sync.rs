@@ -195,6 +195,10 @@ async fn synced_and_healthy_and_stays_synced() {
     assert_eq!(case.env.token("globex-scim-token").await.as_deref(), Some(globex.as_str()), "globex not rotated");
     let minimal = case.env.dirs().get("minimal").await.unwrap();
     assert_eq!(minimal.spec.rotation_generation, 0, "defaulted by the CRD, not in Git");
+    // Argo CD watches the Secrets (children of the directories) but shows and logs no token.
+    let app = case.argo.app(&case.app).unwrap().to_string();
+    assert!(!app.contains(&acme) && !app.contains(&globex), "a token in the Application");
+    case.argo.assert_logs_free_of(&[&acme, &globex]);
     case.env.assert_log_clean().await;
 }
 

@@ -404,6 +404,15 @@ impl ArgoCd {
         git(&["rev-parse", "HEAD"]).trim().to_owned()
     }
 
+    /// Panics if any of `secrets` appears in a log of Argo CD's processes.
+    pub fn assert_logs_free_of(&self, secrets: &[&str]) {
+        for entry in std::fs::read_dir(&self.logs).unwrap() {
+            let path = entry.unwrap().path();
+            let text = String::from_utf8_lossy(&std::fs::read(&path).unwrap()).into_owned();
+            assert!(!secrets.iter().any(|s| text.contains(s)), "a token in {}", path.display());
+        }
+    }
+
     /// Whether this is Argo CD 3.x (`ARGOCD_VERSION=3...`; 2.14.21 by default).
     pub fn v3(&self) -> bool {
         self.version.contains(" v3.")
