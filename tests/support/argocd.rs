@@ -1,13 +1,14 @@
-//! A real Argo CD (v2.14.21, `hack/argocd.sh`) on the test binary's shared control plane, for
-//! tests/argocd_sync.rs: Argo CD's CRDs and stock ConfigMaps/Secrets from the release's own
-//! manifests, the project's health check and `rotate` action applied the way docs/gitops.md tells users
+//! A real Argo CD (v2.14.21 or `ARGOCD_VERSION`, `hack/argocd.sh`) on the test binary's shared
+//! control plane, for tests/argocd_sync.rs: Argo CD's CRDs and stock ConfigMaps/Secrets from the
+//! release's own manifests, the project's health check and `rotate` action applied the way docs/gitops.md tells users
 //! (`kubectl patch configmap argocd-cm --type merge --patch-file argocd/argocd-cm-patch.yaml`), Redis,
-//! `argocd-repo-server` and `argocd-application-controller` as local processes, and a bare Git
-//! repository served by `git daemon` on 127.0.0.1.
+//! `argocd-repo-server`, `argocd-application-controller` and `argocd-server` (plaintext, loopback) as
+//! local processes, the `argocd` CLI logged in as admin, and a bare Git repository served by
+//! `git daemon` on 127.0.0.1.
 //!
-//! Started once per test binary. Each process runs under a small bash guard that kills it when the test
-//! binary's end of its stdin pipe closes, i.e. when the test process exits: the processes are shared
-//! by every test of the binary and outlive any one of them.
+//! Started once per test binary. Each process runs under a small bash guard that starts it again when
+//! it exits and kills it when the test binary's end of its stdin pipe closes, i.e. when the test
+//! process exits: the processes are shared by every test of the binary and outlive any one of them.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -20,15 +21,17 @@ use std::time::{Duration, Instant};
 use envtest::ControlPlane;
 use serde_json::{Value as Json, json};
 
-use crate::support::free_port;
+use crate::support::{free_port, http_request};
 
 /// The namespace Argo CD runs in (its Applications, AppProject and configuration).
 pub const NAMESPACE: &str = "argocd";
 /// Argo CD's `timeout.reconciliation`: how often the controller refreshes every Application (and, as
 /// in Argo CD's install manifests, the repo server's revision cache expiry: the same setting).
-pub const RECONCILIATION: Duration = Duration::from_secs(10);
+pub const RECONCILIATION: Duration = Duration::from_secs(5);
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+/// The admin account's password (argocd-secret's `admin.password`, bcrypt-hashed).
+const ADMIN_PASSWORD: &str = "scim-token-operator-tests";
 
 pub struct ArgoCd {
     pub cp: &'static ControlPlane,
@@ -38,6 +41,9 @@ pub struct ArgoCd {
     work: PathBuf,
     bare: PathBuf,
     pub logs: PathBuf,
+    argocd: PathBuf,
+    /// The CLI's configuration after `argocd login` as admin.
+    cli_config: PathBuf,
     git_lock: Mutex<()>,
     /// The guards (bash) of every process; their stdin closes when this process exits.
     _children: Mutex<Vec<Child>>,
@@ -77,12 +83,32 @@ fn wait_port(port: u16, what: &str, timeout: Duration) {
     }
 }
 
-/// Runs `program args` under a bash guard that kills it when our end of the guard's stdin closes.
+/// Waits until `GET path` on 127.0.0.1:`port` answers 200: each component's own readiness check (the
+/// controller serves it only once its caches are synced).
+fn wait_healthy(port: u16, path: &str, what: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let answer = http_request(port, "GET", path, &[]);
+        if answer.as_ref().is_some_and(|r| r.status == 200) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what} not ready on 127.0.0.1:{port}{path} within {timeout:?}: {answer:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Runs `program args` under a bash guard that kills it when our end of the guard's stdin closes, and
+/// starts it again if it exits before that: Argo CD's components exit (`log.Fatal`) when an API server
+/// call fails during their start-up (a connection reset on a loaded machine), where Kubernetes would
+/// restart the pod. Every start appends to `log`.
 fn spawn_guarded(program: &Path, args: &[String], envs: &[(String, String)], log: &Path) -> Child {
-    let log = std::fs::File::create(log).unwrap();
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
     Command::new("bash")
         .arg("-c")
-        .arg(r#""$@" </dev/null & child=$!; trap 'kill $child 2>/dev/null' EXIT; read -r _ || true"#)
+        .arg(concat!(
+            r#"set -m; while :; do "$@" </dev/null; echo "guard: exited with $?, starting again in 1 s"; sleep 1; done & "#,
+            r#"loop=$!; trap 'kill -- -$loop 2>/dev/null' EXIT; read -r _ || true"#
+        ))
         .arg("guard")
         .arg(program)
         .args(args)
@@ -147,9 +173,17 @@ impl ArgoCd {
             cp.kubectl().args(["-n", NAMESPACE, "patch", "configmap", "argocd-cm", "--type", "merge", "-p", &cm]),
             "argocd-cm",
         );
-        // The API server generates server.secretkey on its first start; no API server runs here.
-        let secret =
-            json!({ "stringData": { "server.secretkey": "scim-token-operator-argocd-sync-test" } }).to_string();
+        // The admin account's password, as `argocd account bcrypt` hashes it for argocd-secret (the
+        // way to set it without the initial random one), and server.secretkey, which signs the
+        // session tokens (the API server would generate it on its first start).
+        let hash = run(Command::new(argocd).args(["account", "bcrypt", "--password", ADMIN_PASSWORD]), "bcrypt");
+        let mtime = run(Command::new("date").args(["-u", "+%FT%TZ"]), "date");
+        let secret = json!({ "stringData": {
+            "server.secretkey": "scim-token-operator-argocd-sync-test",
+            "admin.password": hash.trim(),
+            "admin.passwordMtime": mtime.trim(),
+        }})
+        .to_string();
         run(cp.kubectl().args(["-n", NAMESPACE, "patch", "secret", "argocd-secret", "-p", &secret]), "argocd-secret");
         // The default AppProject, which the API server creates on its first start.
         let project = json!({
@@ -213,13 +247,22 @@ impl ArgoCd {
 
         // What Argo CD's own Procfile gives its processes when it runs them locally, against a kubeconfig
         // (ARGOCD_FAKE_IN_CLUSTER: https://kubernetes.default.svc is the kubeconfig's cluster).
-        let path = format!("{}:{}", cp.assets_dir().display(), std::env::var("PATH").unwrap_or_default());
+        // helm for the repo server's Helm sources: the one the tests use (envtest's assets or located).
+        let helm = PathBuf::from(cp.helm().get_program());
+        let path = format!(
+            "{}:{}:{}",
+            helm.parent().unwrap().display(),
+            cp.assets_dir().display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
         let common = |name: &str| -> Vec<(String, String)> {
             [
                 ("ARGOCD_BINARY_NAME", name.to_owned()),
                 ("ARGOCD_FAKE_IN_CLUSTER", "true".into()),
                 ("KUBECONFIG", cp.kubeconfig_path().display().to_string()),
                 ("ARGOCD_RECONCILIATION_TIMEOUT", reconciliation.clone()),
+                // Argo CD 3.x delays each periodic refresh by up to a minute by default.
+                ("ARGOCD_RECONCILIATION_JITTER", "0".into()),
                 ("ARGOCD_TLS_DATA_PATH", base.join("tls").display().to_string()),
                 ("ARGOCD_SSH_DATA_PATH", base.join("ssh").display().to_string()),
                 ("ARGOCD_GNUPGHOME", base.join("gpg").display().to_string()),
@@ -236,25 +279,29 @@ impl ArgoCd {
         wait_port(redis_port, "redis-server", Duration::from_secs(20));
 
         let repo_port = free_port();
+        let repo_metrics = free_port();
         let repo_args: Vec<String> = vec![
             "--address=127.0.0.1".into(),
             format!("--port={repo_port}"),
             "--metrics-address=127.0.0.1".into(),
-            format!("--metrics-port={}", free_port()),
+            format!("--metrics-port={repo_metrics}"),
             format!("--redis={redis_addr}"),
             "--disable-tls".into(),
             "--parallelismlimit=2".into(),
         ];
         children.push(spawn_guarded(argocd, &repo_args, &common("argocd-repo-server"), &logs.join("repo-server.log")));
-        wait_port(repo_port, "argocd-repo-server", Duration::from_secs(60));
 
+        let controller_metrics = free_port();
         let controller_args: Vec<String> = vec![
             format!("--namespace={NAMESPACE}"),
             format!("--redis={redis_addr}"),
             format!("--repo-server=127.0.0.1:{repo_port}"),
             "--repo-server-plaintext".into(),
-            format!("--metrics-port={}", free_port()),
+            format!("--metrics-port={controller_metrics}"),
             "--status-processors=4".into(),
+            // 2.x's default. Argo CD 3.x keeps each resource's health out of the Application (in Redis,
+            // for the API and UI) unless told so; the tests read it from the Application.
+            "--persist-resource-health=true".into(),
             "--operation-processors=2".into(),
             // The self-heal backoff's first step (2 s by default) is kept; a short reconciliation
             // period is what the tests shorten.
@@ -265,7 +312,48 @@ impl ArgoCd {
             &common("argocd-application-controller"),
             &logs.join("application-controller.log"),
         ));
+
+        // The API server, plaintext on loopback, for the CLI (`argocd app actions run`...).
+        let server_port = free_port();
+        let server_args: Vec<String> = vec![
+            format!("--namespace={NAMESPACE}"),
+            "--insecure".into(),
+            "--address=127.0.0.1".into(),
+            format!("--port={server_port}"),
+            "--metrics-address=127.0.0.1".into(),
+            format!("--metrics-port={}", free_port()),
+            format!("--redis={redis_addr}"),
+            format!("--repo-server=127.0.0.1:{repo_port}"),
+            "--repo-server-plaintext".into(),
+            // No Dex (no SSO configured), no UI files: only the API.
+            "--dex-server=127.0.0.1:1".into(),
+            format!("--staticassets={}", base.join("tmp").display()),
+        ];
+        children.push(spawn_guarded(argocd, &server_args, &common("argocd-server"), &logs.join("server.log")));
+
+        // Ready as each component reports it (a restarted one included), rather than after a sleep.
+        let ready = Duration::from_secs(120);
+        wait_healthy(repo_metrics, "/healthz?full=true", "argocd-repo-server", ready);
+        wait_healthy(controller_metrics, "/healthz", "argocd-application-controller", ready);
+        wait_healthy(server_port, "/healthz?full=true", "argocd-server", ready);
         wait_port(git_port, "git daemon", Duration::from_secs(20));
+        let cli_config = base.join("cli-config.yaml");
+        let server = format!("127.0.0.1:{server_port}");
+        run(
+            Command::new(argocd)
+                .args([
+                    "login",
+                    &server,
+                    "--plaintext",
+                    "--username",
+                    "admin",
+                    "--password",
+                    ADMIN_PASSWORD,
+                    "--config",
+                ])
+                .arg(&cli_config),
+            "argocd login",
+        );
 
         eprintln!(
             "argocd_sync: Argo CD {} up in {:.1?} (logs in {})",
@@ -280,6 +368,8 @@ impl ArgoCd {
             work,
             bare,
             logs,
+            argocd: argocd.clone(),
+            cli_config,
             git_lock: Mutex::new(()),
             _children: Mutex::new(children),
         }
@@ -312,6 +402,37 @@ impl ArgoCd {
         git(&["commit", "-q", "-m", message]);
         git(&["push", "-q", "origin", branch]);
         git(&["rev-parse", "HEAD"]).trim().to_owned()
+    }
+
+    /// Panics if any of `secrets` appears in a log of Argo CD's processes.
+    pub fn assert_logs_free_of(&self, secrets: &[&str]) {
+        for entry in std::fs::read_dir(&self.logs).unwrap() {
+            let path = entry.unwrap().path();
+            let text = String::from_utf8_lossy(&std::fs::read(&path).unwrap()).into_owned();
+            assert!(!secrets.iter().any(|s| text.contains(s)), "a token in {}", path.display());
+        }
+    }
+
+    /// Whether this is Argo CD 3.x (`ARGOCD_VERSION=3...`; 2.14.21 by default).
+    pub fn v3(&self) -> bool {
+        self.version.contains(" v3.")
+    }
+
+    /// The `argocd` CLI, logged in to the API server as admin: (success, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(&self.argocd)
+            .args(args)
+            .arg("--config")
+            .arg(&self.cli_config)
+            .output()
+            .unwrap_or_else(|e| panic!("argocd {args:?}: {e}"));
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.success(), text(&out.stdout), text(&out.stderr))
+    }
+
+    /// `kubectl apply` of any object (JSON).
+    pub fn kubectl_apply(&self, manifest: &Json) {
+        kubectl_stdin(self.cp, &["apply", "-f", "-"], &manifest.to_string());
     }
 
     /// Creates or updates an Application from a manifest (JSON).
@@ -358,8 +479,13 @@ impl ArgoCd {
     /// status.reconciledAt only when the comparison result changed, so the status cannot count them.
     pub fn refreshes(&self, name: &str) -> usize {
         let log = std::fs::read_to_string(self.logs.join("application-controller.log")).unwrap_or_default();
-        let app = format!(" application={name} ");
-        log.lines().filter(|l| l.contains("Refreshing app status (comparison expired") && l.contains(&app)).count()
+        // Text (2.x's default format) or JSON (3.x's).
+        let (text, json) = (format!(" application={name} "), format!(r#""application":"{name}""#));
+        log.lines()
+            .filter(|l| {
+                l.contains("Refreshing app status (comparison expired") && (l.contains(&text) || l.contains(&json))
+            })
+            .count()
     }
 
     /// Polls Application `name` every 250 ms until `f` returns Some, or panics with its last status.

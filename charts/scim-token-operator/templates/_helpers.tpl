@@ -34,6 +34,15 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/component: operator
 {{- end }}
 
+{{/*
+The label by which the ServiceMonitor selects the release's metrics Services. Not
+app.kubernetes.io/instance: Argo CD's default (label) resource tracking overwrites that label on every
+object with the Application's name, which need not be the release's name.
+*/}}
+{{- define "scim-token-operator.metricsServiceLabel" -}}
+scim.tokenops.dev/release: {{ .Release.Name | quote }}
+{{- end }}
+
 {{- define "scim-token-operator.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "scim-token-operator.fullname" .) .Values.serviceAccount.name }}
