@@ -1,4 +1,4 @@
-//! GitOps with a real Argo CD : Argo CD v2.14.21's application controller, repo server and
+//! GitOps with a real Argo CD: Argo CD v2.14.21's application controller, repo server and
 //! API server (`hack/argocd.sh`, built from the Go module proxy, cached; `ARGOCD_VERSION` picks
 //! another release) sync ScimDirectories and the chart from a Git repository on 127.0.0.1 to the test
 //! control plane, with the project's health check and `rotate` action installed into `argocd-cm` as
