@@ -11,8 +11,9 @@
 //! the status is adopted from it.
 
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use sha2::{Digest, Sha256};
 
-use crate::api::ScimDirectory;
+use crate::api::{EntraProvisioning, ScimDirectory};
 use crate::duration::{DurationError, MAX_ROTATION_OVERLAP, MIN_TOKEN_LIFETIME, TokenLifetime, check_token_lifetime};
 use crate::token::TokenHash;
 
@@ -58,7 +59,7 @@ pub struct IssueRecord {
     pub idp: Option<IdpProgress>,
 }
 
-/// The push of a record's token to the identity provider (see [`crate::entra::plan`]).
+/// The push of a record's token to the identity provider (its steps: `entra::plan`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IdpProgress {
     /// Digest of the identity provider settings it was pushed to: other settings push again.
@@ -67,6 +68,20 @@ pub struct IdpProgress {
     pub pushed_at: Timestamp,
     /// When the identity provider's first run after the push succeeded, once it has.
     pub synced_at: Option<Timestamp>,
+}
+
+/// The digest of the settings a token is pushed with (tenant, service principal, job, base address):
+/// a record pushed under other settings is pushed again. The auth method is not part of it: a new
+/// credential for the same job changes nothing Entra holds.
+pub fn idp_target(entra: &EntraProvisioning) -> String {
+    let canonical = serde_json::to_vec(&(
+        &entra.tenant_id.to_ascii_lowercase(),
+        &entra.service_principal_id.to_ascii_lowercase(),
+        &entra.job_id,
+        &entra.base_address,
+    ))
+    .expect("strings serialize");
+    hex::encode(&Sha256::digest(&canonical)[..8])
 }
 
 /// A replaced token that stays valid until `valid_until` (a rotation overlap).
@@ -114,7 +129,7 @@ pub struct Desired {
     pub rotation_overlap: Option<TokenLifetime>,
     pub end_overlap_request: Option<String>,
     /// Digest of `spec.identityProvider` when every new token is pushed there (see
-    /// [`crate::entra::plan::target`]).
+    /// [`idp_target`]).
     pub idp_target: Option<String>,
 }
 
@@ -129,7 +144,7 @@ impl Desired {
             dir.rotation_request(),
         )?
         .with_overlap(spec.rotation_overlap.as_deref(), dir.end_overlap_request())
-        .map(|d| d.with_identity_provider(dir.entra().map(crate::entra::plan::target)))
+        .map(|d| d.with_identity_provider(dir.entra().map(idp_target)))
     }
 
     /// Pushes every new token to the identity provider at `target`. A planned rotation then always
@@ -1384,5 +1399,25 @@ mod tests {
         assert_eq!(next_wakeup(&perpetual, &overlapping, ts(T0)), Some(ts("2026-01-01T01:00:00Z")));
         assert_eq!(with_live_overlap(&overlapping, ts("2026-01-01T00:59:59Z")), overlapping);
         assert_eq!(with_live_overlap(&overlapping, ts("2026-01-01T01:00:00Z")).previous, None);
+    }
+
+    #[test]
+    fn the_target_names_the_job_and_the_base_address() {
+        let entra = EntraProvisioning {
+            tenant_id: "11111111-1111-1111-1111-111111111111".into(),
+            service_principal_id: "22222222-2222-2222-2222-222222222222".into(),
+            job_id: None,
+            base_address: "https://scim.example.com/scim/v2".into(),
+            auth: Default::default(),
+        };
+        let t = idp_target(&entra);
+        assert_eq!(t.len(), 16);
+        let upper = EntraProvisioning { tenant_id: entra.tenant_id.to_uppercase(), ..entra.clone() };
+        assert_eq!(idp_target(&upper), t, "GUIDs compare without case");
+        let moved = EntraProvisioning { base_address: "https://scim2.example.com/scim/v2".into(), ..entra.clone() };
+        assert_ne!(idp_target(&moved), t);
+        let mut other_auth = entra.clone();
+        other_auth.auth.workload_identity = Some(crate::api::WorkloadIdentityAuth { client_id: "x".into() });
+        assert_eq!(idp_target(&other_auth), t);
     }
 }

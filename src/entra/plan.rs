@@ -12,25 +12,9 @@
 use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
-use sha2::{Digest, Sha256};
 
 use super::graph::{Job, SyncStatus};
-use crate::api::EntraProvisioning;
 use crate::policy::{IdpProgress, IssueRecord};
-
-/// The digest of the settings a token is pushed with (tenant, service principal, job, base address):
-/// a record pushed under other settings is pushed again. The auth method is not part of it: a new
-/// credential for the same job changes nothing Entra holds.
-pub fn target(entra: &EntraProvisioning) -> String {
-    let canonical = serde_json::to_vec(&(
-        &entra.tenant_id.to_ascii_lowercase(),
-        &entra.service_principal_id.to_ascii_lowercase(),
-        &entra.job_id,
-        &entra.base_address,
-    ))
-    .expect("strings serialize");
-    hex::encode(&Sha256::digest(&canonical)[..8])
-}
 
 /// What to do next for the token a record describes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -331,25 +315,5 @@ mod tests {
         assert_eq!(retry_delay(40, None), Duration::from_secs(300));
         assert_eq!(retry_delay(1, Some(Duration::from_secs(30))), Duration::from_secs(30));
         assert_eq!(retry_delay(6, Some(Duration::from_secs(2))), Duration::from_secs(32));
-    }
-
-    #[test]
-    fn the_target_names_the_job_and_the_base_address() {
-        let entra = EntraProvisioning {
-            tenant_id: "11111111-1111-1111-1111-111111111111".into(),
-            service_principal_id: "22222222-2222-2222-2222-222222222222".into(),
-            job_id: None,
-            base_address: "https://scim.example.com/scim/v2".into(),
-            auth: Default::default(),
-        };
-        let t = target(&entra);
-        assert_eq!(t.len(), 16);
-        let upper = EntraProvisioning { tenant_id: entra.tenant_id.to_uppercase(), ..entra.clone() };
-        assert_eq!(target(&upper), t, "GUIDs compare without case");
-        let moved = EntraProvisioning { base_address: "https://scim2.example.com/scim/v2".into(), ..entra.clone() };
-        assert_ne!(target(&moved), t);
-        let mut other_auth = entra.clone();
-        other_auth.auth.workload_identity = Some(crate::api::WorkloadIdentityAuth { client_id: "x".into() });
-        assert_eq!(target(&other_auth), t);
     }
 }

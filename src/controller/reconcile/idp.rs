@@ -17,7 +17,7 @@ use super::super::{Error, Result};
 use super::{Reconciler, failpoint};
 use crate::api::{EntraProvisioning, ScimDirectory, ScimDirectoryStatus};
 use crate::entra::plan::{self, Step, Verdict};
-use crate::entra::{AccessToken, CONDITION, GraphError, reason};
+use crate::entra::{AccessToken, CONDITION, Graph, GraphError, reason};
 use crate::events::EventType;
 use crate::metrics::ResultLabels;
 use crate::policy::{Desired, IssueRecord, RecordState, SecretState};
@@ -232,47 +232,9 @@ impl Reconciler<'_> {
         };
         let poll = self.ctx.entra.poll_interval();
         match plan::judge(job, pushed_at) {
-            Verdict::Succeeded { at } => {
-                let (token, version, _) = self.stored_token(&record).await?;
-                let synced_record = plan::synced(&record, at);
-                self.write_record(&token, &synced_record, version, now).await?;
-                failpoint(self.ctx, "entra-after-synced-record");
-                self.ctx.entra.succeeded(&self.key());
-                self.count("synced");
-                let took = at.duration_since(record.issued_at).as_secs_f64().max(0.0);
-                self.ctx.metrics.idp_first_success.observe(took);
-                info!(namespace = %self.ns, name = %self.name, job = %job.id, %at, "Microsoft Entra ID ran with the new token");
-                let ended = if record.previous.is_some() { "; the previous token is no longer accepted" } else { "" };
-                let note = format!(
-                    "Microsoft Entra ID's provisioning job {} succeeded with token {} at {at}{ended}",
-                    job.id, record.token_hash
-                );
-                publish(self.ctx, self.dir, EventType::Normal, "IdentityProviderSynced", &note).await;
-                let message =
-                    synced(&synced_record, synced_record.idp.as_ref().and_then(|p| p.synced_at).unwrap_or(at));
-                Ok(IdpOutcome::state(synced_record, reason::SYNCED, message, None))
-            }
+            Verdict::Succeeded { at } => self.record_synced(record, &job.id, at, now).await,
             Verdict::Quarantined { reason: why } => {
-                self.ctx.fence.check()?;
-                if let Err(e) = graph.restart(sp, &job.id).await {
-                    return Ok(self.failed(entra, reason::RESTART_FAILED, e, record));
-                }
-                failpoint(self.ctx, "entra-after-restart");
-                self.count("restarted");
-                let n = self.ctx.entra.failed(&self.key());
-                let message = format!(
-                    "provisioning job {} was in quarantine ({why}); restarted it with resetScope QuarantineState, the new credentials being saved{}",
-                    job.id,
-                    overlap_note(&record)
-                );
-                warn!(namespace = %self.ns, name = %self.name, job = %job.id, quarantine = %why, "restarted a quarantined provisioning job");
-                let delay = plan::retry_delay(n, None).max(poll);
-                Ok(IdpOutcome {
-                    record,
-                    condition: Some((reason::QUARANTINED, message)),
-                    requeue: Some(delay),
-                    warning: true,
-                })
+                self.restart_quarantined(&graph, entra, record, &job.id, &why).await
             }
             Verdict::Failed { code, message: detail } => {
                 let message = format!(
@@ -292,6 +254,53 @@ impl Reconciler<'_> {
                 Ok(IdpOutcome::state(record, reason::AWAITING_SYNC, message, Some(poll)))
             }
         }
+    }
+
+    /// Entra has run with the token at `at`: record it (the previous token's overlap ends).
+    async fn record_synced(&self, record: IssueRecord, job: &str, at: Timestamp, now: Timestamp) -> Result<IdpOutcome> {
+        let (token, version, _) = self.stored_token(&record).await?;
+        let synced_record = plan::synced(&record, at);
+        self.write_record(&token, &synced_record, version, now).await?;
+        failpoint(self.ctx, "entra-after-synced-record");
+        self.ctx.entra.succeeded(&self.key());
+        self.count("synced");
+        let took = at.duration_since(record.issued_at).as_secs_f64().max(0.0);
+        self.ctx.metrics.idp_first_success.observe(took);
+        info!(namespace = %self.ns, name = %self.name, job, %at, "Microsoft Entra ID ran with the new token");
+        let ended = if record.previous.is_some() { "; the previous token is no longer accepted" } else { "" };
+        let note = format!(
+            "Microsoft Entra ID's provisioning job {job} succeeded with token {} at {at}{ended}",
+            record.token_hash
+        );
+        publish(self.ctx, self.dir, EventType::Normal, "IdentityProviderSynced", &note).await;
+        let message = synced(&synced_record, synced_record.idp.as_ref().and_then(|p| p.synced_at).unwrap_or(at));
+        Ok(IdpOutcome::state(synced_record, reason::SYNCED, message, None))
+    }
+
+    /// Restarts a job in quarantine with `resetScope: QuarantineState` (the new credentials are
+    /// saved), and looks again after the backoff.
+    async fn restart_quarantined(
+        &self,
+        graph: &Graph<'_>,
+        entra: &EntraProvisioning,
+        record: IssueRecord,
+        job: &str,
+        why: &str,
+    ) -> Result<IdpOutcome> {
+        self.ctx.fence.check()?;
+        if let Err(e) = graph.restart(&entra.service_principal_id, job).await {
+            return Ok(self.failed(entra, reason::RESTART_FAILED, e, record));
+        }
+        failpoint(self.ctx, "entra-after-restart");
+        self.count("restarted");
+        let n = self.ctx.entra.failed(&self.key());
+        let message = format!(
+            "provisioning job {job} was in quarantine ({why}); restarted it with resetScope QuarantineState, the new credentials being saved{}",
+            overlap_note(&record)
+        );
+        warn!(namespace = %self.ns, name = %self.name, job, quarantine = %why, "restarted a quarantined provisioning job");
+        let delay = plan::retry_delay(n, None).max(self.ctx.entra.poll_interval());
+        Ok(IdpOutcome { record, condition: Some((reason::QUARANTINED, message)), requeue: Some(delay), warning: true })
     }
 
     async fn access_token(&self, entra: &EntraProvisioning) -> std::result::Result<Arc<AccessToken>, GraphError> {
