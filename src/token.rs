@@ -86,8 +86,9 @@ impl Token {
     /// and its base64 (a Secret's `data`, with and without padding, standard and URL-safe alphabets).
     pub fn redact_from(&self, text: &str) -> String {
         // k8s-openapi's ByteString serializes as standard, padded base64: the form `data` carries.
-        let encoded = serde_json::to_string(&k8s_openapi::ByteString(self.expose().as_bytes().to_vec()))
-            .expect("bytes serialize");
+        let mut bytes = k8s_openapi::ByteString(self.expose().as_bytes().to_vec());
+        let encoded = Zeroizing::new(serde_json::to_string(&bytes).expect("bytes serialize"));
+        bytes.0.zeroize();
         let padded = Zeroizing::new(encoded.trim_matches('"').to_owned());
         let unpadded = padded.trim_end_matches('=');
         let url_safe = Zeroizing::new(unpadded.replace('+', "-").replace('/', "_"));

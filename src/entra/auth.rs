@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use zeroize::Zeroizing;
 
+use super::error::{Call, GraphError};
+
 /// The only scope the operator asks for.
 pub const GRAPH_SCOPE: &str = "https://graph.microsoft.com/.default";
 pub const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
@@ -19,10 +21,22 @@ const EXPIRY_MARGIN: Duration = Duration::from_secs(300);
 pub struct AccessToken(Zeroizing<String>);
 
 impl AccessToken {
-    pub(super) fn bearer(&self) -> String {
-        format!("Bearer {}", self.0.as_str())
+    /// The `Authorization` header's value, in memory zeroed on drop (sized up front: a growing
+    /// string would leave copies in freed memory).
+    pub(super) fn bearer(&self) -> Zeroizing<String> {
+        let mut value = Zeroizing::new(String::with_capacity(BEARER.len() + self.0.len()));
+        value.push_str(BEARER);
+        value.push_str(&self.0);
+        value
+    }
+
+    /// The token itself, to remove from an error answer that echoes it.
+    pub(super) fn expose(&self) -> &str {
+        &self.0
     }
 }
+
+const BEARER: &str = "Bearer ";
 
 impl std::fmt::Debug for AccessToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -47,19 +61,54 @@ impl std::fmt::Debug for Credential {
     }
 }
 
-/// The form body of a client-credentials token request.
+impl Credential {
+    /// What goes into the request.
+    fn value(&self) -> &str {
+        match self {
+            Credential::ClientSecret(secret) => secret,
+            Credential::FederatedToken(jwt) => jwt.trim(),
+        }
+    }
+
+    /// Every form of the credential a token endpoint could echo back: as sent in the form body
+    /// (URL-encoded) and as it is.
+    fn forms(&self) -> [Zeroizing<String>; 2] {
+        let value = self.value();
+        let mut encoded = Zeroizing::new(String::with_capacity(3 * value.len()));
+        encoded.extend(form_urlencoded::byte_serialize(value.as_bytes()));
+        [Zeroizing::new(value.to_owned()), encoded]
+    }
+}
+
+/// The form body of a client-credentials token request. Sized up front: a growing string would
+/// leave copies of the credential in freed memory.
 pub(super) fn token_request(client_id: &str, credential: &Credential) -> Zeroizing<String> {
-    let mut form = form_urlencoded::Serializer::new(String::new());
+    // Percent-encoding at most triples a byte; the rest is the fixed names and the scope.
+    let capacity = 3 * (client_id.len() + credential.value().len() + GRAPH_SCOPE.len() + ASSERTION_TYPE.len()) + 128;
+    let mut form = form_urlencoded::Serializer::new(String::with_capacity(capacity));
     form.append_pair("grant_type", "client_credentials")
         .append_pair("client_id", client_id)
         .append_pair("scope", GRAPH_SCOPE);
     match credential {
-        Credential::ClientSecret(secret) => form.append_pair("client_secret", secret),
-        Credential::FederatedToken(jwt) => {
-            form.append_pair("client_assertion_type", ASSERTION_TYPE).append_pair("client_assertion", jwt.trim())
-        }
+        Credential::ClientSecret(_) => form.append_pair("client_secret", credential.value()),
+        Credential::FederatedToken(_) => form
+            .append_pair("client_assertion_type", ASSERTION_TYPE)
+            .append_pair("client_assertion", credential.value()),
     };
-    Zeroizing::new(form.finish())
+    let body = Zeroizing::new(form.finish());
+    debug_assert!(body.len() <= capacity, "the token request outgrew its buffer");
+    body
+}
+
+/// The token endpoint's error answer, with the credential the request carried removed from it.
+pub(super) fn token_error(
+    status: u16,
+    retry_after: Option<Duration>,
+    body: &[u8],
+    credential: &Credential,
+) -> GraphError {
+    let forms = credential.forms();
+    GraphError::from_answer(Call::Token, status, retry_after, body).without(&[&forms[0], &forms[1]])
 }
 
 /// The token endpoint's answer: `{"token_type": "Bearer", "expires_in": 3599, "access_token": "..."}`.
@@ -146,11 +195,43 @@ mod tests {
 
         let (token, expires) =
             token_answer(br#"{"token_type":"Bearer","expires_in":3599,"access_token":"at-123"}"#).unwrap();
-        assert_eq!((token.bearer(), expires), ("Bearer at-123".to_owned(), Duration::from_secs(3599)));
+        assert_eq!((token.bearer().as_str(), expires), ("Bearer at-123", Duration::from_secs(3599)));
         assert_eq!(format!("{token:?}"), "AccessToken([redacted])");
         assert!(token_answer(br#"{"error":"invalid_client"}"#).is_err());
         let e = token_answer(br#"{"token_type":"mac","access_token":"at-123"}"#).unwrap_err();
         assert!(!e.contains("at-123"));
+    }
+
+    #[test]
+    fn a_token_endpoint_that_echoes_the_credential_does_not_put_it_in_the_error() {
+        for credential in [
+            Credential::ClientSecret(Zeroizing::new("s3cr=t&x~y".into())),
+            Credential::FederatedToken(Zeroizing::new("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzYSJ9.c2ln+/\n".into())),
+        ] {
+            let value = credential.value().to_owned();
+            let request = token_request("cid", &credential);
+            // An error that quotes the request it refused: the credential raw and form-encoded.
+            let echo = serde_json::json!({
+                "error": "invalid_request",
+                "error_description": format!("AADSTS90014: bad request {} (value {value})", request.as_str()),
+            });
+            let e = token_error(400, None, echo.to_string().as_bytes(), &credential);
+            let shown = format!("{e} {e:?}");
+            assert!(shown.contains("AADSTS90014") && shown.contains("[redacted]"), "{shown}");
+            assert!(!shown.contains(&value), "{shown}");
+            let encoded: String = form_urlencoded::byte_serialize(value.as_bytes()).collect();
+            assert!(!shown.contains(&encoded), "{shown}");
+        }
+    }
+
+    #[test]
+    fn the_bearer_header_and_the_token_request_are_sized_up_front() {
+        let token = AccessToken(Zeroizing::new("at-".repeat(700)));
+        let bearer = token.bearer();
+        assert_eq!(bearer.len(), bearer.capacity(), "no reallocation left a copy behind");
+        let secret = Credential::ClientSecret(Zeroizing::new("~!@#$%^&*()".repeat(40)));
+        let body = token_request(&"c".repeat(36), &secret);
+        assert!(body.len() <= body.capacity() && body.capacity() < 4 * body.len());
     }
 
     #[test]

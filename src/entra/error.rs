@@ -105,6 +105,16 @@ impl GraphError {
         self
     }
 
+    /// The error with `secrets` (each a form of a credential the call carried: the client secret,
+    /// the client assertion, the access token) removed from whatever came back.
+    pub fn without(mut self, secrets: &[&str]) -> GraphError {
+        for secret in secrets.iter().filter(|s| !s.is_empty()) {
+            self.message = self.message.replace(secret, "[redacted]");
+            self.code = self.code.map(|c| c.replace(secret, "[redacted]"));
+        }
+        self
+    }
+
     /// Whether a fresh access token might help (the cached one expired or was revoked).
     pub fn is_unauthorized(&self) -> bool {
         self.status == Some(401)

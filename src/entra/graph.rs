@@ -8,13 +8,13 @@ use http_body_util::Full;
 use hyper::Method;
 use hyper::body::Bytes;
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use zeroize::Zeroizing;
 
 use super::auth::AccessToken;
 use super::error::{Call, GraphError};
-use super::http::Https;
+use super::http::{Answer, Https};
 use crate::token::Token;
 
 /// Entra calls the SCIM endpoint during validateCredentials: that can take a while.
@@ -100,9 +100,8 @@ impl Graph<'_> {
         base_address: &str,
         token: &Token,
     ) -> Result<(), GraphError> {
-        let body = Zeroizing::new(
-            json!({ "useSavedCredentials": false, "credentials": credentials(base_address, token) }).to_string(),
-        );
+        let body =
+            request_body(&Validate { use_saved_credentials: false, credentials: credentials(base_address, token) });
         let path = format!("servicePrincipals/{sp}/synchronization/jobs/{job}/validateCredentials");
         self.call(Call::ValidateCredentials, Method::POST, &path, Some(body), VALIDATE_TIMEOUT)
             .await
@@ -113,7 +112,7 @@ impl Graph<'_> {
     /// `PUT .../synchronization/secrets` with the base address and the token together (whether a PUT
     /// of the token alone keeps the saved base address is not documented).
     pub async fn put_secrets(&self, sp: &str, base_address: &str, token: &Token) -> Result<(), GraphError> {
-        let body = Zeroizing::new(json!({ "value": credentials(base_address, token) }).to_string());
+        let body = request_body(&Secrets { value: credentials(base_address, token) });
         let path = format!("servicePrincipals/{sp}/synchronization/secrets");
         self.call(Call::PutSecrets, Method::PUT, &path, Some(body), CALL_TIMEOUT)
             .await
@@ -154,7 +153,7 @@ impl Graph<'_> {
 
     /// `POST .../jobs/{job}/restart` with `resetScope: QuarantineState`: out of quarantine.
     pub async fn restart(&self, sp: &str, job: &str) -> Result<(), GraphError> {
-        let body = Zeroizing::new(json!({ "criteria": { "resetScope": "QuarantineState" } }).to_string());
+        let body = request_body(&json!({ "criteria": { "resetScope": "QuarantineState" } }));
         let path = format!("servicePrincipals/{sp}/synchronization/jobs/{job}/restart");
         self.call(Call::Restart, Method::POST, &path, Some(body), CALL_TIMEOUT).await.map(drop)
     }
@@ -165,7 +164,7 @@ impl Graph<'_> {
         call: Call,
         method: Method,
         path: &str,
-        body: Option<Zeroizing<String>>,
+        body: Option<Zeroizing<Vec<u8>>>,
         timeout: Duration,
     ) -> Result<Bytes, GraphError> {
         let url = format!("{}/v1.0/{path}", self.endpoint.trim_end_matches('/'));
@@ -176,27 +175,66 @@ impl Graph<'_> {
         if body.is_some() {
             request = request.header(CONTENT_TYPE, "application/json");
         }
-        let payload = body.map(|b| Bytes::from(b.as_bytes().to_vec())).unwrap_or_default();
+        // The buffer itself, zeroed once the request is sent and dropped.
+        let payload = body.map(Bytes::from_owner).unwrap_or_default();
         let request = request.body(Full::new(payload)).map_err(|e| GraphError::without_answer(call, e.to_string()))?;
         let answer = self.https.send(request, timeout).await.map_err(|e| GraphError::without_answer(call, e))?;
-        if (200..300).contains(&answer.status) {
-            Ok(answer.body)
-        } else {
-            Err(GraphError::from_answer(call, answer.status, answer.retry_after, &answer.body))
-        }
+        if (200..300).contains(&answer.status) { Ok(answer.body) } else { Err(refused(call, &answer, self.access)) }
     }
 }
 
-/// `synchronizationSecretKeyStringValuePair`s: BaseAddress and SecretToken.
-fn credentials(base_address: &str, token: &Token) -> serde_json::Value {
-    json!([
-        { "key": "BaseAddress", "value": base_address },
-        { "key": "SecretToken", "value": token.expose() },
-    ])
+/// Graph's error answer, with the access token the request carried removed from it.
+fn refused(call: Call, answer: &Answer, access: &AccessToken) -> GraphError {
+    GraphError::from_answer(call, answer.status, answer.retry_after, &answer.body).without(&[access.expose()])
 }
 
+/// A `synchronizationSecretKeyStringValuePair`, borrowed: serialized straight into the request body,
+/// with no copy of the token in between.
+#[derive(Serialize)]
+struct Pair<'a> {
+    key: &'static str,
+    value: &'a str,
+}
+
+/// The body of `validateCredentials`.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Validate<'a> {
+    use_saved_credentials: bool,
+    credentials: [Pair<'a>; 2],
+}
+
+/// The body of `PUT .../synchronization/secrets`.
+#[derive(Serialize)]
+struct Secrets<'a> {
+    value: [Pair<'a>; 2],
+}
+
+/// BaseAddress and SecretToken.
+fn credentials<'a>(base_address: &'a str, token: &'a Token) -> [Pair<'a>; 2] {
+    [Pair { key: "BaseAddress", value: base_address }, Pair { key: "SecretToken", value: token.expose() }]
+}
+
+/// Largest request body: two short keys, a base address and a token, with room for JSON's escapes.
+const MAX_REQUEST: usize = 16 * 1024;
+
+/// A request body in memory zeroed on drop, allocated once: a growing buffer would leave copies of
+/// the token in freed memory.
+fn request_body(value: &impl Serialize) -> Zeroizing<Vec<u8>> {
+    let mut body = Zeroizing::new(Vec::with_capacity(MAX_REQUEST));
+    serde_json::to_writer(&mut *body, value).expect("a request body serializes");
+    body
+}
+
+/// A 2xx answer's body as `T`. What serde says of a body that does not fit is left out: it quotes
+/// the values it could not read.
 fn parse<T: serde::de::DeserializeOwned>(call: Call, body: &[u8]) -> Result<T, GraphError> {
-    serde_json::from_slice(body).map_err(|e| GraphError::without_answer(call, format!("unexpected answer: {e}")))
+    serde_json::from_slice(body).map_err(|e| {
+        GraphError::without_answer(
+            call,
+            format!("unexpected answer ({:?} at line {} column {})", e.classify(), e.line(), e.column()),
+        )
+    })
 }
 
 #[cfg(test)]
@@ -235,10 +273,41 @@ mod tests {
     }
 
     #[test]
-    fn credentials_are_base_address_and_secret_token() {
-        let token = Token::from_plaintext("scim_t".into());
-        let c = credentials("https://scim.example.com/scim/v2", &token);
-        assert_eq!(c[0]["key"], "BaseAddress");
-        assert_eq!(c[1], serde_json::json!({ "key": "SecretToken", "value": "scim_t" }));
+    fn request_bodies_carry_base_address_and_secret_token_in_one_allocation() {
+        let token = Token::generate();
+        let base = "https://scim.example.com/scim/v2?tenant=\"a\"";
+        let body = request_body(&Validate { use_saved_credentials: false, credentials: credentials(base, &token) });
+        assert_eq!(body.capacity(), MAX_REQUEST, "no reallocation left a copy of the token behind");
+        let pairs = serde_json::json!([
+            { "key": "BaseAddress", "value": base },
+            { "key": "SecretToken", "value": token.expose() },
+        ]);
+        let sent: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(sent, serde_json::json!({ "useSavedCredentials": false, "credentials": pairs }));
+        let body = request_body(&Secrets { value: credentials(base, &token) });
+        assert_eq!(serde_json::from_slice::<serde_json::Value>(&body).unwrap(), serde_json::json!({ "value": pairs }));
+        // The longest base address the CRD admits, every byte escaped, still fits.
+        let worst = "\u{1}".repeat(2048);
+        let body = request_body(&Secrets { value: credentials(&worst, &token) });
+        assert_eq!(body.capacity(), MAX_REQUEST);
+    }
+
+    #[test]
+    fn an_answer_that_does_not_parse_is_not_quoted() {
+        // A secrets list whose values are not masked, in an unexpected shape.
+        let e = parse::<Vec<Job>>(Call::GetSecrets, br#"[{"id":"j","status":"scim_plaintext"}]"#).unwrap_err();
+        assert!(!format!("{e} {e:?}").contains("scim_plaintext"), "{e}");
+        assert!(e.message.starts_with("unexpected answer (Data at line 1"), "{e}");
+    }
+
+    #[test]
+    fn an_error_answer_that_echoes_the_access_token_does_not_carry_it() {
+        let (access, _) =
+            super::super::auth::token_answer(br#"{"access_token":"eyJ0eXAiOiJKV1QifQ.access.sig"}"#).unwrap();
+        let body = br#"{"error":{"code":"InvalidAuthenticationToken","message":"token eyJ0eXAiOiJKV1QifQ.access.sig is expired"}}"#;
+        let answer = Answer { status: 401, retry_after: None, body: Bytes::from_static(body) };
+        let e = refused(Call::ListJobs, &answer, &access);
+        assert_eq!(e.code.as_deref(), Some("InvalidAuthenticationToken"));
+        assert!(!format!("{e} {e:?}").contains("access.sig"), "{e}");
     }
 }

@@ -6,7 +6,7 @@
 //! - `plan.rs`: the steps of a push, as pure decisions. `http.rs`: the HTTPS client.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -148,12 +148,13 @@ impl Entra {
             .method(Method::POST)
             .uri(&url)
             .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
-            .body(Full::new(Bytes::from(body.as_bytes().to_vec())))
+            // The buffer itself, zeroed once the request is sent and dropped.
+            .body(Full::new(Bytes::from_owner(body)))
             .map_err(|e| GraphError::without_answer(Call::Token, e.to_string()))?;
         let answer =
             self.https.send(request, TOKEN_TIMEOUT).await.map_err(|e| GraphError::without_answer(Call::Token, e))?;
         if !(200..300).contains(&answer.status) {
-            return Err(GraphError::from_answer(Call::Token, answer.status, answer.retry_after, &answer.body));
+            return Err(auth::token_error(answer.status, answer.retry_after, &answer.body, &credential));
         }
         let (token, expires_in) =
             auth::token_answer(&answer.body).map_err(|e| GraphError::without_answer(Call::Token, e))?;
@@ -176,10 +177,10 @@ impl Entra {
             let path = self.config.federated_token_file.as_ref().ok_or_else(|| {
                 fail("workload identity: AZURE_FEDERATED_TOKEN_FILE is not set (is the pod labelled azure.workload.identity/use: \"true\"?)".to_owned())
             })?;
-            let jwt = tokio::fs::read_to_string(path)
+            let jwt = read_credential(path)
                 .await
                 .map_err(|e| fail(format!("workload identity: cannot read {}: {e}", path.display())))?;
-            return Ok((&wi.client_id, auth::Credential::FederatedToken(Zeroizing::new(jwt))));
+            return Ok((&wi.client_id, auth::Credential::FederatedToken(jwt)));
         }
         let Some(cs) = &auth.client_secret else {
             return Err(fail("spec.identityProvider.entra.auth names no method".to_owned()));
@@ -194,9 +195,9 @@ impl Entra {
             .map(|v| Zeroizing::new(v.0))
             .filter(|v| !v.is_empty())
             .ok_or_else(|| fail(format!("Secret {namespace}/{name} has no key {key:?} (the app's client secret)")))?;
-        let secret = String::from_utf8(value.to_vec())
+        let secret = std::str::from_utf8(&value)
             .map_err(|_| fail(format!("Secret {namespace}/{name} key {key:?} is not UTF-8")))?;
-        Ok((&cs.client_id, auth::Credential::ClientSecret(Zeroizing::new(secret))))
+        Ok((&cs.client_id, auth::Credential::ClientSecret(Zeroizing::new(secret.to_owned()))))
     }
 
     /// Counts a failure of `directory`'s push; returns how many in a row.
@@ -210,6 +211,19 @@ impl Entra {
     pub fn succeeded(&self, directory: &str) {
         self.failures.lock().expect("poisoned").remove(directory);
     }
+}
+
+/// A file holding a credential, read into memory zeroed on drop. The buffer is sized from the
+/// file's length with the room tokio's reader wants, so that no growing buffer leaves a copy behind.
+async fn read_credential(path: &Path) -> std::io::Result<Zeroizing<String>> {
+    use tokio::io::AsyncReadExt;
+    let mut file = tokio::fs::File::open(path).await?;
+    let len = usize::try_from(file.metadata().await?.len()).unwrap_or(0);
+    let mut bytes = Zeroizing::new(Vec::with_capacity(len + 64));
+    file.read_to_end(&mut bytes).await?;
+    let text =
+        std::str::from_utf8(&bytes).map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8"))?;
+    Ok(Zeroizing::new(text.to_owned()))
 }
 
 fn cache_key(namespace: &str, entra: &EntraProvisioning) -> auth::CacheKey {
