@@ -15,7 +15,7 @@ use scim_token_operator::api::ScimDirectory;
 use scim_token_operator::controller::FAILPOINT_EXIT_CODE;
 use scim_token_operator::entra::{CONDITION, reason};
 use serde_json::json;
-use support::graph::{AppCredential, Call, ExecutionKind, Fault, GraphDouble};
+use support::graph::{ACCESS_TOKEN_PREFIX, AppCredential, Call, ExecutionKind, Fault, GraphDouble};
 use support::scim_stack::{ScimStack, Tls};
 use support::{Env, Operator, SEEN_TOKENS, sha256, wait_for};
 
@@ -34,6 +34,8 @@ const ASSERTIONS: [&str; 2] = [
 ];
 /// Entra's provisioning cycle in the double (Entra's own: about 40 minutes).
 const CYCLE: Duration = Duration::from_secs(2);
+/// How often the operator reads a pushed token's job (`ENTRA_POLL_INTERVAL`).
+const POLL: Duration = Duration::from_secs(1);
 
 /// One test's world: the control plane namespace, the Graph double, and Entra's view of the SCIM
 /// service (the verifier, nginx with TLS from the double's CA, scim2-server), one route per directory.
@@ -71,11 +73,12 @@ impl Case {
     fn operator_with(&self, failpoint: Option<&str>, extra: &[(&str, &str)]) -> Operator {
         let (graph, authority, ca) =
             (self.graph.graph_endpoint(), self.graph.authority_host(), self.graph.ca_file().display().to_string());
+        let poll = format!("{}s", POLL.as_secs());
         let mut env = vec![
             ("GRAPH_ENDPOINT", graph.as_str()),
             ("AZURE_AUTHORITY_HOST", authority.as_str()),
             ("ENTRA_CA_FILE", ca.as_str()),
-            ("ENTRA_POLL_INTERVAL", "1s"),
+            ("ENTRA_POLL_INTERVAL", poll.as_str()),
             ("LEADER_ELECTION", "false"),
         ];
         if let Some(point) = failpoint {
@@ -137,22 +140,35 @@ impl Case {
         events
     }
 
-    /// No token and no client secret in any log: the operator's, the verifier's (the same file),
-    /// the double's, nginx's and scim2-server's.
+    /// No token, no client secret, no client assertion and no access token in any log: the
+    /// operator's, the verifier's (the same file), the double's, nginx's and scim2-server's.
     async fn assert_logs_clean(&self) {
         self.env.assert_log_clean().await;
         let logs = [std::fs::read_to_string(self.graph.log_file()).unwrap_or_default(), self.stack.logs()];
         let mut secrets: Vec<String> = SEEN_TOKENS.lock().unwrap().iter().cloned().collect();
         secrets.push(CLIENT_SECRET.to_owned());
+        secrets.extend(ASSERTIONS.map(str::to_owned));
         let operator = std::fs::read_to_string(&self.env.log).unwrap();
-        assert!(!operator.contains(CLIENT_SECRET), "the client secret appeared in the operator's log");
+        for secret in [CLIENT_SECRET].iter().chain(&ASSERTIONS) {
+            assert!(!operator.contains(secret), "a credential of the app appeared in the operator's log");
+        }
+        assert!(!holds_access_token(&operator), "an access token appeared in the operator's log");
         for log in logs {
             assert!(!log.is_empty(), "the log was written");
             for secret in secrets.iter().filter(|t| t.len() > 20) {
                 assert!(!log.contains(&secret[5..]), "a secret appeared in the double's or the SCIM stack's logs");
             }
+            assert!(!holds_access_token(&log), "an access token appeared in the double's or the SCIM stack's logs");
         }
     }
+}
+
+/// Whether `log` holds an access token the double issued (its prefix, then 64 hex digits).
+fn holds_access_token(log: &str) -> bool {
+    log.match_indices(ACCESS_TOKEN_PREFIX).any(|(i, p)| {
+        let rest = &log.as_bytes()[i + p.len()..];
+        rest.len() >= 64 && rest[..64].iter().all(u8::is_ascii_hexdigit)
+    })
 }
 
 fn idp_condition(d: &ScimDirectory) -> Option<&Condition> {
@@ -311,9 +327,10 @@ async fn a_rotation_needs_no_human() {
     assert!(metrics.contains("scim_token_operator_identity_provider_pushes_total{result=\"pushed\"} 2"), "{metrics}");
     assert!(metrics.contains("scim_token_operator_identity_provider_pushes_total{result=\"synced\"} 2"), "{metrics}");
     assert!(metrics.contains("scim_token_operator_identity_provider_first_success_seconds_count 2"), "{metrics}");
-    // Synced and idle: nothing more is called.
+    // Synced and idle: nothing more is called. An absence has no event to wait for: three poll
+    // intervals, in which a directory still being watched would have read its job three times.
     let calls = case.graph.calls().len();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(3 * POLL).await;
     assert_eq!(case.graph.calls().len(), calls, "no Graph call once Entra has run with the current token");
     case.assert_logs_clean().await;
 }

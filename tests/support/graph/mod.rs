@@ -28,7 +28,7 @@ use serde_json::Value;
 
 // Re-exported for the tests; a test binary that uses none of them must not warn.
 #[allow(unused_imports)]
-pub use routes::{CREDENTIAL_FAILURE, GRAPH_SCOPE, JWT_BEARER, UNREACHABLE};
+pub use routes::{ACCESS_TOKEN_PREFIX, CREDENTIAL_FAILURE, GRAPH_SCOPE, JWT_BEARER, UNREACHABLE};
 #[allow(unused_imports)]
 pub use state::{AppCredential, Call, CallRecord, Execution, ExecutionKind, Fault};
 use state::{Job, ServicePrincipal, State};

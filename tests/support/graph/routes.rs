@@ -75,6 +75,9 @@ const SECRET_KEYS: &[&str] = &[
 const RESTART_SCOPES: &[&str] =
     &["None", "ConnectorDataStore", "Escrows", "Watermark", "QuarantineState", "Full", "ForceDeletes"];
 
+/// How every access token the double issues begins (then 64 hex digits): what a log scan looks for.
+pub const ACCESS_TOKEN_PREFIX: &str = "gd1.";
+
 /// The error code a failed credential test carries (validateCredentials' 400, a cycle's
 /// `synchronizationError`): not in the contract; the code Microsoft's support answers name for
 /// Entra's provisioning refused by the SCIM endpoint's credential check. The double's choice.
@@ -301,7 +304,7 @@ fn issue_token<'a>(state: &mut State, tenant: &str, field: &dyn Fn(&str) -> Opti
             ),
         };
     }
-    let access_token = format!("gd1.{}", hex::encode(rand::random::<[u8; 32]>()));
+    let access_token = format!("{ACCESS_TOKEN_PREFIX}{}", hex::encode(rand::random::<[u8; 32]>()));
     let lifetime = state.access_token_lifetime.unwrap_or(Duration::from_secs(3599));
     state.access_tokens.insert(
         sha256(&access_token),
