@@ -1,6 +1,7 @@
 //! One reconcile of one directory, as its steps: gather what the cluster says, let the policy
-//! decide, act on the decision (issue a token, keep it, or report why not), write the Secret, write
-//! the status, schedule the next wake-up.
+//! decide, act on the decision (issue a token, keep it, or report why not), write the Secret, push
+//! the token that stands to the identity provider (`idp`), write the status, schedule the next
+//! wake-up.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -161,7 +161,7 @@ impl Harness {
     }
 
     async fn token_hash(&self, name: &str) -> TokenHash {
-        let token = secret::stored_token(&self.secret(name).await).expect("a token");
+        let token = secret::take_stored_token(&mut self.secret(name).await).expect("a token");
         token.hash()
     }
 

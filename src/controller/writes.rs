@@ -29,8 +29,8 @@ pub(super) async fn restore_metadata(
     record: &IssueRecord,
     now: Timestamp,
 ) -> Result<()> {
-    let full = secrets.get(&dir.secret_name()).await?;
-    let token = secret::stored_token(&full)
+    let mut full = secrets.get(&dir.secret_name()).await?;
+    let token = secret::take_stored_token(&mut full)
         .filter(|t| t.hash() == record.token_hash)
         .ok_or(Error::TokenChangedDuringRestore)?;
     let manifest = secret::desired_secret(dir, &token, record, &ctx.record_key);

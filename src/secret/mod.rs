@@ -346,10 +346,18 @@ pub fn has_template(dir: &ScimDirectory) -> bool {
     !labels.is_empty() || !annotations.is_empty()
 }
 
-/// The token currently stored in a Secret, for re-applying its metadata without re-issuing.
-pub fn stored_token(secret: &Secret) -> Option<Token> {
-    let bytes = secret.data.as_ref()?.get(TOKEN_KEY)?;
-    String::from_utf8(bytes.0.clone()).ok().map(Token::from_plaintext)
+/// The token stored in a Secret read in full, for writing it back unchanged (a metadata repair, a
+/// record of its push). Taken out of the Secret rather than copied, so that the only plaintext left
+/// is the token's own, zeroed on drop; a value that is not UTF-8 is zeroed here.
+pub fn take_stored_token(secret: &mut Secret) -> Option<Token> {
+    let bytes = secret.data.as_mut()?.remove(TOKEN_KEY)?;
+    match String::from_utf8(bytes.0) {
+        Ok(plaintext) => Some(Token::from_plaintext(plaintext)),
+        Err(e) => {
+            e.into_bytes().zeroize();
+            None
+        }
+    }
 }
 
 /// True when the Secret lacks any of the labels/annotations the directory wants on it, or was last
@@ -427,7 +435,11 @@ mod tests {
             observe(&dir, Some(&SecretView::of(&secret)), &key),
             SecretState::Owned { token_hash: Some(token.hash()), record: RecordState::Valid(record.clone()) }
         );
-        assert_eq!(stored_token(&secret).unwrap().expose(), token.expose());
+        let mut full = secret.clone();
+        assert_eq!(take_stored_token(&mut full).unwrap().expose(), token.expose());
+        assert!(full.data.as_ref().is_some_and(|d| !d.contains_key(TOKEN_KEY)), "no copy is left in the Secret");
+        full.data.get_or_insert_default().insert(TOKEN_KEY.to_owned(), k8s_openapi::ByteString(vec![0xff, b'x']));
+        assert!(take_stored_token(&mut full).is_none(), "not UTF-8: no token");
         // The redacted view never shows the plaintext.
         assert!(!format!("{:?}", Redacted(&secret)).contains(token.expose()));
     }

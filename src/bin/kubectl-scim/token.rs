@@ -11,9 +11,9 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::api::ListParams;
 use scim_token_operator::api::{ScimDirectory, ScimDirectoryStatus};
-use scim_token_operator::secret::{TOKEN_KEY, is_controlled_by, stored_token};
+use scim_token_operator::secret::{TOKEN_KEY, is_controlled_by, take_stored_token};
 use scim_token_operator::token::{TOKEN_LEN, TOKEN_PREFIX, Token, TokenHash, has_valid_checksum};
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroizing;
 
 use crate::cluster::Cluster;
 use crate::human::{at, sanitize, short_hash};
@@ -42,10 +42,7 @@ pub async fn token(cluster: &Cluster, name: &str, force_stdout: bool) -> anyhow:
             cluster.namespace
         );
     }
-    let token = stored_token(&secret);
-    if let Some(value) = secret.data.as_mut().and_then(|d| d.get_mut(TOKEN_KEY)) {
-        value.0.zeroize();
-    }
+    let token = take_stored_token(&mut secret);
     let Some(token) = token.filter(|t| !t.expose().is_empty()) else {
         anyhow::bail!("{secret_ref} holds no token (key {TOKEN_KEY:?}); see kubectl scim status {name}");
     };

@@ -311,16 +311,16 @@ impl Reconciler<'_> {
     /// Secret's resourceVersion, which guards the record write that follows, and the sealed record
     /// it carries now.
     async fn stored_token(&self, record: &IssueRecord) -> Result<(Token, Option<String>, Option<IssueRecord>)> {
-        let full = self.secrets.get(&self.secret_name).await?;
-        let token = secret::stored_token(&full)
-            .filter(|t| t.hash() == record.token_hash)
-            .ok_or(Error::TokenChangedDuringRestore)?;
+        let mut full = self.secrets.get(&self.secret_name).await?;
         let fresh = match secret::observe(self.dir, Some(&SecretView::of(&full)), &self.ctx.record_key) {
             SecretState::Owned { record: RecordState::Valid(fresh), .. } if fresh.token_hash == record.token_hash => {
                 Some(fresh)
             }
             _ => None,
         };
+        let token = secret::take_stored_token(&mut full)
+            .filter(|t| t.hash() == record.token_hash)
+            .ok_or(Error::TokenChangedDuringRestore)?;
         Ok((token, full.metadata.resource_version, fresh))
     }
 
