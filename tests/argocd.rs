@@ -356,6 +356,62 @@ fn rotate_then_health_is_progressing_until_the_operator_handles_the_request() {
     assert_eq!(health(&output), ("Healthy".into(), "issued the first token".into()));
 }
 
+#[test]
+fn an_identity_provider_condition_of_an_older_generation_is_read_as_ready_is() {
+    // Every reason of IdentityProviderSynced, written for the current generation, for an older one
+    // (as a number and as a string), and without observedGeneration (status.observedGeneration stands
+    // in): an older one is Progressing whatever the reason, exactly as a stale Ready is.
+    use scim_token_operator::entra::reason;
+    let synced = read_yaml(&customization_dir().join("testdata/healthy_entraSynced.yaml"));
+    let with = |reason: &str, idp_generation: Option<Json>, status_generation: i64| {
+        let mut obj = synced.clone();
+        obj["metadata"]["generation"] = json!(2);
+        obj["status"]["observedGeneration"] = json!(status_generation);
+        obj["status"]["conditions"][0]["observedGeneration"] = json!(2);
+        let idp = &mut obj["status"]["conditions"][1];
+        assert_eq!(idp["type"], "IdentityProviderSynced");
+        idp["reason"] = json!(reason);
+        idp["status"] = json!(if reason == reason::SYNCED { "True" } else { "False" });
+        match idp_generation {
+            Some(g) => idp["observedGeneration"] = g,
+            None => {
+                idp.as_object_mut().unwrap().remove("observedGeneration");
+            }
+        }
+        obj
+    };
+    let stale = (
+        "Progressing".to_owned(),
+        "Waiting for the operator to reconcile generation 2 with Microsoft Entra ID (the IdentityProviderSynced \
+         condition is for generation 1)"
+            .to_owned(),
+    );
+    for r in reason::ALL {
+        let current = health(&with(r, Some(json!(2)), 2)).0;
+        let expected = match r {
+            reason::SYNCED => "Healthy",
+            reason::PUSH_PENDING | reason::AWAITING_SYNC => "Progressing",
+            _ => "Degraded",
+        };
+        assert_eq!(current, expected, "{r} for the current generation");
+        assert_eq!(health(&with(r, None, 2)).0, expected, "{r} without observedGeneration, status current");
+        for older in [json!(1), json!("1")] {
+            assert_eq!(health(&with(r, Some(older.clone()), 2)), stale, "{r} for generation {older}");
+        }
+        assert_eq!(health(&with(r, None, 1)), stale, "{r} without observedGeneration, status for generation 1");
+        // Ready for an older generation says the same, whatever the identity provider's condition.
+        let mut ready_stale = with(r, Some(json!(2)), 2);
+        ready_stale["status"]["conditions"][0]["observedGeneration"] = json!(1);
+        assert_eq!(
+            health(&ready_stale),
+            (
+                "Progressing".to_owned(),
+                "Waiting for the operator to reconcile generation 2 (the status is for generation 1)".to_owned()
+            )
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // argocd/argocd-cm-patch.yaml
 // ---------------------------------------------------------------------------------------------

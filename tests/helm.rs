@@ -167,6 +167,12 @@ async fn lint_is_clean_and_the_values_table_is_fresh() {
             "verifier.replicas=3",
             "verifier.preStopSleepSeconds=0",
             "minIssueInterval=1h30m",
+            "entra.graphEndpoint=https://graph.microsoft.com",
+            "entra.authorityHost=https://login.microsoftonline.com/",
+            "entra.pollInterval=1m",
+            "entra.caBundle.configMapName=proxy-ca",
+            "entra.workloadIdentity.enabled=true",
+            "entra.workloadIdentity.clientId=00000000-0000-0000-0000-000000000000",
         ],
         vec!["secretWritePolicy.enabled=false", "networkPolicy.enabled=false", "rbac.create=false"],
         vec!["verifier.enabled=false", "serviceMonitor.enabled=true", "prometheusRule.enabled=true"],
@@ -220,6 +226,21 @@ async fn bad_values_fail_with_a_message_naming_them() {
         ("verifier.limits.headerReadTimeout=1.5s", "headerReadTimeout"),
         ("verifier.limits.maxStaleness=soon", "maxStaleness"),
         ("verifier.limits.idletimeout=1m", "idletimeout"),
+        ("entra.graphEndpoint=http://graph.microsoft.com", "graphEndpoint"),
+        ("entra.graphEndpoint=graph.microsoft.com", "graphEndpoint"),
+        ("entra.authorityHost=http://login.microsoftonline.com/", "authorityHost"),
+        ("entra.authorityHost=https://", "authorityHost"),
+        ("entra.pollInterval=1.5m", "pollInterval"),
+        ("entra.pollInterval=60", "pollInterval"),
+        ("entra.pollInterval=0s", "pollInterval"),
+        ("entra.caBundle.configMapName=Proxy_CA", "configMapName"),
+        ("entra.caBundle.key=a/b", "key"),
+        ("entra.caBundle.key=..data", "key"),
+        ("entra.caBundle.configmap=proxy-ca", "configmap"),
+        ("entra.workloadIdentity.enabled=yes", "enabled"),
+        ("entra.workloadIdentity.clientId=my-app", "clientId"),
+        ("entra.workloadIdentity.client-id=x", "client-id"),
+        ("entra.tenantId=x", "tenantId"),
     ] {
         let (ok, out, err) = helm(cp, &["template", "bad", CHART, "--set", set]);
         assert!(!ok, "--set {set} must fail, rendered:\n{out}");
@@ -264,6 +285,84 @@ fn container_env(deployment: &Value, pod: &str, namespace: &str) -> Vec<(String,
             (name, value)
         })
         .collect()
+}
+
+/// The chart's Entra settings reach the binary as the kubelet hands them over: the rendered flags (one
+/// the binary does not know stops it at once) and the CA bundle ConfigMap's key at the mounted path.
+/// With a PEM certificate there the operator becomes ready; with none it refuses to start, naming the
+/// mounted file.
+#[tokio::test]
+async fn operator_takes_the_charts_entra_settings() {
+    let cp = ControlPlane::shared();
+    let admin = cp.client().await;
+    let ns = cp.create_namespace("entra-chart").await.unwrap();
+    let config_maps: Api<ConfigMap> = Api::namespaced(admin.clone(), &ns);
+    let ca = support::graph::tls::TestCa::generate();
+    let config_map = json!({ "metadata": { "name": "egress-proxy-ca" }, "data": { "root.pem": ca.pem } });
+    config_maps.create(&PostParams::default(), &serde_json::from_value(config_map).unwrap()).await.unwrap();
+    let watch = format!("watchNamespaces={{{ns}}}");
+    let sets = [
+        watch.as_str(),
+        "entra.graphEndpoint=https://graph.microsoft.us",
+        "entra.authorityHost=https://login.microsoftonline.us/",
+        "entra.pollInterval=30s",
+        "entra.caBundle.configMapName=egress-proxy-ca",
+        "entra.caBundle.key=root.pem",
+        "entra.workloadIdentity.enabled=true",
+    ];
+    let objects = render(cp, "entra", &ns, &sets);
+    let deployment = find_of(&objects, "Deployment", "operator");
+    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{ns}-pod"));
+    let mounted = root.join("etc/scim-token-operator/entra-ca/ca.pem");
+    for (pem, starts) in [(ca.pem.as_str(), true), ("not a certificate\n", false)] {
+        let data = json!({ "data": { "root.pem": pem } });
+        config_maps.patch("egress-proxy-ca", &PatchParams::default(), &Patch::Merge(data)).await.unwrap();
+        let args = mount_config_maps(&config_maps, deployment, &root).await;
+        assert!(args.contains(&format!("--entra-ca-file={}", mounted.display())), "{args:?}");
+        let env = container_env(deployment, "entra-7d9f8b6c5-x2x4z", &ns);
+        let log = fresh_log(&format!("{ns}-{starts}"));
+        let mut op = Operator::start_with_kubeconfig(cp.kubeconfig_path(), &args, &env, &log);
+        if starts {
+            wait_for("the operator's /readyz with the chart's Entra settings", Duration::from_secs(60), || {
+                let ready = http_request(op.metrics_port, "GET", "/readyz", &[]).is_some_and(|r| r.status == 200);
+                async move { ready.then_some(()) }
+            })
+            .await;
+            assert!(op.terminate().await.success());
+        } else {
+            let status = op.wait_exit(Duration::from_secs(60)).await;
+            assert!(!status.success());
+            let out = std::fs::read_to_string(&log).unwrap();
+            let expected = format!("--entra-ca-file {}: no certificate in it", mounted.display());
+            assert!(out.contains(&expected), "{expected:?} in {out}");
+        }
+    }
+}
+
+/// What the kubelet does for the operator container's ConfigMap volumes, under `root`: each item of
+/// the ConfigMap (as the API server holds it now) written at its path below the mount; returns the
+/// container's args with the mount paths moved below `root`.
+async fn mount_config_maps(config_maps: &Api<ConfigMap>, deployment: &Value, root: &Path) -> Vec<String> {
+    let pod = &deployment["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let mut args: Vec<String> = serde_json::from_value(container["args"].clone()).unwrap();
+    for mount in container["volumeMounts"].as_array().into_iter().flatten() {
+        let volume = pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == mount["name"]).unwrap();
+        let source = &volume["configMap"];
+        let config_map = config_maps.get(source["name"].as_str().unwrap()).await.unwrap();
+        let data = config_map.data.unwrap_or_default();
+        let mount_path = mount["mountPath"].as_str().unwrap();
+        assert_eq!(mount["readOnly"], true, "{mount}");
+        let dir = root.join(mount_path.trim_start_matches('/'));
+        std::fs::create_dir_all(&dir).unwrap();
+        for item in source["items"].as_array().unwrap() {
+            std::fs::write(dir.join(item["path"].as_str().unwrap()), &data[item["key"].as_str().unwrap()]).unwrap();
+        }
+        for arg in &mut args {
+            *arg = arg.replace(mount_path, dir.to_str().unwrap());
+        }
+    }
+    args
 }
 
 #[tokio::test]

@@ -108,7 +108,122 @@ fn renderings(team: &str, team2: &str) -> Vec<Rendering> {
             check: without_the_verifier,
             dry_run: true,
         },
+        Rendering {
+            case: "Entra on AKS: the settings as flags, the CA bundle mounted read-only, the workload identity \
+                   label next to the user's pod labels and the client-id annotation next to the user's \
+                   ServiceAccount annotations; no AZURE_* variable of the chart's own",
+            release: "entra",
+            sets: sets(&[
+                &format!("entra.graphEndpoint={ENTRA_GRAPH}"),
+                &format!("entra.authorityHost={ENTRA_AUTHORITY}"),
+                "entra.pollInterval=30s",
+                "entra.caBundle.configMapName=egress-proxy-ca",
+                "entra.caBundle.key=root.pem",
+                "entra.workloadIdentity.enabled=true",
+                &format!("entra.workloadIdentity.clientId={ENTRA_CLIENT_ID}"),
+                "podLabels.team=identity",
+                "serviceAccount.annotations.owner=identity",
+            ]),
+            check: entra_on_aks,
+            dry_run: true,
+        },
+        Rendering {
+            case: "Entra, workload identity without a client id, and an existing ServiceAccount: the label only",
+            release: "entra-byo",
+            sets: sets(&[
+                "entra.workloadIdentity.enabled=true",
+                "entra.pollInterval=2m",
+                "serviceAccount.create=false",
+                "serviceAccount.name=custom",
+            ]),
+            check: entra_label_only,
+            dry_run: false,
+        },
     ]
+}
+
+const ENTRA_GRAPH: &str = "https://graph.microsoft.us";
+const ENTRA_AUTHORITY: &str = "https://login.microsoftonline.us/";
+const ENTRA_CLIENT_ID: &str = "7a0b5a3e-1d2c-4b6f-9e8d-0c1b2a3d4e5f";
+
+/// The operator's pod spec, container, pod labels and (when the chart creates it) ServiceAccount.
+fn operator_pod(objects: &[Value]) -> (&Value, &Value, &Value, Option<&Value>) {
+    let deployment = find_of(objects, "Deployment", "operator");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let service_account = of_component(objects, "ServiceAccount", "operator").next();
+    (pod, &pod["containers"][0], &deployment["spec"]["template"]["metadata"]["labels"], service_account)
+}
+
+/// Without `entra.*`: `run` alone, no volume, no workload identity label or annotation, no AZURE_*
+/// variable (which would keep AKS's webhook from setting its own).
+fn check_no_entra(objects: &[Value]) {
+    let (pod, container, labels, service_account) = operator_pod(objects);
+    assert_eq!(container["args"], json!(["run"]));
+    assert!(pod.get("volumes").is_none() && container.get("volumeMounts").is_none(), "{pod}");
+    assert!(labels.get("azure.workload.identity/use").is_none(), "{labels}");
+    assert!(service_account.unwrap()["metadata"].get("annotations").is_none());
+    check_no_azure_env(objects);
+}
+
+fn check_no_azure_env(objects: &[Value]) {
+    for component in ["operator", "verifier"] {
+        for deployment in of_component(objects, "Deployment", component) {
+            let env = container_env(deployment, "pod", "ns");
+            assert!(!env.iter().any(|(k, _)| k.starts_with("AZURE_")), "{component}: {env:?}");
+            assert!(!env.iter().any(|(k, _)| k == "GRAPH_ENDPOINT" || k.starts_with("ENTRA_")), "{env:?}");
+        }
+    }
+}
+
+fn entra_on_aks(r: &Rendered) {
+    let (pod, container, labels, service_account) = operator_pod(r.objects);
+    assert_eq!(
+        container["args"],
+        json!([
+            "run",
+            format!("--graph-endpoint={ENTRA_GRAPH}"),
+            format!("--entra-authority-host={ENTRA_AUTHORITY}"),
+            "--entra-poll-interval=30s",
+            "--entra-ca-file=/etc/scim-token-operator/entra-ca/ca.pem"
+        ])
+    );
+    assert_eq!(
+        container["volumeMounts"],
+        json!([{ "name": "entra-ca", "mountPath": "/etc/scim-token-operator/entra-ca", "readOnly": true }])
+    );
+    assert_eq!(
+        pod["volumes"],
+        json!([{
+            "name": "entra-ca",
+            "configMap": { "name": "egress-proxy-ca", "items": [{ "key": "root.pem", "path": "ca.pem" }] }
+        }])
+    );
+    assert_eq!(labels["azure.workload.identity/use"], "true");
+    assert_eq!(labels["team"], "identity", "the user's pod labels stay");
+    let deployment = find_of(r.objects, "Deployment", "operator");
+    assert!(selects(&deployment["spec"]["selector"], labels));
+    assert_eq!(
+        service_account.unwrap()["metadata"]["annotations"],
+        json!({ "azure.workload.identity/client-id": ENTRA_CLIENT_ID, "owner": "identity" })
+    );
+    // The verifier never calls Microsoft: none of it there.
+    let verifier = find_of(r.objects, "Deployment", "verifier");
+    assert!(verifier["spec"]["template"]["metadata"]["labels"].get("azure.workload.identity/use").is_none());
+    assert_eq!(verifier["spec"]["template"]["spec"]["containers"][0]["args"], json!(["verify"]));
+    assert!(
+        of_component(r.objects, "ServiceAccount", "verifier").next().unwrap()["metadata"].get("annotations").is_none()
+    );
+    check_no_azure_env(r.objects);
+}
+
+fn entra_label_only(r: &Rendered) {
+    let (pod, container, labels, service_account) = operator_pod(r.objects);
+    assert_eq!(container["args"], json!(["run", "--entra-poll-interval=2m"]));
+    assert!(pod.get("volumes").is_none() && container.get("volumeMounts").is_none());
+    assert_eq!(labels["azure.workload.identity/use"], "true");
+    assert!(service_account.is_none(), "an existing ServiceAccount");
+    assert_eq!(pod["serviceAccountName"], "custom");
+    check_no_azure_env(r.objects);
 }
 
 /// The Prometheus Operator's CRDs, reduced to what a server-side dry-run needs.
@@ -165,6 +280,7 @@ fn all_namespaces_by_default(r: &Rendered) {
     assert!(of_component(objects, "PodDisruptionBudget", "operator").next().is_none(), "one operator replica");
     check_deployment(find_of(objects, "Deployment", "operator"), None);
     check_verifier(objects, ns, "all-scim-token-operator-verifier", None);
+    check_no_entra(objects);
     check_secret_write_policy(objects, ns, "all-scim-token-operator");
     check_network_policy(objects, &[]);
     check_verifier_network_policy(

@@ -10,6 +10,8 @@
 --   Ready=True (TokenIssued, TokenRotated)                  Healthy      (+ "; the previous token is
 --                                                                         still valid until T" while
 --                                                                         a rotation overlap lasts)
+--   Ready=True, IdentityProviderSynced written for an      Progressing
+--     older metadata.generation
 --   Ready=True, IdentityProviderSynced=False                Progressing  (PushPending, AwaitingSync)
 --                                                           or Degraded  (a push step failed)
 --   Ready=False, TokenExpired                               Degraded
@@ -48,10 +50,14 @@ end
 -- generation it acted on into the condition and into status.observedGeneration. tonumber: numbers
 -- may arrive as numbers or as strings.
 local generation = tonumber(obj.metadata.generation)
-local observed = tonumber(ready.observedGeneration)
-if observed == nil then
-  observed = tonumber(obj.status.observedGeneration)
+local function observedGeneration(condition)
+  local observed = tonumber(condition.observedGeneration)
+  if observed == nil then
+    observed = tonumber(obj.status.observedGeneration)
+  end
+  return observed
 end
+local observed = observedGeneration(ready)
 if generation ~= nil and observed ~= nil and observed < generation then
   hs.status = "Progressing"
   hs.message = "Waiting for the operator to reconcile generation " .. generation
@@ -100,12 +106,25 @@ end
 --                                                                         the previous token stays
 --                                                                         valid until its overlap ends)
 --   IdentityProviderSynced=True (Synced), or no such condition  as Ready says
+-- A condition written for an older generation (the tenant, the service principal or the base address
+-- may have changed since) says nothing about the current spec, whatever its status: Progressing, as
+-- for Ready, its observedGeneration read the same way.
 local idp = nil
 for _, condition in ipairs(obj.status.conditions) do
   if condition.type == "IdentityProviderSynced" then
     idp = condition
     break
   end
+end
+local idpObserved = nil
+if idp ~= nil then
+  idpObserved = observedGeneration(idp)
+end
+if ready.status == "True" and generation ~= nil and idpObserved ~= nil and idpObserved < generation then
+  hs.status = "Progressing"
+  hs.message = "Waiting for the operator to reconcile generation " .. generation
+    .. " with Microsoft Entra ID (the IdentityProviderSynced condition is for generation " .. idpObserved .. ")"
+  return hs
 end
 if ready.status == "True" and idp ~= nil and idp.status ~= "True" then
   if idp.reason == "PushPending" or idp.reason == "AwaitingSync" then
