@@ -113,6 +113,7 @@ impl VerifyArgs {
 pub async fn run(args: VerifyArgs) -> anyhow::Result<()> {
     telemetry::init(args.log_format);
     crate::process::disable_core_dumps();
+    crate::allocator::keep_freed_heap();
     // A watch per namespace and nothing else: a handful of requests in flight at most.
     let client = crate::process::client(16).await?;
     let metrics = Arc::new(VerifierMetrics::default());
