@@ -13,22 +13,14 @@ pub const MMAP_THRESHOLD: usize = 128 * 1024;
 
 /// Whether the environment already sets the threshold (glibc applied it at start).
 pub fn user_chose(env: impl Fn(&str) -> Option<String>) -> bool {
-    env("MALLOC_MMAP_THRESHOLD_").is_some()
-        || env("GLIBC_TUNABLES").is_some_and(|t| t.split(':').any(|t| t.starts_with("glibc.malloc.mmap_threshold=")))
+    user_set(&env, "MALLOC_MMAP_THRESHOLD_", "glibc.malloc.mmap_threshold=")
 }
 
 /// Pins the mmap threshold, unless the user chose one. Call before any other thread starts.
-#[allow(unsafe_code)] // mallopt: see the SAFETY note
 pub fn tune() {
-    if user_chose(|k| std::env::var(k).ok()) {
-        return;
-    }
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        let threshold = libc::c_int::try_from(MMAP_THRESHOLD).expect("fits");
-        // SAFETY: mallopt only sets an allocator parameter; 1 means it was accepted.
-        let accepted = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, threshold) };
-        debug_assert_eq!(accepted, 1, "glibc refused M_MMAP_THRESHOLD");
+    if !user_chose(|k| std::env::var(k).ok()) {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        set(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD, "M_MMAP_THRESHOLD");
     }
 }
 
@@ -42,24 +34,30 @@ pub const VERIFIER_TRIM_THRESHOLD: usize = 64 << 20;
 
 /// Whether the environment already sets the trim threshold (glibc applied it at start).
 pub fn user_chose_trim(env: impl Fn(&str) -> Option<String>) -> bool {
-    env("MALLOC_TRIM_THRESHOLD_").is_some()
-        || env("GLIBC_TUNABLES").is_some_and(|t| t.split(':').any(|t| t.starts_with("glibc.malloc.trim_threshold=")))
+    user_set(&env, "MALLOC_TRIM_THRESHOLD_", "glibc.malloc.trim_threshold=")
 }
 
 /// Keeps up to [`VERIFIER_TRIM_THRESHOLD`] of freed heap resident, unless the user chose a threshold:
 /// the verifier answers on the request path of every SCIM call, where a page fault is latency.
-#[allow(unsafe_code)] // mallopt: see the SAFETY note
 pub fn keep_freed_heap() {
-    if user_chose_trim(|k| std::env::var(k).ok()) {
-        return;
+    if !user_chose_trim(|k| std::env::var(k).ok()) {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        set(libc::M_TRIM_THRESHOLD, VERIFIER_TRIM_THRESHOLD, "M_TRIM_THRESHOLD");
     }
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        let threshold = libc::c_int::try_from(VERIFIER_TRIM_THRESHOLD).expect("fits");
-        // SAFETY: mallopt only sets an allocator parameter; 1 means it was accepted.
-        let accepted = unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, threshold) };
-        debug_assert_eq!(accepted, 1, "glibc refused M_TRIM_THRESHOLD");
-    }
+}
+
+/// A malloc parameter is the user's when its environment variable or its `GLIBC_TUNABLES` entry is set.
+fn user_set(env: &impl Fn(&str) -> Option<String>, variable: &str, tunable: &str) -> bool {
+    env(variable).is_some() || env("GLIBC_TUNABLES").is_some_and(|t| t.split(':').any(|t| t.starts_with(tunable)))
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)] // mallopt: see the SAFETY note
+fn set(param: libc::c_int, value: usize, name: &str) {
+    let value = libc::c_int::try_from(value).expect("fits");
+    // SAFETY: mallopt only sets an allocator parameter; 1 means it was accepted.
+    let accepted = unsafe { libc::mallopt(param, value) };
+    debug_assert_eq!(accepted, 1, "glibc refused {name}");
 }
 
 #[cfg(test)]
